@@ -1,0 +1,141 @@
+"""Typed stubs for ``shardgate._native``, the Rust per-frame codec.
+
+One :class:`ShardCodec` per shard connection does all per-frame work in one call:
+transport decompression (zlib-stream, zstd-stream or none), a top-level scan of the
+gateway envelope (``op``, ``s``, ``t``) plus the few fields the gateway process needs,
+the editedMessages filter, and the forward body ``{"shardId":N,"data":<payload>}``
+spliced from the raw bytes. Nothing here calls back into Python or logs.
+"""
+
+from typing import Final, Literal
+
+Buffer = bytes | bytearray | memoryview
+
+__version__: Final[str]
+
+Compression = Literal["zlib-stream", "zstd-stream"] | None
+
+KIND_OTHER: Final[int]
+"""A dispatch (or control op) the gateway process does not need to understand."""
+KIND_READY: Final[int]
+KIND_RESUMED: Final[int]
+KIND_GUILD_CREATE: Final[int]
+KIND_GUILD_DELETE: Final[int]
+KIND_MESSAGE_CREATE: Final[int]
+KIND_MESSAGE_UPDATE: Final[int]
+KIND_MESSAGE_DELETE: Final[int]
+
+class DecodeError(ValueError):
+    """A frame or message could not be decoded.
+
+    After :class:`CompressionError` or :class:`MessageTooLarge` the stream is broken:
+    call :meth:`ShardCodec.reset` and reconnect. After a plain :class:`PayloadError`
+    the transport stream is intact and the codec can keep going.
+    """
+
+class CompressionError(DecodeError):
+    """Corrupt zlib/zstd data; the decompression context is unusable until reset()."""
+
+class MessageTooLarge(DecodeError):
+    """A message exceeded ``max_message_size`` (also stops decompression bombs)."""
+
+class PayloadError(DecodeError):
+    """The message decompressed but is not a valid gateway envelope (bad/truncated JSON)."""
+
+class Message:
+    """One complete gateway message, scanned. Immutable.
+
+    Only the fields relevant to its kind are set; the rest are ``None``.
+    """
+
+    @property
+    def op(self) -> int: ...
+    @property
+    def seq(self) -> int | None:
+        """``s``: set for dispatches (op 0)."""
+    @property
+    def t(self) -> str | None:
+        """``t``: the dispatch name, for op 0."""
+    @property
+    def kind(self) -> int:
+        """One of the ``KIND_*`` constants."""
+    @property
+    def body(self) -> bytes:
+        """``{"shardId":N,"data":<payload>}``, the payload spliced in byte for byte."""
+    @property
+    def payload(self) -> bytes:
+        """The decompressed gateway message exactly as Discord sent it (a copy, made on access)."""
+    @property
+    def drop(self) -> bool:
+        """True for a MESSAGE_UPDATE whose content and edited_timestamp did not change."""
+    @property
+    def heartbeat_interval(self) -> int | None:
+        """HELLO (op 10): ``d.heartbeat_interval`` in ms."""
+    @property
+    def session_id(self) -> str | None:
+        """READY: ``d.session_id``."""
+    @property
+    def resume_gateway_url(self) -> str | None:
+        """READY: ``d.resume_gateway_url``."""
+    @property
+    def guild_ids(self) -> list[int] | None:
+        """READY: the ids of ``d.guilds``."""
+    @property
+    def guild_id(self) -> int | None:
+        """GUILD_CREATE / GUILD_DELETE: ``d.id``."""
+    @property
+    def unavailable(self) -> bool | None:
+        """GUILD_CREATE / GUILD_DELETE: ``d.unavailable``; None when the key is absent."""
+    @property
+    def resumable(self) -> bool | None:
+        """INVALID_SESSION (op 9): ``d``."""
+    @property
+    def message_id(self) -> int | None:
+        """MESSAGE_CREATE / MESSAGE_UPDATE / MESSAGE_DELETE: ``d.id``."""
+
+class ShardCodec:
+    """Per-connection decoder: feed every websocket frame, get a Message when one completes."""
+
+    def __init__(
+        self,
+        shard_id: int,
+        compression: Compression = "zlib-stream",
+        *,
+        max_message_size: int = 64 * 1024 * 1024,
+        edit_filter: bool = True,
+        edit_filter_capacity: int = 16384,
+        edit_filter_max_age_ms: int = 900_000,
+    ) -> None: ...
+    @property
+    def shard_id(self) -> int: ...
+    @property
+    def compression(self) -> Compression: ...
+    def feed(self, frame: Buffer, fin: bool = True) -> Message | None:
+        """Consume one websocket frame (``fin`` = the websocket FIN bit).
+
+        Returns None until a whole gateway message has arrived. zlib-stream messages end
+        at a frame ending in ``00 00 ff ff``; zstd-stream and plain messages end at FIN.
+
+        Raises:
+            DecodeError: see the subclasses for what to do next.
+        """
+    def reset(self) -> None:
+        """Start a fresh decompression context (new connection); the edit filter is kept."""
+    def stats(self) -> dict[str, int]:
+        """Counters: messages, frames, bytes_in, bytes_out, edits_dropped, errors."""
+
+class Inflater:
+    """Transport decompression alone, no scan, no filter, no body: the benchmark floor."""
+
+    def __init__(
+        self, compression: Compression = "zlib-stream", *, max_message_size: int = 64 * 1024 * 1024
+    ) -> None: ...
+    def feed(self, frame: Buffer, fin: bool = True) -> bytes | None: ...
+    def reset(self) -> None: ...
+
+class StreamCompressor:
+    """Server side of a transport stream (the fake Discord, benchmarks): one per connection."""
+
+    def __init__(self, compression: Literal["zlib-stream", "zstd-stream"], level: int = 6) -> None: ...
+    def compress(self, message: Buffer) -> bytes:
+        """Compress one gateway message and flush (zlib: sync flush, zstd: flush, never end)."""

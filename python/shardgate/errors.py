@@ -49,7 +49,9 @@ class GatewayClosed(GatewayError):
 
     def __init__(self, code: int, reason: str = "") -> None:
         info = close_code_info(code)
-        super().__init__(f"gateway closed with {code} ({info.name}){': ' + reason if reason else ''}")
+        super().__init__(
+            f"gateway closed with {code} ({info.name}){': ' + reason if reason else ''}"
+        )
         self.code = code
         self.reason = reason
         self.info = info

@@ -52,7 +52,9 @@ class SecretFilter(logging.Filter):
 class ShardLogger(logging.LoggerAdapter[logging.Logger]):
     """Prefixes messages with the shard id so thousands of shards stay readable."""
 
-    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+    def process(
+        self, msg: Any, kwargs: MutableMapping[str, Any]
+    ) -> tuple[Any, MutableMapping[str, Any]]:
         return f"[shard {self.extra['shard_id'] if self.extra else '?'}] {msg}", kwargs
 
 

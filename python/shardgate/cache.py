@@ -1,0 +1,112 @@
+"""The gateway cache of the guide: ``guildIds`` and ``loadingGuildIds``.
+
+Why it lives in the gateway: only the gateway sees READY and every GUILD_CREATE in order, so
+only it can say whether a GUILD_CREATE is part of the initial load, a guild the bot just
+joined, or a guild coming back from an outage, and when a shard (and the whole process) has
+received all its guilds. It stores ints, nothing else: a few dozen bytes per guild.
+
+The third cache of the guide, ``editedMessages``, is the native codec's edit filter.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class GuildState(enum.Enum):
+    """What a GUILD_CREATE means; forwarded to the bot as ``"guildState"`` beside ``data``."""
+
+    LOADED = "loaded"
+    """Part of the initial load: listed (unavailable) in this session's READY."""
+    JOINED = "joined"
+    """Not known before: the bot was added to the guild."""
+    AVAILABLE = "available"
+    """Known and in an outage (GUILD_DELETE ``unavailable``); it is back."""
+    KNOWN = "known"
+    """Known and available: a repeat (e.g. a replay); the bot may refresh its cache."""
+
+
+@dataclass(frozen=True, slots=True)
+class GuildCreateResult:
+    state: GuildState
+    shard_loaded: bool
+    """True when this GUILD_CREATE was the last guild the shard was waiting for."""
+
+
+class GuildCache:
+    """Guild ids per shard of one shard set, and the ids each shard still waits for."""
+
+    __slots__ = ("_by_shard", "_loading", "_unavailable")
+
+    def __init__(self) -> None:
+        self._by_shard: dict[int, set[int]] = {}
+        self._loading: dict[int, set[int]] = {}
+        self._unavailable: set[int] = set()
+
+    def on_ready(self, shard_id: int, guild_ids: list[int]) -> bool:
+        """A new session: every listed guild must arrive again. Returns True if none is
+        expected (the shard is loaded at once)."""
+        ids = set(guild_ids)
+        self._by_shard[shard_id] = set(ids)
+        self._loading[shard_id] = ids
+        self._unavailable.update(ids)
+        return not ids
+
+    def on_guild_create(self, shard_id: int, guild_id: int) -> GuildCreateResult:
+        known = self._by_shard.setdefault(shard_id, set())
+        loading = self._loading.get(shard_id)
+        if loading is not None and guild_id in loading:
+            state = GuildState.LOADED
+        elif guild_id in self._unavailable:
+            state = GuildState.AVAILABLE
+        elif guild_id in known:
+            state = GuildState.KNOWN
+        else:
+            state = GuildState.JOINED
+        known.add(guild_id)
+        self._unavailable.discard(guild_id)
+        return GuildCreateResult(state, self._arrived(shard_id, guild_id))
+
+    def on_guild_delete(self, shard_id: int, guild_id: int, unavailable: bool) -> bool:
+        """``unavailable`` = outage (keep the guild); else the bot left. An outage guild of
+        the initial load counts as arrived. Returns True if this completed the shard's load."""
+        if unavailable:
+            self._by_shard.setdefault(shard_id, set()).add(guild_id)
+            self._unavailable.add(guild_id)
+        else:
+            self._by_shard.get(shard_id, set()).discard(guild_id)
+            self._unavailable.discard(guild_id)
+        return self._arrived(shard_id, guild_id)
+
+    def _arrived(self, shard_id: int, guild_id: int) -> bool:
+        loading = self._loading.get(shard_id)
+        if loading is None or guild_id not in loading:
+            return False
+        loading.discard(guild_id)
+        return not loading
+
+    def forget_shard(self, shard_id: int) -> None:
+        """The shard is gone (stopped, or handed over by a reshard)."""
+        for guild_id in self._by_shard.pop(shard_id, set()):
+            self._unavailable.discard(guild_id)
+        self._loading.pop(shard_id, None)
+
+    def is_loading(self, shard_id: int) -> bool:
+        return bool(self._loading.get(shard_id))
+
+    def loading_count(self, shard_id: int | None = None) -> int:
+        if shard_id is not None:
+            return len(self._loading.get(shard_id, ()))
+        return sum(len(ids) for ids in self._loading.values())
+
+    def guild_count(self, shard_id: int | None = None) -> int:
+        if shard_id is not None:
+            return len(self._by_shard.get(shard_id, ()))
+        return sum(len(ids) for ids in self._by_shard.values())
+
+    def unavailable_count(self) -> int:
+        return len(self._unavailable)
+
+    def guild_ids(self, shard_id: int) -> frozenset[int]:
+        return frozenset(self._by_shard.get(shard_id, ()))

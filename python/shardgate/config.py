@@ -1,0 +1,261 @@
+"""The one frozen configuration object, loaded once and passed down.
+
+Sources, highest first: CLI flags > ``SHARDGATE_<KEY>`` environment variables > a TOML file
+(``--config``) > defaults. Keys are the snake_case names of the guide's options. Every wrong
+or missing value is refused at start-up with a :class:`ConfigError` naming the key. Secrets
+(``token``, ``rest_authorization``, ``event_handler_secret``) never appear in reprs or errors.
+Nothing else in shardgate reads the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal, get_args
+from urllib.parse import urlsplit
+
+from shardgate.errors import ConfigError
+from shardgate.intents import parse_intents
+
+ENV_PREFIX: Final = "SHARDGATE_"
+DISCORD_REST_URL: Final = "https://discord.com"
+DISCORD_IDENTIFY_WINDOW_MS: Final = 5000
+"""Discord allows one IDENTIFY per bucket per 5 s; ``spawn_shard_delay`` may not go below it."""
+
+Compression = Literal["zlib-stream", "zstd-stream", "none"]
+ForwardMode = Literal["http", "websocket"]
+SECRET_KEYS: Final = frozenset({"token", "rest_authorization", "event_handler_secret"})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """Everything the gateway process needs; see the README's configuration table."""
+
+    token: str = field(repr=False)
+    intents: int = 0
+    rest_url: str | None = None
+    rest_authorization: str | None = field(default=None, repr=False)
+    event_handler_url: str
+    event_handler_secret: str = field(repr=False)
+    forward_mode: ForwardMode = "http"
+    first_shard_id: int = 0
+    last_shard_id: int | None = None
+    max_shards: int | None = None
+    reshard: bool = True
+    reshard_percentage: float = 80.0
+    spawn_shard_delay: int = DISCORD_IDENTIFY_WINDOW_MS
+    allow_fast_identify: bool = False
+    use_optimal_large_bot_sharding: bool = True
+    shards_per_cluster: int = 25
+    max_clusters: int = 4
+    queue_max_size: int = 100_000
+    control_host: str = "127.0.0.1"
+    control_port: int = 8790
+    compression: Compression = "zlib-stream"
+    large_threshold: int = 50
+    edit_filter: bool = True
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        _require(bool(self.token.strip()), "token", "is required (the bot token, without 'Bot ')")
+        _require(not self.token.startswith("Bot "), "token", "give the bare token, without 'Bot '")
+        try:
+            parse_intents(self.intents)
+        except ValueError as exc:
+            raise ConfigError("intents", str(exc)) from None
+        if self.rest_url is not None:
+            _require(
+                _is_url(self.rest_url, ("http", "https")), "rest_url", "must be an http(s) URL"
+            )
+        _require(
+            _is_url(self.event_handler_url, ("http", "https", "ws", "wss")),
+            "event_handler_url",
+            "must be an http(s) or ws(s) URL",
+        )
+        _require(bool(self.event_handler_secret), "event_handler_secret", "is required")
+        _require(
+            self.forward_mode in get_args(ForwardMode), "forward_mode", "must be http or websocket"
+        )
+        _require(self.first_shard_id >= 0, "first_shard_id", "must be >= 0")
+        if self.last_shard_id is not None:
+            _require(
+                self.last_shard_id >= self.first_shard_id,
+                "last_shard_id",
+                f"must be >= first_shard_id ({self.first_shard_id})",
+            )
+        if self.max_shards is not None:
+            _require(self.max_shards >= 1, "max_shards", "must be >= 1")
+            if self.last_shard_id is not None:
+                _require(
+                    self.last_shard_id < self.max_shards,
+                    "last_shard_id",
+                    f"must be < max_shards ({self.max_shards}); shard ids start at 0",
+                )
+        _require(0 < self.reshard_percentage <= 100, "reshard_percentage", "must be in (0, 100]")
+        _require(self.spawn_shard_delay >= 0, "spawn_shard_delay", "must be >= 0 (milliseconds)")
+        _require(
+            self.allow_fast_identify or self.spawn_shard_delay >= DISCORD_IDENTIFY_WINDOW_MS,
+            "spawn_shard_delay",
+            f"must be >= {DISCORD_IDENTIFY_WINDOW_MS} ms (Discord's identify window); "
+            "set allow_fast_identify only against a fake Discord",
+        )
+        _require(self.shards_per_cluster >= 1, "shards_per_cluster", "must be >= 1")
+        _require(self.max_clusters >= 1, "max_clusters", "must be >= 1")
+        _require(self.queue_max_size >= 1, "queue_max_size", "must be >= 1")
+        _require(bool(self.control_host), "control_host", "is required")
+        _require(0 <= self.control_port <= 65535, "control_port", "must be a TCP port (0-65535)")
+        _require(
+            self.compression in get_args(Compression),
+            "compression",
+            "must be zlib-stream, zstd-stream or none",
+        )
+        _require(50 <= self.large_threshold <= 250, "large_threshold", "must be in 50..250")
+        _require(
+            self.log_level.upper() in {"TRACE", "DEBUG", "INFO", "WARNING", "ERROR"},
+            "log_level",
+            "must be TRACE, DEBUG, INFO, WARNING or ERROR",
+        )
+
+    @property
+    def intents_bits(self) -> int:
+        return parse_intents(self.intents)
+
+    @property
+    def discord_rest_url(self) -> str:
+        """Base URL for ``/api/v10/...``: the REST process when configured, else Discord."""
+        return (self.rest_url or DISCORD_REST_URL).rstrip("/")
+
+    @property
+    def rest_auth_header(self) -> str:
+        """``Authorization`` for the REST call: the REST process secret, else ``Bot <token>``."""
+        if self.rest_url is not None and self.rest_authorization:
+            return self.rest_authorization
+        return f"Bot {self.token}"
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Values the log filter must scrub."""
+        values = (self.token, self.rest_authorization, self.event_handler_secret)
+        return tuple(value for value in values if value)
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(key, message)
+
+
+def _is_url(value: str, schemes: tuple[str, ...]) -> bool:
+    parts = urlsplit(value)
+    return parts.scheme in schemes and bool(parts.hostname)
+
+
+_FIELDS: Final = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _coerce(key: str, raw: object) -> object:
+    """Convert a raw value (a string from env/CLI, or a TOML value) to the field's type."""
+    kind = _FIELDS[key].type
+    if raw is None:
+        return None
+    if key == "intents":
+        if isinstance(raw, list | str | int) and not isinstance(raw, bool):
+            try:
+                return parse_intents(raw)
+            except ValueError as exc:
+                raise ConfigError(key, str(exc)) from None
+        raise ConfigError(key, f"expected an int or intent names, got {type(raw).__name__}")
+    text = raw.strip() if isinstance(raw, str) else raw
+    try:
+        if kind in ("int", "int | None"):
+            if isinstance(text, bool) or not isinstance(text, int | str):
+                raise ValueError
+            return None if text in ("", "none", "None") and "None" in kind else int(text)
+        if kind == "float":
+            if isinstance(text, bool) or not isinstance(text, int | float | str):
+                raise ValueError
+            return float(text)
+        if kind == "bool":
+            if isinstance(text, bool):
+                return text
+            if isinstance(text, str) and text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if isinstance(text, str) and text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+    except ValueError:
+        shown = "<hidden>" if key in SECRET_KEYS else repr(raw)
+        raise ConfigError(key, f"expected {kind}, got {shown}") from None
+    if not isinstance(text, str):
+        raise ConfigError(key, f"expected a string, got {type(raw).__name__}")
+    return text
+
+
+def _from_file(path: Path) -> dict[str, object]:
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
+    section = data.get("shardgate", data)
+    if not isinstance(section, dict):
+        raise ConfigError("config", f"{path}: [shardgate] must be a table")
+    return dict(section)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--kebab-case`` flag per key (secrets included, though env is safer for them)."""
+    parser.add_argument("--config", type=Path, help="TOML file ([shardgate] table or top level)")
+    for name in _FIELDS:
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, dest=f"cfg_{name}", default=None, metavar=name.upper())
+
+
+def load_config(
+    args: argparse.Namespace | None = None,
+    env: Mapping[str, str] | None = None,
+    *,
+    overrides: Mapping[str, object] | None = None,
+) -> Config:
+    """Merge defaults < file < env < CLI (< ``overrides``, for embedding) and validate.
+
+    Raises:
+        ConfigError: naming the first wrong or missing key.
+    """
+    merged: dict[str, object] = {}
+    config_path = getattr(args, "config", None) if args is not None else None
+    if config_path is None and env is not None and env.get(ENV_PREFIX + "CONFIG"):
+        config_path = Path(env[ENV_PREFIX + "CONFIG"])
+    if config_path is not None:
+        merged.update(_from_file(Path(config_path)))
+    if env is not None:
+        for name in _FIELDS:
+            value = env.get(ENV_PREFIX + name.upper())
+            if value is not None:
+                merged[name] = value
+    if args is not None:
+        for name in _FIELDS:
+            value = getattr(args, f"cfg_{name}", None)
+            if value is not None:
+                merged[name] = value
+    if overrides:
+        merged.update(overrides)
+    unknown = sorted(set(merged) - set(_FIELDS))
+    if unknown:
+        raise ConfigError(unknown[0], f"unknown key (known keys: {', '.join(_FIELDS)})")
+    values: dict[str, Any] = {key: _coerce(key, raw) for key, raw in merged.items()}
+    for key in ("token", "event_handler_url", "event_handler_secret"):
+        if key not in values or values[key] in (None, ""):
+            flag = "--" + key.replace("_", "-")
+            where = f"config file, {ENV_PREFIX}{key.upper()} or {flag}"
+            raise ConfigError(key, f"is required ({where})")
+    return Config(**values)
+
+
+def config_keys() -> Sequence[str]:
+    return tuple(_FIELDS)

@@ -7,13 +7,34 @@ the editedMessages filter, and the forward body ``{"shardId":N,"data":<payload>}
 spliced from the raw bytes. Nothing here calls back into Python or logs.
 """
 
-from typing import Final, Literal
+from typing import Final, Literal, Self, final
 
-Buffer = bytes | bytearray | memoryview
+__all__ = [
+    "KIND_GUILD_CREATE",
+    "KIND_GUILD_DELETE",
+    "KIND_MESSAGE_CREATE",
+    "KIND_MESSAGE_DELETE",
+    "KIND_MESSAGE_UPDATE",
+    "KIND_OTHER",
+    "KIND_READY",
+    "KIND_RESUMED",
+    "CompressionError",
+    "DecodeError",
+    "Inflater",
+    "Message",
+    "MessageTooLarge",
+    "PayloadError",
+    "ShardCodec",
+    "StreamCompressor",
+    "__version__",
+]
+
+_Buffer = bytes | bytearray | memoryview
+"""Anything with the buffer protocol; a memoryview is only read during the call."""
 
 __version__: Final[str]
 
-Compression = Literal["zlib-stream", "zstd-stream"] | None
+_Compression = Literal["zlib-stream", "zstd-stream"] | None
 
 KIND_OTHER: Final[int]
 """A dispatch (or control op) the gateway process does not need to understand."""
@@ -42,6 +63,7 @@ class MessageTooLarge(DecodeError):
 class PayloadError(DecodeError):
     """The message decompressed but is not a valid gateway envelope (bad/truncated JSON)."""
 
+@final
 class Message:
     """One complete gateway message, scanned. Immutable.
 
@@ -93,24 +115,25 @@ class Message:
     def message_id(self) -> int | None:
         """MESSAGE_CREATE / MESSAGE_UPDATE / MESSAGE_DELETE: ``d.id``."""
 
+@final
 class ShardCodec:
     """Per-connection decoder: feed every websocket frame, get a Message when one completes."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         shard_id: int,
-        compression: Compression = "zlib-stream",
+        compression: _Compression = "zlib-stream",
         *,
         max_message_size: int = 64 * 1024 * 1024,
         edit_filter: bool = True,
         edit_filter_capacity: int = 16384,
         edit_filter_max_age_ms: int = 900_000,
-    ) -> None: ...
+    ) -> Self: ...
     @property
     def shard_id(self) -> int: ...
     @property
-    def compression(self) -> Compression: ...
-    def feed(self, frame: Buffer, fin: bool = True) -> Message | None:
+    def compression(self) -> _Compression: ...
+    def feed(self, frame: _Buffer, fin: bool = True) -> Message | None:
         """Consume one websocket frame (``fin`` = the websocket FIN bit).
 
         Returns None until a whole gateway message has arrived. zlib-stream messages end
@@ -124,18 +147,22 @@ class ShardCodec:
     def stats(self) -> dict[str, int]:
         """Counters: messages, frames, bytes_in, bytes_out, edits_dropped, errors."""
 
+@final
 class Inflater:
     """Transport decompression alone, no scan, no filter, no body: the benchmark floor."""
 
-    def __init__(
-        self, compression: Compression = "zlib-stream", *, max_message_size: int = 64 * 1024 * 1024
-    ) -> None: ...
-    def feed(self, frame: Buffer, fin: bool = True) -> bytes | None: ...
+    def __new__(
+        cls, compression: _Compression = "zlib-stream", *, max_message_size: int = 64 * 1024 * 1024
+    ) -> Self: ...
+    def feed(self, frame: _Buffer, fin: bool = True) -> bytes | None: ...
     def reset(self) -> None: ...
 
+@final
 class StreamCompressor:
     """Server side of a transport stream (the fake Discord, benchmarks): one per connection."""
 
-    def __init__(self, compression: Literal["zlib-stream", "zstd-stream"], level: int = 6) -> None: ...
-    def compress(self, message: Buffer) -> bytes:
+    def __new__(
+        cls, compression: Literal["zlib-stream", "zstd-stream"], level: int = 6
+    ) -> Self: ...
+    def compress(self, message: _Buffer) -> bytes:
         """Compress one gateway message and flush (zlib: sync flush, zstd: flush, never end)."""

@@ -1,9 +1,47 @@
 //! `shardgate._native`: the per-frame Discord gateway codec.
+//!
+//! The pure-Rust modules ([`inflate`], [`scan`], [`filter`], [`body`], [`compress`]) know
+//! nothing of Python, so `cargo test` covers them; [`codec`] wraps them in pyclasses and
+//! [`errors`] maps their errors to Python exceptions.
 use pyo3::prelude::*;
+
+pub mod body;
+pub mod codec;
+pub mod compress;
+pub mod errors;
+pub mod filter;
+pub mod inflate;
+pub mod scan;
+
+use scan::Kind;
 
 /// The Python module.
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_class::<codec::ShardCodec>()?;
+    m.add_class::<codec::Message>()?;
+    m.add_class::<codec::Inflater>()?;
+    m.add_class::<codec::StreamCompressor>()?;
+    m.add("DecodeError", py.get_type::<errors::DecodeError>())?;
+    m.add(
+        "CompressionError",
+        py.get_type::<errors::CompressionError>(),
+    )?;
+    m.add("MessageTooLarge", py.get_type::<errors::MessageTooLarge>())?;
+    m.add("PayloadError", py.get_type::<errors::PayloadError>())?;
+    for (name, kind) in [
+        ("KIND_OTHER", Kind::Other),
+        ("KIND_READY", Kind::Ready),
+        ("KIND_RESUMED", Kind::Resumed),
+        ("KIND_GUILD_CREATE", Kind::GuildCreate),
+        ("KIND_GUILD_DELETE", Kind::GuildDelete),
+        ("KIND_MESSAGE_CREATE", Kind::MessageCreate),
+        ("KIND_MESSAGE_UPDATE", Kind::MessageUpdate),
+        ("KIND_MESSAGE_DELETE", Kind::MessageDelete),
+    ] {
+        m.add(name, kind as u8)?;
+    }
     Ok(())
 }

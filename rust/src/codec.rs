@@ -1,0 +1,513 @@
+//! `ShardCodec`, `Message` and `Inflater`: the Python-facing classes, over a pure-Rust
+//! [`CodecCore`] that does inflate + scan + filter + body in one pass per message.
+use std::collections::HashMap;
+use std::time::Instant;
+
+use pyo3::buffer::PyBuffer;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyString};
+
+use crate::body;
+use crate::errors::{Error, Result};
+use crate::filter::{EditFilter, Verdict};
+use crate::inflate::{Compression, Transport};
+use crate::scan::{self, Kind, Scan};
+
+/// Output buffers above this capacity are shrunk back after a message.
+const KEEP_CAPACITY: usize = 1 << 20;
+/// Distinct `t` strings cached as Python objects per codec.
+const T_CACHE_MAX: usize = 128;
+
+/// Counters exposed by `stats()`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    /// Complete messages decoded.
+    pub messages: u64,
+    /// Frames fed.
+    pub frames: u64,
+    /// Bytes fed (compressed).
+    pub bytes_in: u64,
+    /// Payload bytes produced (decompressed).
+    pub bytes_out: u64,
+    /// `MESSAGE_UPDATE`s the edit filter dropped.
+    pub edits_dropped: u64,
+    /// Errors of any kind.
+    pub errors: u64,
+}
+
+/// One decoded message: the scan and the filter verdict. The body is in
+/// [`CodecCore::body`] until the next feed.
+#[derive(Debug)]
+pub struct Decoded {
+    /// What the scanner found (spans index [`CodecCore::payload`]).
+    pub scan: Scan,
+    /// The edit filter says to drop it.
+    pub drop: bool,
+}
+
+/// Everything per connection except Python objects.
+pub struct CodecCore {
+    transport: Transport,
+    /// `prefix ++ payload ++ '}'` once a message is complete.
+    buf: Vec<u8>,
+    base: usize,
+    /// A complete body is in `buf`; cleared at the next feed.
+    done: bool,
+    filter: Option<EditFilter>,
+    clock: Instant,
+    /// Counters.
+    pub stats: Stats,
+}
+
+impl CodecCore {
+    /// A codec for one connection of shard `shard_id`.
+    pub fn new(
+        shard_id: u64,
+        compression: Compression,
+        max_message_size: usize,
+        filter: Option<EditFilter>,
+    ) -> Result<Self> {
+        let buf = body::prefix(shard_id);
+        let base = buf.len();
+        Ok(Self {
+            transport: Transport::new(compression, max_message_size)?,
+            buf,
+            base,
+            done: false,
+            filter,
+            clock: Instant::now(),
+            stats: Stats::default(),
+        })
+    }
+
+    /// The compression in use.
+    pub fn compression(&self) -> Compression {
+        self.transport.kind()
+    }
+
+    /// Feeds one websocket frame; `Some` when it completed a message.
+    pub fn feed(&mut self, frame: &[u8], fin: bool) -> Result<Option<Decoded>> {
+        let now = self.clock.elapsed().as_millis() as u64;
+        self.feed_at(frame, fin, now)
+    }
+
+    /// [`CodecCore::feed`] with an explicit filter clock (milliseconds).
+    pub fn feed_at(&mut self, frame: &[u8], fin: bool, now_ms: u64) -> Result<Option<Decoded>> {
+        if self.done {
+            self.buf.truncate(self.base);
+            if self.buf.capacity() > KEEP_CAPACITY {
+                self.buf.shrink_to(KEEP_CAPACITY / 4);
+            }
+            self.done = false;
+        }
+        self.stats.frames += 1;
+        self.stats.bytes_in += frame.len() as u64;
+        let res = self.decode(frame, fin, now_ms);
+        if res.is_err() {
+            self.stats.errors += 1;
+            self.buf.truncate(self.base);
+        }
+        res
+    }
+
+    fn decode(&mut self, frame: &[u8], fin: bool, now_ms: u64) -> Result<Option<Decoded>> {
+        if !self.transport.feed(frame, fin, &mut self.buf, self.base)? {
+            return Ok(None);
+        }
+        let payload = &self.buf[self.base..];
+        let scan = scan::scan(payload)?;
+        let drop = match (&mut self.filter, scan.kind(), scan.message_id) {
+            (Some(f), Kind::MessageCreate, Some(id)) => {
+                f.remember(id, field_hash(payload, &scan), now_ms);
+                false
+            }
+            (Some(f), Kind::MessageUpdate, Some(id)) => {
+                f.update(id, field_hash(payload, &scan), now_ms) == Verdict::Drop
+            }
+            (Some(f), Kind::MessageDelete, Some(id)) => {
+                f.forget(id);
+                false
+            }
+            _ => false,
+        };
+        self.stats.messages += 1;
+        self.stats.bytes_out += payload.len() as u64;
+        self.stats.edits_dropped += u64::from(drop);
+        self.buf.push(body::SUFFIX);
+        self.done = true;
+        Ok(Some(Decoded { scan, drop }))
+    }
+
+    /// The forward body of the last decoded message.
+    pub fn body(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// The payload of the last decoded message (valid after a `Some` from feed).
+    pub fn payload(&self) -> &[u8] {
+        if self.done {
+            &self.buf[self.base..self.buf.len() - 1]
+        } else {
+            &self.buf[self.base..]
+        }
+    }
+
+    /// Offset of the payload in the body.
+    pub fn base(&self) -> usize {
+        self.base
+    }
+
+    /// A fresh decompression context; the edit filter and counters are kept.
+    pub fn reset(&mut self) -> Result<()> {
+        self.buf.truncate(self.base);
+        self.done = false;
+        self.transport.reset()
+    }
+}
+
+fn field_hash(payload: &[u8], scan: &Scan) -> u64 {
+    EditFilter::hash_fields(
+        scan.content.clone().map(|r| &payload[r]),
+        scan.edited_timestamp.clone().map(|r| &payload[r]),
+    )
+}
+
+/// Runs `f` on the bytes of a `bytes`, `bytearray` or `memoryview` (any C-contiguous
+/// byte buffer). Non-`bytes` buffers are copied into `scratch` (a reused allocation),
+/// because the slice must not outlive the exported buffer, which picows invalidates
+/// after its callback.
+fn with_bytes<T>(
+    frame: &Bound<'_, PyAny>,
+    scratch: &mut Vec<u8>,
+    f: impl FnOnce(&[u8]) -> T,
+) -> PyResult<T> {
+    if let Ok(b) = frame.cast::<PyBytes>() {
+        return Ok(f(b.as_bytes()));
+    }
+    let buf = PyBuffer::<u8>::get(frame)?;
+    scratch.clear();
+    scratch.resize(buf.item_count(), 0);
+    buf.copy_to_slice(frame.py(), scratch)?;
+    drop(buf);
+    Ok(f(scratch))
+}
+
+fn parse_compression(name: Option<&str>) -> PyResult<Compression> {
+    Compression::from_name(name).ok_or_else(|| {
+        PyValueError::new_err(format!(
+            "compression must be 'zlib-stream', 'zstd-stream' or None, not {name:?}"
+        ))
+    })
+}
+
+fn check_size(max_message_size: usize) -> PyResult<usize> {
+    if max_message_size == 0 {
+        return Err(PyValueError::new_err("max_message_size must be positive"));
+    }
+    Ok(max_message_size)
+}
+
+/// One complete gateway message, scanned. Immutable.
+#[allow(clippy::struct_field_names)] // `message_id` is the Python attribute name.
+#[pyclass(frozen, module = "shardgate._native")]
+pub struct Message {
+    #[pyo3(get)]
+    op: i64,
+    #[pyo3(get)]
+    seq: Option<i64>,
+    #[pyo3(get)]
+    t: Option<Py<PyString>>,
+    #[pyo3(get)]
+    kind: u8,
+    #[pyo3(get)]
+    body: Py<PyBytes>,
+    payload_start: usize,
+    #[pyo3(get)]
+    drop: bool,
+    #[pyo3(get)]
+    heartbeat_interval: Option<u64>,
+    #[pyo3(get)]
+    session_id: Option<String>,
+    #[pyo3(get)]
+    resume_gateway_url: Option<String>,
+    #[pyo3(get)]
+    guild_ids: Option<Vec<u64>>,
+    #[pyo3(get)]
+    guild_id: Option<u64>,
+    #[pyo3(get)]
+    unavailable: Option<bool>,
+    #[pyo3(get)]
+    resumable: Option<bool>,
+    #[pyo3(get)]
+    message_id: Option<u64>,
+}
+
+#[pymethods]
+impl Message {
+    /// The decompressed gateway message exactly as Discord sent it (a copy).
+    #[getter]
+    fn payload<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        let body = self.body.bind(py).as_bytes();
+        let end = body.len().saturating_sub(1).max(self.payload_start);
+        PyBytes::new(py, &body[self.payload_start..end])
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> String {
+        let t = self.t.as_ref().map_or_else(
+            || "None".to_owned(),
+            |t| format!("{:?}", t.bind(py).to_string()),
+        );
+        format!(
+            "Message(op={}, seq={}, t={}, kind={}, drop={}, size={})",
+            self.op,
+            self.seq
+                .map_or_else(|| "None".to_owned(), |s| s.to_string()),
+            t,
+            self.kind,
+            if self.drop { "True" } else { "False" },
+            self.body
+                .bind(py)
+                .as_bytes()
+                .len()
+                .saturating_sub(self.payload_start + 1)
+        )
+    }
+}
+
+/// Per-connection decoder: feed every websocket frame, get a Message when one completes.
+#[pyclass(module = "shardgate._native")]
+pub struct ShardCodec {
+    core: CodecCore,
+    shard_id: u64,
+    scratch: Vec<u8>,
+    t_cache: HashMap<Box<[u8]>, Py<PyString>>,
+}
+
+#[pymethods]
+impl ShardCodec {
+    #[new]
+    #[pyo3(signature = (
+        shard_id,
+        compression = Some("zlib-stream"),
+        *,
+        max_message_size = 64 * 1024 * 1024,
+        edit_filter = true,
+        edit_filter_capacity = 16384,
+        edit_filter_max_age_ms = 900_000,
+    ))]
+    #[pyo3(text_signature = "(shard_id, compression='zlib-stream', *, \
+        max_message_size=67108864, edit_filter=True, edit_filter_capacity=16384, \
+        edit_filter_max_age_ms=900000)")]
+    fn new(
+        shard_id: u64,
+        compression: Option<&str>,
+        max_message_size: usize,
+        edit_filter: bool,
+        edit_filter_capacity: usize,
+        edit_filter_max_age_ms: u64,
+    ) -> PyResult<Self> {
+        let compression = parse_compression(compression)?;
+        let max_message_size = check_size(max_message_size)?;
+        if edit_filter && edit_filter_capacity == 0 {
+            return Err(PyValueError::new_err(
+                "edit_filter_capacity must be positive",
+            ));
+        }
+        let filter =
+            edit_filter.then(|| EditFilter::new(edit_filter_capacity, edit_filter_max_age_ms));
+        Ok(Self {
+            core: CodecCore::new(shard_id, compression, max_message_size, filter)?,
+            shard_id,
+            scratch: Vec::new(),
+            t_cache: HashMap::new(),
+        })
+    }
+
+    #[getter]
+    fn shard_id(&self) -> u64 {
+        self.shard_id
+    }
+
+    #[getter]
+    fn compression(&self) -> Option<&'static str> {
+        self.core.compression().name()
+    }
+
+    /// Consume one websocket frame; returns a Message when it completes one.
+    #[pyo3(signature = (frame, fin = true))]
+    fn feed(&mut self, frame: &Bound<'_, PyAny>, fin: bool) -> PyResult<Option<Message>> {
+        let py = frame.py();
+        let core = &mut self.core;
+        let decoded = with_bytes(frame, &mut self.scratch, |b| core.feed(b, fin))??;
+        let Some(Decoded { scan, drop }) = decoded else {
+            return Ok(None);
+        };
+        let base = self.core.base();
+        let body = PyBytes::new(py, self.core.body());
+        let t = match &scan.t {
+            Some(span) => Some(intern_t(
+                &mut self.t_cache,
+                py,
+                &self.core.body()[base + span.start..base + span.end],
+                scan.t_escaped,
+                span.start,
+            )?),
+            None => None,
+        };
+        Ok(Some(Message {
+            op: scan.op,
+            seq: scan.seq,
+            t,
+            kind: scan.kind() as u8,
+            body: body.unbind(),
+            payload_start: base,
+            drop,
+            heartbeat_interval: scan.heartbeat_interval,
+            session_id: scan.session_id,
+            resume_gateway_url: scan.resume_gateway_url,
+            guild_ids: scan.guild_ids,
+            guild_id: scan.guild_id,
+            unavailable: scan.unavailable,
+            resumable: scan.resumable,
+            message_id: scan.message_id,
+        }))
+    }
+
+    /// Start a fresh decompression context; the edit filter is kept.
+    fn reset(&mut self) -> PyResult<()> {
+        Ok(self.core.reset()?)
+    }
+
+    /// Counters (not for the hot path).
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.core.stats;
+        let d = PyDict::new(py);
+        d.set_item("messages", s.messages)?;
+        d.set_item("frames", s.frames)?;
+        d.set_item("bytes_in", s.bytes_in)?;
+        d.set_item("bytes_out", s.bytes_out)?;
+        d.set_item("edits_dropped", s.edits_dropped)?;
+        d.set_item("errors", s.errors)?;
+        Ok(d)
+    }
+}
+
+/// The `t` string as a Python str, cached: event names repeat.
+fn intern_t(
+    cache: &mut HashMap<Box<[u8]>, Py<PyString>>,
+    py: Python<'_>,
+    raw: &[u8],
+    escaped: bool,
+    at: usize,
+) -> Result<Py<PyString>> {
+    {
+        if let Some(s) = cache.get(raw) {
+            return Ok(s.clone_ref(py));
+        }
+        let text = if escaped {
+            scan::unescape(raw, at)?
+        } else {
+            std::str::from_utf8(raw)
+                .map_err(|e| Error::payload(at + e.valid_up_to(), "valid UTF-8 in 't'"))?
+                .to_owned()
+        };
+        let s = PyString::new(py, &text).unbind();
+        if cache.len() < T_CACHE_MAX {
+            cache.insert(raw.into(), s.clone_ref(py));
+        }
+        Ok(s)
+    }
+}
+
+/// Transport decompression alone, no scan, no filter, no body: the benchmark floor.
+#[pyclass(module = "shardgate._native")]
+pub struct Inflater {
+    transport: Transport,
+    buf: Vec<u8>,
+    scratch: Vec<u8>,
+}
+
+#[pymethods]
+impl Inflater {
+    #[new]
+    #[pyo3(signature = (compression = Some("zlib-stream"), *, max_message_size = 64 * 1024 * 1024))]
+    #[pyo3(text_signature = "(compression='zlib-stream', *, max_message_size=67108864)")]
+    fn new(compression: Option<&str>, max_message_size: usize) -> PyResult<Self> {
+        let compression = parse_compression(compression)?;
+        let max_message_size = check_size(max_message_size)?;
+        Ok(Self {
+            transport: Transport::new(compression, max_message_size)?,
+            buf: Vec::new(),
+            scratch: Vec::new(),
+        })
+    }
+
+    /// Consume one frame; returns the decompressed message when it completes one.
+    #[pyo3(signature = (frame, fin = true))]
+    fn feed<'py>(
+        &mut self,
+        frame: &Bound<'py, PyAny>,
+        fin: bool,
+    ) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        let py = frame.py();
+        let transport = &mut self.transport;
+        let buf = &mut self.buf;
+        let done = with_bytes(frame, &mut self.scratch, |b| transport.feed(b, fin, buf, 0))?;
+        match done {
+            Ok(true) => {
+                let out = PyBytes::new(py, &self.buf);
+                self.buf.clear();
+                if self.buf.capacity() > KEEP_CAPACITY {
+                    self.buf.shrink_to(KEEP_CAPACITY / 4);
+                }
+                Ok(Some(out))
+            }
+            Ok(false) => Ok(None),
+            Err(e) => {
+                self.buf.clear();
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Start a fresh decompression context.
+    fn reset(&mut self) -> PyResult<()> {
+        self.buf.clear();
+        Ok(self.transport.reset()?)
+    }
+}
+
+/// Server side of a transport stream (the fake Discord, benchmarks): one per connection.
+#[pyclass(module = "shardgate._native")]
+pub struct StreamCompressor {
+    inner: crate::compress::Compressor,
+    scratch: Vec<u8>,
+}
+
+#[pymethods]
+impl StreamCompressor {
+    #[new]
+    #[pyo3(signature = (compression, level = 6))]
+    fn new(compression: &str, level: i32) -> PyResult<Self> {
+        let Some(kind @ (Compression::Zlib | Compression::Zstd)) =
+            Compression::from_name(Some(compression))
+        else {
+            return Err(PyValueError::new_err(format!(
+                "compression must be 'zlib-stream' or 'zstd-stream', not {compression:?}"
+            )));
+        };
+        Ok(Self {
+            inner: crate::compress::Compressor::new(kind, level)?,
+            scratch: Vec::new(),
+        })
+    }
+
+    /// Compress one gateway message and flush.
+    fn compress<'py>(&mut self, message: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
+        let py = message.py();
+        let inner = &mut self.inner;
+        let out = with_bytes(message, &mut self.scratch, |b| inner.compress(b))??;
+        Ok(PyBytes::new(py, &out))
+    }
+}

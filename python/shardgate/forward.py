@@ -1,0 +1,324 @@
+"""Delivery of outbox events to the bot's event handler: the loop, the seam, HTTP.
+
+The :class:`Forwarder` seam sends one ordered batch of one shard and returns when the
+handler has acknowledged it. :class:`Delivery` drives forwarders from an
+:class:`~shardgate.queue.Outbox`:
+
+- per shard at most one batch in flight (that is the per-shard order); shards run side by
+  side up to ``concurrency`` batches at once;
+- a retryable failure (refused connection, timeout, 5xx, 408/429) keeps the batch in flight
+  and retries it with exponential backoff and jitter until the handler is back, so the
+  shard's events resume in their original order; new events wait in the outbox, which
+  drops (and reports) only when full;
+- a rejection (other 4xx) is logged and counted, and the event leaves the outbox: the
+  handler said it will never take it;
+- the shards only ever call ``Outbox.put``; nothing here can make them wait.
+
+HTTP mode (:class:`HttpForwarder`, guide-compatible): one ``POST`` per event with
+``Authorization: <secret>``, ``Content-Type: application/json``, ``X-Shardgate-Event-Id``
+and the body exactly as built by the codec, over kept-alive connections; a 2xx answer
+means delivered. A batch is posted one event after the other on one connection. The
+websocket mode lives in :mod:`shardgate.forward_ws`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import aiohttp
+
+from shardgate.errors import ForwardError
+from shardgate.httpclient import HttpConnectionError, HttpPool
+from shardgate.queue import Outbox, OutEvent
+
+__all__ = [
+    "AiohttpForwarder",
+    "Delivery",
+    "Forwarder",
+    "HttpForwarder",
+    "RejectedError",
+    "RetryableError",
+    "is_retryable_status",
+]
+
+log = logging.getLogger(__name__)
+
+EVENT_ID_HEADER = "X-Shardgate-Event-Id"
+
+
+class RetryableError(ForwardError):
+    """Delivery failed in a way that may pass later; the first ``delivered`` events did pass."""
+
+    def __init__(self, message: str, delivered: int = 0) -> None:
+        super().__init__(message)
+        self.delivered = delivered
+
+
+class RejectedError(ForwardError):
+    """The handler refused events for good (a 4xx): after the first ``delivered`` events,
+    the next ``rejected`` ones were refused; they leave the outbox, counted."""
+
+    def __init__(self, message: str, delivered: int = 0, rejected: int = 1) -> None:
+        super().__init__(message)
+        self.delivered = delivered
+        self.rejected = rejected
+
+
+def is_retryable_status(status: int) -> bool:
+    """5xx, 408 (timeout) and 429 (slow down) may pass later; other 4xx never will."""
+    return status >= 500 or status in (408, 429)
+
+
+class Forwarder(Protocol):
+    """Sends one shard's ordered batch; returns once the handler acknowledged all of it.
+
+    Raises :class:`RetryableError` or :class:`RejectedError` (with how many of the batch's
+    first events did get through); any other exception is treated as retryable.
+    """
+
+    async def send(self, shard_id: int, batch: Sequence[OutEvent]) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class Delivery:
+    """Moves events from an outbox to a forwarder (see the module docstring).
+
+    ``batch_size`` bounds one batch; ``concurrency`` bounds batches in flight across
+    shards. Backoff after the n-th consecutive failure of a batch is
+    ``min(backoff_max, backoff_base * 2**(n-1))`` scaled by a random factor in [0.5, 1).
+    """
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        forwarder: Forwarder,
+        *,
+        concurrency: int = 32,
+        batch_size: int = 64,
+        backoff_base: float = 0.05,
+        backoff_max: float = 2.0,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        if concurrency < 1 or batch_size < 1:
+            raise ValueError("concurrency and batch_size must be >= 1")
+        self.outbox = outbox
+        self.forwarder = forwarder
+        self.concurrency = concurrency
+        self.batch_size = batch_size
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self._jitter = jitter
+        self._workers: list[asyncio.Task[None]] = []
+        self.delivered = 0
+        self.rejected = 0
+        self.retries = 0
+        self._failing_since: float | None = None
+
+    async def __aenter__(self) -> Delivery:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    def start(self) -> None:
+        if self._workers:
+            return
+        self._workers = [
+            asyncio.create_task(self._work(), name=f"shardgate-delivery-{i}")
+            for i in range(self.concurrency)
+        ]
+
+    async def stop(self) -> None:
+        """Stop sending; unacknowledged events go back to the outbox (nothing is lost)."""
+        workers, self._workers = self._workers, []
+        for task in workers:
+            task.cancel()
+        for task in workers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def drain(self, within: float) -> bool:
+        """Wait until the outbox is empty (True) or ``within`` seconds passed (False)."""
+        deadline = time.monotonic() + within
+        while not self.outbox.is_empty():
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
+    def stats(self) -> dict[str, int]:
+        return {"delivered": self.delivered, "rejected": self.rejected, "retries": self.retries}
+
+    def backoff(self, attempt: int) -> float:
+        """Delay before retry number ``attempt`` (1-based)."""
+        delay: float = min(self.backoff_max, self.backoff_base * 2.0 ** min(attempt - 1, 30))
+        return delay * (0.5 + self._jitter() / 2)
+
+    async def _work(self) -> None:
+        outbox = self.outbox
+        while True:
+            shard_id = await outbox.next_ready()
+            try:
+                await self._deliver(shard_id)
+            except Exception:  # a bug here must not stop delivery for every shard
+                log.exception("delivery of shard %d failed; its batch goes back", shard_id)
+            finally:
+                # On cancellation the unacknowledged rest goes back, in order.
+                outbox.release(shard_id)
+
+    async def _deliver(self, shard_id: int) -> None:
+        outbox = self.outbox
+        batch: Sequence[OutEvent] = outbox.take(shard_id, self.batch_size)
+        attempt = 0
+        send = self.forwarder.send
+        while batch:
+            try:
+                await send(shard_id, batch)
+            except RejectedError as exc:
+                done = min(len(batch), exc.delivered + max(1, exc.rejected))
+                self.delivered += exc.delivered
+                self.rejected += done - exc.delivered
+                log.error(
+                    "event handler rejected %d event(s) of shard %d (first %s): %s; not retried",
+                    done - exc.delivered, shard_id, batch[exc.delivered].event_id, exc,
+                )
+                outbox.ack(shard_id, done)
+                batch = batch[done:]
+                attempt = 0
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                delivered = exc.delivered if isinstance(exc, RetryableError) else 0
+                if delivered:
+                    self.delivered += delivered
+                    outbox.ack(shard_id, delivered)
+                    batch = batch[delivered:]
+                    attempt = 0
+                attempt += 1
+                self.retries += 1
+                self._note_failure(exc)
+                await asyncio.sleep(self.backoff(attempt))
+                continue
+            self.delivered += len(batch)
+            outbox.ack(shard_id)
+            if self._failing_since is not None:
+                self._note_recovery()
+            return
+
+    def _note_failure(self, exc: BaseException) -> None:
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+            log.warning("event handler unavailable (%s); events wait in the outbox, retrying", exc)
+
+    def _note_recovery(self) -> None:
+        since, self._failing_since = self._failing_since, None
+        if since is not None:
+            log.info(
+                "event handler back after %.1f s; outbox depth %d, dropped so far %d",
+                time.monotonic() - since, self.outbox.depth, self.outbox.dropped,
+            )
+
+
+def _auth_headers(secret: str) -> dict[str, str]:
+    if "\r" in secret or "\n" in secret:
+        raise ValueError("the event handler secret contains a line break")
+    return {"Authorization": secret, "Content-Type": "application/json"}
+
+
+class HttpForwarder:
+    """Guide-compatible HTTP forwarding on :class:`~shardgate.httpclient.HttpPool`."""
+
+    __slots__ = ("_pool", "url")
+
+    def __init__(
+        self,
+        url: str,
+        secret: str,
+        *,
+        max_connections: int = 64,
+        timeout: float = 10.0,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        self.url = url
+        self._pool = HttpPool(
+            url,
+            headers=_auth_headers(secret),
+            max_connections=max_connections,
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+        )
+
+    def __repr__(self) -> str:
+        return f"HttpForwarder({self.url!r})"
+
+    async def send(self, shard_id: int, batch: Sequence[OutEvent]) -> None:
+        post = self._pool.post
+        for index, event in enumerate(batch):
+            head = b"X-Shardgate-Event-Id: %s\r\n" % event.event_id.encode()
+            try:
+                status = await post(head, event.body)
+            except HttpConnectionError as exc:
+                raise RetryableError(str(exc), index) from None
+            if 200 <= status < 300:
+                continue
+            if is_retryable_status(status):
+                raise RetryableError(f"HTTP {status}", index)
+            raise RejectedError(f"HTTP {status}", index)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+
+class AiohttpForwarder:
+    """The same protocol on aiohttp's ClientSession: slower, but speaks https and proxies."""
+
+    __slots__ = ("_headers", "_limit", "_session", "_timeout", "url")
+
+    def __init__(
+        self, url: str, secret: str, *, max_connections: int = 64, timeout: float = 10.0
+    ) -> None:
+        self.url = url
+        self._headers = _auth_headers(secret)
+        self._limit = max_connections
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    def __repr__(self) -> str:
+        return f"AiohttpForwarder({self.url!r})"
+
+    async def send(self, shard_id: int, batch: Sequence[OutEvent]) -> None:
+        session = self._session
+        if session is None:
+            session = self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._limit),
+                timeout=self._timeout,
+                headers=self._headers,
+            )
+        for index, event in enumerate(batch):
+            try:
+                async with session.post(
+                    self.url, data=event.body, headers={EVENT_ID_HEADER: event.event_id}
+                ) as response:
+                    await response.read()
+                    status = response.status
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                raise RetryableError(f"{type(exc).__name__}: {exc}", index) from None
+            if 200 <= status < 300:
+                continue
+            if is_retryable_status(status):
+                raise RetryableError(f"HTTP {status}", index)
+            raise RejectedError(f"HTTP {status}", index)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

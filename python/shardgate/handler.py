@@ -1,0 +1,343 @@
+"""The receiving side a bot runs: takes events from shardgate in either forwarding mode.
+
+One aiohttp server on one URL serves both modes: ``POST`` (the HTTP mode, one event per
+request, guide-compatible) and a websocket upgrade ``GET`` (the batched mode, framing in
+:mod:`shardgate.forward_ws`). For each event it checks the secret (401 otherwise; the
+secret is never logged), parses the body with orjson, drops duplicates by event id (a
+bounded LRU of handled ids, so a redelivery after a lost ack is not handled twice) and
+awaits the bot's callback ``on_event(shard_id, data, event_id)``. It acknowledges only
+after the callback returned, so if the bot dies first the gateway delivers again.
+
+If ``on_event`` raises, the error is logged and the event counts as handled: one bad
+event must not block its shard forever. With ``retry_on_error=True`` the handler instead
+answers 500 (HTTP) or acknowledges only the events before it (websocket), and the
+gateway retries it with backoff.
+
+One server for both modes because the websocket mode batches: per-frame overhead is
+shared by the whole batch, and a bot gets one URL and one port. Events without an id
+(an older sender) are handled without de-duplication, with ``event_id`` ``""``.
+
+Embedded::
+
+    from shardgate.handler import EventHandlerServer
+
+    async def on_event(shard_id: int, data: dict, event_id: str) -> None:
+        if data["t"] == "MESSAGE_CREATE":
+            print(shard_id, data["d"]["content"])
+
+    async with EventHandlerServer(on_event, secret="s3cret", port=8081) as server:
+        await server.serve_forever()
+
+Standalone (the secret comes from the environment, never from the command line)::
+
+    SHARDGATE_EVENT_HANDLER_SECRET=s3cret python -m shardgate.handler \\
+        --port 8081 --callback mybot.events:on_event
+
+Without ``--callback`` it logs one line per event.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hmac
+import importlib
+import logging
+import os
+import sys
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import orjson
+import uvloop
+from aiohttp import WSMsgType, web
+
+from shardgate.log import setup_logging
+
+__all__ = ["EventCallback", "EventHandlerServer", "main"]
+
+log = logging.getLogger(__name__)
+
+EventCallback = Callable[[int, dict[str, Any], str], Awaitable[None]]
+"""``async def on_event(shard_id, data, event_id)``; ``data`` is the gateway payload."""
+
+EVENT_ID_HEADER = "X-Shardgate-Event-Id"
+SECRET_ENV = "SHARDGATE_EVENT_HANDLER_SECRET"
+
+
+class _BadEvent(ValueError):
+    """A body that is not ``{"shardId": int, "data": {...}}``."""
+
+
+def _split_body(event: object) -> tuple[int, dict[str, Any]]:
+    if not isinstance(event, dict):
+        raise _BadEvent("body must be a JSON object")
+    shard_id, data = event.get("shardId"), event.get("data")
+    if type(shard_id) is not int or not isinstance(data, dict):
+        raise _BadEvent('body must be {"shardId": <int>, "data": <object>}')
+    return shard_id, data
+
+
+class EventHandlerServer:
+    """An aiohttp server that feeds shardgate's events to ``on_event`` (see the module)."""
+
+    def __init__(
+        self,
+        on_event: EventCallback,
+        secret: str,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8081,
+        dedupe_size: int = 100_000,
+        retry_on_error: bool = False,
+        max_message_size: int = 256 * 1024 * 1024,
+    ) -> None:
+        if not secret:
+            raise ValueError("a secret is required")
+        self._on_event = on_event
+        self._secret = secret.encode()
+        self.host = host
+        self.port = port
+        self.retry_on_error = retry_on_error
+        self.max_message_size = max_message_size
+        self._dedupe_size = dedupe_size
+        self._done: OrderedDict[str, None] = OrderedDict()
+        self._running: dict[str, asyncio.Future[bool]] = {}
+        self._runner: web.AppRunner | None = None
+        self._sockets: set[web.WebSocketResponse] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.received = 0
+        self.handled = 0
+        self.duplicates = 0
+        self.errors = 0
+        self.unauthorized = 0
+
+    def __repr__(self) -> str:
+        return f"EventHandlerServer({self.host}:{self.port})"
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def make_app(self) -> web.Application:
+        """The aiohttp application (to mount in a bot's own aiohttp app if it has one)."""
+        app = web.Application(client_max_size=self.max_message_size)
+        app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        return app
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.make_app(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        await site.start()
+        if self.port == 0 and self._runner.addresses:
+            self.port = int(self._runner.addresses[0][1])
+        log.info("event handler listening on http://%s:%d", self.host, self.port)
+
+    async def stop(self) -> None:
+        """Close connections and stop listening; callbacks still running are awaited."""
+        for ws in list(self._sockets):
+            await ws.close()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> EventHandlerServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def serve_forever(self) -> None:
+        """Sleep until cancelled (the server runs in the background)."""
+        await asyncio.Event().wait()
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "received": self.received,
+            "handled": self.handled,
+            "duplicates": self.duplicates,
+            "errors": self.errors,
+            "unauthorized": self.unauthorized,
+        }
+
+    # -- requests ------------------------------------------------------------------------
+
+    def _authorized(self, request: web.Request) -> bool:
+        given = request.headers.get("Authorization", "").encode("utf-8", "replace")
+        if hmac.compare_digest(given, self._secret):
+            return True
+        self.unauthorized += 1
+        return False
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        if not self._authorized(request):
+            return web.json_response({"error": "unauthorized"}, status=401)
+        if request.method == "POST":
+            return await self._post(request)
+        if request.method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket":
+            return await self._websocket(request)
+        return web.json_response({"error": "use POST or a websocket upgrade"}, status=405)
+
+    async def _post(self, request: web.Request) -> web.Response:
+        try:
+            shard_id, data = _split_body(orjson.loads(await request.read()))
+        except (orjson.JSONDecodeError, _BadEvent) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        self.received += 1
+        ok = await self._handle(shard_id, data, request.headers.get(EVENT_ID_HEADER, ""))
+        if ok:
+            return web.Response(status=200)
+        return web.json_response({"error": "on_event failed"}, status=500)
+
+    async def _websocket(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=self.max_message_size, heartbeat=None)
+        await ws.prepare(request)
+        self._sockets.add(ws)
+        try:
+            async for message in ws:
+                if message.type not in (WSMsgType.BINARY, WSMsgType.TEXT):
+                    continue
+                raw = message.data if isinstance(message.data, bytes) else message.data.encode()
+                try:
+                    batch_id, _shard, ids, events = self._parse_frame(raw)
+                except (orjson.JSONDecodeError, _BadEvent) as exc:
+                    log.warning("bad frame on the event websocket (%s); closing it", exc)
+                    await ws.close(code=1003, message=b"bad frame")
+                    break
+                # One task per batch: shards proceed side by side, a shard's batches never
+                # overlap (the gateway waits for the ack), so order within a shard holds.
+                task = asyncio.create_task(self._handle_batch(ws, batch_id, ids, events))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        finally:
+            self._sockets.discard(ws)
+        return ws
+
+    @staticmethod
+    def _parse_frame(raw: bytes) -> tuple[int, int, list[str], list[Any]]:
+        frame = orjson.loads(raw)
+        if not isinstance(frame, dict):
+            raise _BadEvent("frame must be a JSON object")
+        batch_id, shard, ids, events = (
+            frame.get("batch"), frame.get("shard"), frame.get("ids"), frame.get("events")
+        )
+        if type(batch_id) is not int or type(shard) is not int:
+            raise _BadEvent("batch and shard must be integers")
+        if not isinstance(ids, list) or not isinstance(events, list) or len(ids) != len(events):
+            raise _BadEvent("ids and events must be lists of one length")
+        if not all(type(event_id) is str for event_id in ids):
+            raise _BadEvent("ids must be strings")
+        return batch_id, shard, ids, events
+
+    async def _handle_batch(
+        self, ws: web.WebSocketResponse, batch_id: int, ids: list[str], events: list[Any]
+    ) -> None:
+        handled = 0
+        for event_id, event in zip(ids, events, strict=True):
+            try:
+                shard_id, data = _split_body(event)
+            except _BadEvent as exc:
+                log.warning("skipping malformed event %s: %s", event_id, exc)
+                self.errors += 1
+                handled += 1
+                continue
+            self.received += 1
+            if not await self._handle(shard_id, data, event_id):
+                break
+            handled += 1
+        if not ws.closed:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await ws.send_bytes(b'{"ack":%d,"n":%d}' % (batch_id, handled))
+
+    async def _handle(self, shard_id: int, data: dict[str, Any], event_id: str) -> bool:
+        """Run the callback once per event id; True when the event counts as handled."""
+        if not event_id:
+            return await self._call(shard_id, data, event_id)
+        while True:
+            if event_id in self._done:
+                self.duplicates += 1
+                return True
+            running = self._running.get(event_id)
+            if running is None:
+                break
+            # The same event is being handled right now (its first ack got lost): wait for
+            # that outcome instead of handling it twice.
+            if await asyncio.shield(running):
+                self.duplicates += 1
+                return True
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._running[event_id] = future
+        ok = False
+        try:
+            ok = await self._call(shard_id, data, event_id)
+        finally:
+            del self._running[event_id]
+            if ok:
+                done = self._done
+                done[event_id] = None
+                if len(done) > self._dedupe_size:
+                    done.popitem(last=False)
+            future.set_result(ok)
+        return ok
+
+    async def _call(self, shard_id: int, data: dict[str, Any], event_id: str) -> bool:
+        try:
+            await self._on_event(shard_id, data, event_id)
+        except Exception:
+            self.errors += 1
+            log.exception("on_event failed for event %s of shard %d", event_id or "?", shard_id)
+            return not self.retry_on_error
+        self.handled += 1
+        return True
+
+
+async def _log_event(shard_id: int, data: dict[str, Any], event_id: str) -> None:
+    log.info("shard %d: %s (seq %s, id %s)", shard_id, data.get("t"), data.get("s"), event_id)
+
+
+def _load_callback(spec: str) -> EventCallback:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise SystemExit(f"--callback must look like module:function, not {spec!r}")
+    callback = getattr(importlib.import_module(module_name), attr, None)
+    if not callable(callback):
+        raise SystemExit(f"--callback {spec!r} is not a callable")
+    return callback  # type: ignore[no-any-return]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m shardgate.handler``: run a handler until interrupted."""
+    parser = argparse.ArgumentParser(
+        prog="python -m shardgate.handler",
+        description=f"Receive shardgate events (HTTP or websocket); the secret is read from "
+        f"${SECRET_ENV}.",
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8081)
+    parser.add_argument("--callback", help="module:function, an async on_event(shard, data, id)")
+    parser.add_argument("--retry-on-error", action="store_true")
+    args = parser.parse_args(argv)
+    secret = os.environ.get(SECRET_ENV, "")
+    if not secret:
+        raise SystemExit(f"set {SECRET_ENV} to the gateway's event_handler_secret")
+    setup_logging(secrets=[secret])
+    callback = _load_callback(args.callback) if args.callback else _log_event
+
+    async def run() -> None:
+        async with EventHandlerServer(
+            callback, secret, host=args.host, port=args.port, retry_on_error=args.retry_on_error
+        ) as server:
+            await server.serve_forever()
+
+    try:
+        uvloop.run(run())
+    except KeyboardInterrupt:
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,372 @@
+"""The outbox: events waiting for the bot, bounded, ordered per shard, never silently lost.
+
+Shards call :meth:`Outbox.put` (synchronous, O(1), never blocks, never raises on full);
+the delivery loop takes ordered batches per shard and acknowledges them once the event
+handler has them. Until acknowledged an event stays (at-least-once delivery).
+
+Bound and loss. ``max_size`` counts events across all shards, waiting and in flight. When
+a put finds the outbox full, the oldest *waiting* event of the shard with the most waiting
+events is dropped (in-flight events are never dropped: they are already on their way).
+Dropping from the fullest shard rather than the globally oldest event means one hot or
+stuck shard pays for its own backlog instead of evicting a quiet shard's few events, and
+consecutive drops from one shard stay contiguous, so the bot gets a few gap records with
+ranges rather than one per event. A gap record takes the dropped events' place in that
+shard's order; more drops just behind it extend it until it is taken for delivery. It is
+delivered like a dispatch (see :data:`GAP_EVENT`); it does not count against
+``max_size`` (there is at most one growing gap record per shard, so they stay bounded).
+
+Finding the fullest shard is O(1): a depth -> shards index is kept, but only while the
+outbox is nearly full (it is built by one scan when the first drop is needed and dropped
+again when the backlog halves), so the normal path pays nothing for it.
+
+Everything an event is made of is serialisable (``event_id: str``, ``body: bytes``) so a
+Redis Streams backend or worker processes can replace this in-memory one later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Sequence
+from typing import Final
+
+import orjson
+
+__all__ = ["GAP_EVENT", "GapRecord", "OutEvent", "Outbox"]
+
+GAP_EVENT: Final = "SHARDGATE_GAP"
+"""Dispatch name (``t``) of a gap record, delivered as
+``{"shardId":N,"data":{"op":0,"t":"SHARDGATE_GAP","s":null,"d":{...}}}`` with ``d``:
+``shard_id``, ``dropped`` (how many events), ``first_event_id``, ``last_event_id`` and,
+when both ids are ``shard:session:seq`` of one session, ``session_id``, ``first_seq``,
+``last_seq`` (else those three are null). Its own event id is ``gap:<first_event_id>``."""
+
+
+class OutEvent:
+    """One event to forward: its id (``shard:session:seq``) and the exact body bytes."""
+
+    __slots__ = ("body", "event_id")
+
+    def __init__(self, event_id: str, body: bytes) -> None:
+        self.event_id = event_id
+        self.body = body
+
+    def __repr__(self) -> str:
+        return f"OutEvent({self.event_id!r}, {len(self.body)} bytes)"
+
+
+class GapRecord(OutEvent):
+    """Stands where dropped events were; grows while waiting, frozen once taken."""
+
+    __slots__ = ("count", "first_event_id", "last_event_id", "sealed", "shard_id")
+
+    def __init__(self, shard_id: int, first_event_id: str) -> None:
+        super().__init__(f"gap:{first_event_id}", b"")
+        self.shard_id = shard_id
+        self.count = 1
+        self.first_event_id = first_event_id
+        self.last_event_id = first_event_id
+        self.sealed = False
+
+    def seal(self) -> None:
+        """Render the body; after this the record no longer grows."""
+        if self.sealed:
+            return
+        self.sealed = True
+        session: str | None = None
+        first_seq: int | None = None
+        last_seq: int | None = None
+        first, last = _split_id(self.first_event_id), _split_id(self.last_event_id)
+        if first is not None and last is not None and first[0] == last[0]:
+            session, first_seq, last_seq = first[0], first[1], last[1]
+        data = {
+            "op": 0,
+            "t": GAP_EVENT,
+            "s": None,
+            "d": {
+                "shard_id": self.shard_id,
+                "dropped": self.count,
+                "first_event_id": self.first_event_id,
+                "last_event_id": self.last_event_id,
+                "session_id": session,
+                "first_seq": first_seq,
+                "last_seq": last_seq,
+            },
+        }
+        self.body = orjson.dumps({"shardId": self.shard_id, "data": data})
+
+    def __repr__(self) -> str:
+        return f"GapRecord(shard {self.shard_id}, {self.count} dropped from {self.first_event_id})"
+
+
+def _split_id(event_id: str) -> tuple[str, int] | None:
+    """``shard:session:seq`` -> (session, seq); None for synthetic ids."""
+    parts = event_id.split(":")
+    if len(parts) != 3 or not parts[2].isdigit():
+        return None
+    return parts[1], int(parts[2])
+
+
+class _ShardQueue:
+    """One shard's events: ``waiting`` (FIFO) and the batch currently in flight."""
+
+    __slots__ = ("busy", "flight", "flight_gaps", "gaps", "nwait", "ready", "shard_id", "waiting")
+
+    def __init__(self, shard_id: int) -> None:
+        self.shard_id = shard_id
+        self.waiting: deque[OutEvent] = deque()
+        self.flight: list[OutEvent] = []
+        self.nwait = 0  # real (non-gap) events in waiting
+        self.gaps = 0  # gap records in waiting
+        self.flight_gaps = 0  # gap records in flight
+        self.busy = False  # a batch is taken and not fully acknowledged
+        self.ready = False  # listed in the ready queue
+
+
+class Outbox:
+    """Bounded per-shard FIFO of events between the shards and the forwarder.
+
+    Only the delivery loop should call :meth:`take`/:meth:`ack`/:meth:`release`; a shard has
+    at most one batch out at a time, which is what keeps per-shard order.
+    """
+
+    __slots__ = (
+        "_levels",
+        "_max_level",
+        "_queues",
+        "_ready",
+        "_size",
+        "dropped",
+        "gap_records",
+        "max_size",
+    )
+
+    def __init__(self, max_size: int) -> None:
+        if max_size < 1:
+            raise ValueError("max_size must be >= 1")
+        self.max_size = max_size
+        self.dropped = 0
+        self.gap_records = 0
+        self._size = 0
+        self._queues: dict[int, _ShardQueue] = {}
+        self._ready: asyncio.Queue[int] = asyncio.Queue()
+        self._levels: dict[int, set[int]] | None = None  # waiting count -> shard ids
+        self._max_level = 0
+
+    # -- producer side -------------------------------------------------------------------
+
+    def put(self, shard_id: int, event_id: str, body: bytes) -> None:
+        """Append an event for ``shard_id``; if full, drop the oldest waiting one (see module)."""
+        q = self._queues.get(shard_id)
+        if q is None:
+            q = self._queues[shard_id] = _ShardQueue(shard_id)
+        if self._size >= self.max_size:
+            self._drop_one()
+        q.waiting.append(OutEvent(event_id, body))
+        q.nwait += 1
+        self._size += 1
+        if self._levels is not None:
+            self._move(shard_id, q.nwait - 1, q.nwait)
+        if not q.busy and not q.ready:
+            q.ready = True
+            self._ready.put_nowait(shard_id)
+
+    # -- consumer side -------------------------------------------------------------------
+
+    async def next_ready(self) -> int:
+        """Wait for a shard that has waiting events and no batch in flight."""
+        while True:
+            shard_id = await self._ready.get()
+            q = self._queues[shard_id]
+            q.ready = False
+            if not q.busy and q.waiting:
+                return shard_id
+
+    def ready_nowait(self) -> int | None:
+        """Like :meth:`next_ready` without waiting; None when no shard is ready."""
+        while not self._ready.empty():
+            shard_id = self._ready.get_nowait()
+            q = self._queues[shard_id]
+            q.ready = False
+            if not q.busy and q.waiting:
+                return shard_id
+        return None
+
+    def take(self, shard_id: int, max_n: int) -> list[OutEvent]:
+        """Hand out up to ``max_n`` oldest events of a shard, in order, as its in-flight batch.
+
+        Raises:
+            RuntimeError: the shard already has a batch in flight (a delivery-loop bug).
+        """
+        q = self._queues.get(shard_id)
+        if q is None or not q.waiting:
+            return []
+        if q.busy:
+            raise RuntimeError(f"shard {shard_id} already has a batch in flight")
+        waiting = q.waiting
+        n = min(max_n, len(waiting))
+        if n == len(waiting):
+            batch = list(waiting)
+            waiting.clear()
+        else:
+            popleft = waiting.popleft
+            batch = [popleft() for _ in range(n)]
+        gaps = 0
+        if q.gaps:
+            for event in batch:
+                if type(event) is GapRecord:
+                    event.seal()
+                    gaps += 1
+            q.gaps -= gaps
+        q.flight = batch
+        q.flight_gaps = gaps
+        q.busy = True
+        old = q.nwait
+        q.nwait -= n - gaps
+        if self._levels is not None:
+            self._move(shard_id, old, q.nwait)
+        return batch
+
+    def ack(self, shard_id: int, n: int | None = None) -> None:
+        """The first ``n`` (default: all) in-flight events of a shard are done; they leave.
+
+        When the whole batch is done the shard may hand out its next batch.
+        """
+        q = self._queues[shard_id]
+        flight = q.flight
+        if n is None or n >= len(flight):
+            done, rest = flight, []
+        else:
+            done, rest = flight[:n], flight[n:]
+        gaps = 0
+        if q.flight_gaps:
+            gaps = sum(1 for event in done if type(event) is GapRecord)
+            q.flight_gaps -= gaps
+        self._size -= len(done) - gaps
+        q.flight = rest
+        if not rest:
+            self._finish(q)
+        if self._levels is not None and self._size * 2 < self.max_size:
+            self._levels = None
+
+    def release(self, shard_id: int) -> None:
+        """Give the unacknowledged in-flight events back, in order, ahead of waiting ones."""
+        q = self._queues.get(shard_id)
+        if q is None or not q.busy:
+            return
+        flight = q.flight
+        q.waiting.extendleft(reversed(flight))
+        old = q.nwait
+        q.nwait += len(flight) - q.flight_gaps
+        q.gaps += q.flight_gaps
+        q.flight, q.flight_gaps = [], 0
+        if self._levels is not None:
+            self._move(shard_id, old, q.nwait)
+        self._finish(q)
+
+    def _finish(self, q: _ShardQueue) -> None:
+        q.busy = False
+        if q.waiting and not q.ready:
+            q.ready = True
+            self._ready.put_nowait(q.shard_id)
+
+    # -- dropping ------------------------------------------------------------------------
+
+    def _drop_one(self) -> None:
+        """Drop the oldest waiting event of the fullest shard; record it in a gap record."""
+        if self._levels is None:
+            self._build_levels()
+        levels = self._levels
+        assert levels is not None
+        while self._max_level > 0 and not levels.get(self._max_level):
+            self._max_level -= 1
+        if self._max_level == 0:
+            return  # everything is in flight: tolerate the overshoot (bounded by the batches)
+        shard_id = next(iter(levels[self._max_level]))
+        q = self._queues[shard_id]
+        waiting = q.waiting
+        index = 0
+        while type(waiting[index]) is GapRecord:
+            index += 1
+        victim = waiting[index]
+        del waiting[index]
+        before = waiting[index - 1] if index else None
+        if isinstance(before, GapRecord) and not before.sealed:
+            before.count += 1
+            before.last_event_id = victim.event_id
+        else:
+            waiting.insert(index, GapRecord(shard_id, victim.event_id))
+            q.gaps += 1
+            self.gap_records += 1
+        q.nwait -= 1
+        self._size -= 1
+        self.dropped += 1
+        self._move(shard_id, q.nwait + 1, q.nwait)
+
+    def _build_levels(self) -> None:
+        levels: dict[int, set[int]] = {}
+        top = 0
+        for shard_id, q in self._queues.items():
+            if q.nwait:
+                levels.setdefault(q.nwait, set()).add(shard_id)
+                top = max(top, q.nwait)
+        self._levels, self._max_level = levels, top
+
+    def _move(self, shard_id: int, old: int, new: int) -> None:
+        levels = self._levels
+        assert levels is not None
+        if old == new:
+            return
+        if old:
+            members = levels.get(old)
+            if members is not None:
+                members.discard(shard_id)
+                if not members:
+                    del levels[old]
+        if new:
+            members = levels.get(new)
+            if members is None:
+                members = levels[new] = set()
+            members.add(shard_id)
+            self._max_level = max(self._max_level, new)
+
+    # -- introspection -------------------------------------------------------------------
+
+    @property
+    def depth(self) -> int:
+        """Events held (waiting + in flight), gap records not counted."""
+        return self._size
+
+    def __len__(self) -> int:
+        return self._size
+
+    def is_empty(self) -> bool:
+        """Nothing waiting (gap records included) and nothing in flight."""
+        return not any(q.waiting or q.flight for q in self._queues.values())
+
+    def shard_depth(self, shard_id: int) -> int:
+        """Events held for one shard (waiting + in flight)."""
+        q = self._queues.get(shard_id)
+        if q is None:
+            return 0
+        return q.nwait + len(q.flight) - q.flight_gaps
+
+    def depths(self) -> dict[int, int]:
+        """Per-shard depth, for shards that hold anything."""
+        return {sid: d for sid in self._queues if (d := self.shard_depth(sid))}
+
+    def pending(self, shard_id: int) -> Sequence[OutEvent]:
+        """A snapshot of a shard's in-flight then waiting entries, in delivery order."""
+        q = self._queues.get(shard_id)
+        if q is None:
+            return []
+        return [*q.flight, *q.waiting]
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "depth": self._size,
+            "max_size": self.max_size,
+            "dropped": self.dropped,
+            "gap_records": self.gap_records,
+            "shards": len(self._queues),
+        }

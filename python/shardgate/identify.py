@@ -1,0 +1,168 @@
+"""The identify gate: who may send IDENTIFY, and when.
+
+Discord allows one IDENTIFY per bucket (``shard_id % max_concurrency``) per 5 s, and a
+daily budget of session starts (``session_start_limit``). A shard never spaces its own
+IDENTIFYs: it asks its owner's :class:`IdentifyGate` for a permit right before sending one
+and gives it back when the outcome is known. :class:`LocalIdentifyScheduler` is the
+in-process implementation; a Redis-backed one (several processes, several machines) can
+replace it without the shard noticing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+__all__ = ["IdentifyGate", "LocalIdentifyScheduler"]
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class IdentifyGate(Protocol):
+    """Permits for IDENTIFY.
+
+    Contract: a shard calls :meth:`acquire` right before it sends IDENTIFY and, for every
+    acquire that returned, calls :meth:`release` exactly once: ``identified=True`` when
+    READY arrived, ``identified=False`` on any failure (the link dropped before or after
+    IDENTIFY went out, INVALID_SESSION, READY timeout). ``acquire`` may be cancelled
+    (the connection died while waiting); a cancelled acquire holds nothing.
+    """
+
+    async def acquire(self, shard_id: int) -> None:
+        """Wait until ``shard_id`` may send IDENTIFY."""
+        ...
+
+    def release(self, shard_id: int, *, identified: bool) -> None:
+        """The permit's outcome is known; see the class docstring."""
+        ...
+
+
+class _Bucket:
+    """One concurrency bucket: FIFO lock plus the earliest time of its next IDENTIFY."""
+
+    __slots__ = ("lock", "next_at")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.next_at = 0.0
+
+
+class LocalIdentifyScheduler:
+    """In-process :class:`IdentifyGate`.
+
+    - One IDENTIFY per bucket ``shard_id % max_concurrency`` per ``window_s``; buckets run
+      in parallel; waiters of one bucket are served first come, first served.
+    - A daily budget: ``remaining`` session starts until ``reset_after_s`` from now, then
+      ``total``. When it is spent, acquire waits for the reset (and logs it) instead of
+      letting Discord end every session and reset the token.
+
+    A permit counts as spent when it is granted, whatever the outcome: Discord may have
+    counted an IDENTIFY that failed, so spacing and budget stay conservative.
+    """
+
+    __slots__ = (
+        "_buckets",
+        "_clock",
+        "_held",
+        "_max_concurrency",
+        "_remaining",
+        "_reset_after_s",
+        "_reset_at",
+        "_total",
+        "_window",
+        "failed",
+        "granted",
+        "identified",
+    )
+
+    def __init__(
+        self,
+        max_concurrency: int = 1,
+        window_s: float = 5.0,
+        *,
+        remaining: int | None = None,
+        total: int | None = None,
+        reset_after_s: float = 86_400.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_concurrency < 1:
+            raise ValueError("max_concurrency must be >= 1")
+        if window_s < 0:
+            raise ValueError("window_s must be >= 0")
+        self._max_concurrency = max_concurrency
+        self._window = window_s
+        self._clock = clock
+        self._buckets: dict[int, _Bucket] = {}
+        self._total = total if total is not None else (remaining if remaining is not None else 0)
+        self._remaining = remaining
+        # discord.js treats reset_after 0 (single-shard bots) as 5 s; do the same.
+        self._reset_after_s = reset_after_s if reset_after_s > 0 else 5.0
+        self._reset_at = clock() + self._reset_after_s
+        self._held: set[int] = set()
+        self.granted = 0
+        self.identified = 0
+        self.failed = 0
+
+    @property
+    def max_concurrency(self) -> int:
+        return self._max_concurrency
+
+    @property
+    def remaining(self) -> int | None:
+        """Session starts left in the current window (None: no budget tracking)."""
+        return self._remaining
+
+    def bucket_of(self, shard_id: int) -> int:
+        return shard_id % self._max_concurrency
+
+    def update_budget(self, remaining: int, reset_after_s: float, total: int | None = None) -> None:
+        """Adopt a fresh ``session_start_limit`` (e.g. from a new GET /gateway/bot)."""
+        self._remaining = remaining
+        if total is not None:
+            self._total = total
+        self._reset_after_s = reset_after_s if reset_after_s > 0 else 5.0
+        self._reset_at = self._clock() + self._reset_after_s
+
+    async def _take_budget(self, shard_id: int) -> None:
+        while self._remaining is not None and self._remaining <= 0:
+            now = self._clock()
+            if now >= self._reset_at:
+                self._remaining = self._total
+                self._reset_at = now + 86_400.0
+                log.info("session start budget refilled to %d", self._total)
+                continue
+            wait = self._reset_at - now
+            log.warning(
+                "session start budget spent; shard %d waits %.1f s for the reset", shard_id, wait
+            )
+            await asyncio.sleep(wait)
+        if self._remaining is not None:
+            self._remaining -= 1
+
+    async def acquire(self, shard_id: int) -> None:
+        bucket_id = shard_id % self._max_concurrency
+        bucket = self._buckets.get(bucket_id)
+        if bucket is None:
+            bucket = self._buckets[bucket_id] = _Bucket()
+        async with bucket.lock:
+            # Re-check after waking: loop timers (uvloop: whole ms) may fire a hair early.
+            while (wait := bucket.next_at - self._clock()) > 0:  # noqa: ASYNC110
+                await asyncio.sleep(wait)
+            await self._take_budget(shard_id)
+            bucket.next_at = self._clock() + self._window
+            self._held.add(shard_id)
+            self.granted += 1
+
+    def release(self, shard_id: int, *, identified: bool) -> None:
+        if shard_id not in self._held:
+            log.warning("shard %d released an identify permit it did not hold", shard_id)
+            return
+        self._held.discard(shard_id)
+        if identified:
+            self.identified += 1
+        else:
+            self.failed += 1

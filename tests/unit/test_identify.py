@@ -1,0 +1,101 @@
+"""The local identify gate: one IDENTIFY per bucket per window, buckets in parallel, FIFO per
+bucket, and a session-start budget that waits for its reset instead of overspending."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+
+import pytest
+
+from shardgate.identify import IdentifyGate, LocalIdentifyScheduler
+
+
+async def grant_times(gate: LocalIdentifyScheduler, shard_ids: list[int]) -> dict[int, float]:
+    start = time.monotonic()
+    granted: dict[int, float] = {}
+    order: list[int] = []
+
+    async def one(shard_id: int) -> None:
+        await gate.acquire(shard_id)
+        granted[shard_id] = time.monotonic() - start
+        order.append(shard_id)
+        gate.release(shard_id, identified=True)
+
+    tasks = []
+    for shard_id in shard_ids:
+        tasks.append(asyncio.create_task(one(shard_id)))
+        await asyncio.sleep(0)  # fix the arrival order
+    await asyncio.gather(*tasks)
+    return granted
+
+
+def test_is_an_identify_gate():
+    assert isinstance(LocalIdentifyScheduler(), IdentifyGate)
+
+
+async def test_one_bucket_spaces_identifies_by_the_window_in_arrival_order():
+    gate = LocalIdentifyScheduler(max_concurrency=1, window_s=0.1)
+    granted = await grant_times(gate, [3, 0, 2, 1])
+    times = [granted[s] for s in [3, 0, 2, 1]]
+    assert times == sorted(times)  # FIFO
+    assert times[0] < 0.05
+    for earlier, later in itertools.pairwise(times):
+        assert later - earlier >= 0.095
+    assert gate.granted == 4 and gate.identified == 4
+
+
+async def test_buckets_run_in_parallel():
+    gate = LocalIdentifyScheduler(max_concurrency=2, window_s=0.2)
+    granted = await grant_times(gate, [0, 1, 2, 3])
+    # Buckets 0 and 1 start together; their second shards wait one window each.
+    assert granted[0] < 0.05 and granted[1] < 0.05
+    assert granted[2] >= 0.195 and granted[3] >= 0.195
+    assert granted[2] < 0.35 and granted[3] < 0.35
+
+
+async def test_spent_budget_waits_for_the_reset_and_logs_it(caplog):
+    gate = LocalIdentifyScheduler(
+        max_concurrency=4, window_s=0.0, remaining=2, total=10, reset_after_s=0.3
+    )
+    with caplog.at_level(logging.WARNING, logger="shardgate.identify"):
+        granted = await grant_times(gate, [0, 1, 2])
+    assert granted[0] < 0.05 and granted[1] < 0.05
+    assert granted[2] >= 0.29
+    assert gate.remaining == 9
+    assert any("budget spent" in r.getMessage() for r in caplog.records)
+
+
+async def test_cancelled_waiter_holds_nothing():
+    gate = LocalIdentifyScheduler(max_concurrency=1, window_s=0.15)
+    start = time.monotonic()
+    await gate.acquire(0)
+    waiter = asyncio.create_task(gate.acquire(1))
+    await asyncio.sleep(0.02)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    await gate.acquire(2)
+    # Shard 2 gets the slot shard 1 gave up: one window after shard 0, not two.
+    assert 0.14 <= time.monotonic() - start < 0.28
+    assert gate.granted == 2
+
+
+async def test_release_outcomes_are_counted_and_stray_release_is_harmless(caplog):
+    gate = LocalIdentifyScheduler(max_concurrency=1, window_s=0.0)
+    await gate.acquire(5)
+    gate.release(5, identified=False)
+    assert gate.failed == 1 and gate.identified == 0
+    with caplog.at_level(logging.WARNING, logger="shardgate.identify"):
+        gate.release(5, identified=True)
+    assert gate.identified == 0
+    assert any("did not hold" in r.getMessage() for r in caplog.records)
+
+
+def test_bucket_of_and_validation():
+    gate = LocalIdentifyScheduler(max_concurrency=16)
+    assert gate.bucket_of(33) == 1
+    with pytest.raises(ValueError):
+        LocalIdentifyScheduler(max_concurrency=0)

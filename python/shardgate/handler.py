@@ -58,7 +58,7 @@ from shardgate.log import setup_logging
 
 __all__ = ["EventCallback", "EventHandlerServer", "main"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("shardgate.handler")  # not __name__: also under `python -m`
 
 EventCallback = Callable[[int, dict[str, Any], str], Awaitable[None]]
 """``async def on_event(shard_id, data, event_id)``; ``data`` is the gateway payload."""

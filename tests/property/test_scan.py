@@ -1,0 +1,198 @@
+"""The scanner agrees with ``orjson.loads`` on every field it extracts.
+
+Envelopes come in any key order, with unknown keys, with ``d`` first, with nested decoys
+(``"op"``, ``"id"``, ``"t"`` keys inside ``d``, strings that look like JSON keys), with
+escaped strings and with the whitespace other serializers emit. The codec must read the
+top-level values, never a nested look-alike.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prop_strategies import DECOY_KEYS, JSON_VALUES, SNOWFLAKES, TEXT
+
+from shardgate import _native as n
+from shardgate._native import Message, ShardCodec
+
+KINDS = {
+    "READY": n.KIND_READY,
+    "RESUMED": n.KIND_RESUMED,
+    "GUILD_CREATE": n.KIND_GUILD_CREATE,
+    "GUILD_DELETE": n.KIND_GUILD_DELETE,
+    "MESSAGE_CREATE": n.KIND_MESSAGE_CREATE,
+    "MESSAGE_UPDATE": n.KIND_MESSAGE_UPDATE,
+    "MESSAGE_DELETE": n.KIND_MESSAGE_DELETE,
+}
+
+# A nested object full of look-alike keys, to be placed anywhere below the top level.
+DECOY_OBJECTS = st.dictionaries(DECOY_KEYS, JSON_VALUES, min_size=1, max_size=5)
+
+
+@st.composite
+def with_decoys(draw: st.DrawFn, fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` plus unknown keys holding decoys, in a random key order."""
+    extra = draw(
+        st.dictionaries(
+            TEXT.filter(lambda k: k not in fields),
+            DECOY_OBJECTS | st.lists(DECOY_OBJECTS, max_size=2) | JSON_VALUES,
+            max_size=3,
+        )
+    )
+    items = draw(st.permutations([*fields.items(), *extra.items()]))
+    return dict(items)
+
+
+@st.composite
+def payload_d(draw: st.DrawFn, op: int, t: str | None) -> Any:
+    """A ``d`` of the right shape for ``op``/``t``, with decoys around the real fields."""
+    if op == 10:
+        return draw(with_decoys({"heartbeat_interval": draw(st.integers(1, 2**53))}))
+    if op == 9:
+        return draw(st.booleans())
+    if op != 0:
+        return draw(JSON_VALUES)
+    if t == "READY":
+        guilds = [
+            draw(with_decoys({"id": str(g), "unavailable": True}))
+            for g in draw(st.lists(SNOWFLAKES, max_size=5))
+        ]
+        fields = {
+            "v": 10,
+            "session_id": draw(TEXT),
+            "resume_gateway_url": draw(TEXT),
+            "guilds": guilds,
+        }
+        return draw(with_decoys(fields))
+    if t in ("GUILD_CREATE", "GUILD_DELETE"):
+        fields = {"id": str(draw(SNOWFLAKES))}
+        unavailable = draw(st.sampled_from(["absent", None, True, False]))
+        if unavailable != "absent":
+            fields["unavailable"] = unavailable
+        return draw(with_decoys(fields))
+    if t in ("MESSAGE_CREATE", "MESSAGE_UPDATE", "MESSAGE_DELETE"):
+        fields = {"id": str(draw(SNOWFLAKES)), "content": draw(TEXT), "edited_timestamp": None}
+        return draw(with_decoys(fields))
+    return draw(JSON_VALUES)
+
+
+def escape_all(text: str) -> str:
+    """A JSON string literal with every character as a \\u escape (valid, never sent)."""
+    units = text.encode("utf-16-be")
+    return (
+        '"' + "".join(f"\\u{units[i]:02x}{units[i + 1]:02x}" for i in range(0, len(units), 2)) + '"'
+    )
+
+
+@st.composite
+def envelopes(draw: st.DrawFn) -> bytes:
+    op = draw(st.sampled_from([0, 0, 0, 0, 1, 7, 9, 10, 11, 3, 4242]))
+    if op == 0:
+        t: str | None = draw(st.sampled_from([*KINDS, "TYPING_START", "PRESENCE_UPDATE", ""]))
+        if not t:
+            t = draw(TEXT)
+        s: int | None = draw(st.integers(0, 2**63 - 1))
+    else:
+        t, s = None, None
+    top: dict[str, Any] = {"t": t, "s": s, "op": op, "d": draw(payload_d(op, t))}
+    if op != 0:
+        # Control ops: t and s may be null or absent; d may be absent for some.
+        for key in ("t", "s"):
+            if draw(st.booleans()):
+                del top[key]
+        if op in (1, 7, 11, 3, 4242) and draw(st.booleans()):
+            del top["d"]
+    extra = draw(st.dictionaries(TEXT.filter(lambda k: k not in top), JSON_VALUES, max_size=3))
+    items = draw(st.permutations([*top.items(), *extra.items()]))
+    style = draw(st.sampled_from(["orjson", "ascii", "spaced", "escaped_t"]))
+    parts = []
+    for key, value in items:
+        if style == "orjson":
+            parts.append(orjson.dumps(key) + b":" + orjson.dumps(value))
+        elif style == "ascii":
+            parts.append(
+                json.dumps(key).encode() + b":" + json.dumps(value, ensure_ascii=True).encode()
+            )
+        elif style == "spaced":
+            parts.append(
+                json.dumps(key).encode()
+                + b" :\n "
+                + json.dumps(value, ensure_ascii=False, indent=1).encode()
+            )
+        elif key == "t" and isinstance(value, str):
+            parts.append(b'"t":' + escape_all(value).encode())
+        else:
+            parts.append(orjson.dumps(key) + b":" + orjson.dumps(value))
+    sep = b" , " if style == "spaced" else b","
+    return b"{" + sep.join(parts) + b"}"
+
+
+def expected(payload: bytes) -> dict[str, Any]:
+    obj = orjson.loads(payload)
+    op, t, d = obj["op"], obj.get("t"), obj.get("d")
+    kind = KINDS.get(t, n.KIND_OTHER) if op == 0 else n.KIND_OTHER
+    out: dict[str, Any] = {"op": op, "seq": obj.get("s"), "t": t, "kind": kind}
+    fields = dict.fromkeys(
+        (
+            "heartbeat_interval",
+            "session_id",
+            "resume_gateway_url",
+            "guild_ids",
+            "guild_id",
+            "unavailable",
+            "resumable",
+            "message_id",
+        )
+    )
+    if op == 10:
+        fields["heartbeat_interval"] = d["heartbeat_interval"]
+    elif op == 9:
+        fields["resumable"] = d
+    elif kind == n.KIND_READY:
+        fields["session_id"] = d["session_id"]
+        fields["resume_gateway_url"] = d["resume_gateway_url"]
+        fields["guild_ids"] = [int(g["id"]) for g in d["guilds"]]
+    elif kind in (n.KIND_GUILD_CREATE, n.KIND_GUILD_DELETE):
+        fields["guild_id"] = int(d["id"])
+        fields["unavailable"] = d.get("unavailable")
+    elif kind in (n.KIND_MESSAGE_CREATE, n.KIND_MESSAGE_UPDATE, n.KIND_MESSAGE_DELETE):
+        fields["message_id"] = int(d["id"])
+    out.update(fields)
+    return out
+
+
+def observed(msg: Message) -> dict[str, Any]:
+    return {key: getattr(msg, key) for key in expected_keys}
+
+
+expected_keys = (
+    "op",
+    "seq",
+    "t",
+    "kind",
+    "heartbeat_interval",
+    "session_id",
+    "resume_gateway_url",
+    "guild_ids",
+    "guild_id",
+    "unavailable",
+    "resumable",
+    "message_id",
+)
+
+
+@settings(max_examples=250, deadline=None)
+@given(batch=st.lists(envelopes(), min_size=1, max_size=4), shard_id=st.integers(0, 4095))
+def test_scan_agrees_with_orjson(batch: list[bytes], shard_id: int) -> None:
+    codec = ShardCodec(shard_id, None, edit_filter=False)
+    for payload in batch:
+        msg = codec.feed(payload)
+        assert msg is not None
+        assert observed(msg) == expected(payload)
+        assert msg.payload == payload
+        assert orjson.loads(msg.body) == {"shardId": shard_id, "data": orjson.loads(payload)}
+        assert not msg.drop

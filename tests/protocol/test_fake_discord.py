@@ -811,3 +811,52 @@ async def test_stop_leaves_nothing_running() -> None:
     assert asyncio.all_tasks() == before
     with pytest.raises(OSError):
         await connect(fake)
+
+
+# --- robustness --------------------------------------------------------------------------
+
+
+async def test_misbehaving_clients_do_not_hurt_the_fake() -> None:
+    async with FakeDiscord(cfg(max_frame_bytes=64 * 1024, identify_window_s=0.01)) as fake:
+        huge = await connect(fake)
+        await _after_hello(fake, huge)
+        huge.send_raw(b"x" * (128 * 1024), WSMsgType.BINARY)  # over the websocket cap
+        assert await huge.closed() == 1009
+        absurd = await connect(fake)
+        await _after_hello(fake, absurd)
+        absurd.identify([0, 10**9])  # no allocation per claimed shard: READY, a guild or none
+        ready = await absurd.recv()
+        expected = [str(g) for g in fake.guild_ids if shard_of(g, 10**9) == 0]
+        assert ready["t"] == "READY" and len(expected) <= 1
+        assert [g["id"] for g in ready["d"]["guilds"]] == expected
+        for junk in (b"[]", b"1", b'"op"', b'{"op":true}', b'{"op":1.5}', b"\xff\xfe"):
+            client = await connect(fake)
+            await _after_hello(fake, client)
+            client.send_raw(junk, WSMsgType.BINARY)
+            assert await client.closed() in (4001, 4002), junk
+        await asyncio.sleep(0.01)
+        client, _ = await ready_client(fake)  # still serving
+        assert client.close_code is None
+
+
+async def test_client_echoing_1000_to_a_server_close_keeps_the_session() -> None:
+    class EchoThousand(RawClient):
+        def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+            if frame.msg_type == WSMsgType.CLOSE:
+                self.close_code = frame.get_close_code().value
+                transport.send_close(WSCloseCode.OK)
+                transport.disconnect()
+                return
+            super().on_ws_frame(transport, frame)
+
+    async with FakeDiscord(FAST) as fake:
+        _, client = await ws_connect(
+            lambda: EchoThousand("zlib-stream"),
+            fake.gateway_url + "/?v=10&encoding=json&compress=zlib-stream",
+        )
+        assert isinstance(client, EchoThousand)
+        session_id = await _ready(fake, client)
+        await fake.close(0, code=4000)
+        assert await client.closed() == 4000
+        assert fake.connections[0].close_received == 1000
+        assert not fake.sessions[session_id].ended

@@ -84,7 +84,10 @@ class FakeDiscordConfig:
             allowed per sliding window; one more -> 4008.
         resume_timeout_s: how long a session survives without a connection.
         replay_buffer_size: dispatches kept per session for RESUME; a RESUME from further
-            back than the buffer reaches gets op 9 ``d:false``.
+            back than the buffer reaches gets op 9 ``d:false``. Memory is about
+            ``sessions * size * 1 KB`` at worst.
+        record_dispatches: keep a :class:`DispatchRecord` per dispatch per session (for
+            loss/duplicate accounting); long benchmarks may turn it off to save memory.
         split_frame_bytes: if set, every server message is cut into frames of at most this
             many bytes (after compression).
         split_mode: ``"continuation"`` sends the pieces as one websocket message
@@ -122,7 +125,8 @@ class FakeDiscordConfig:
     rate_limit_count: int = 120
     rate_limit_window_s: float = 60.0
     resume_timeout_s: float = 180.0
-    replay_buffer_size: int = 100_000
+    replay_buffer_size: int = 20_000
+    record_dispatches: bool = True
     split_frame_bytes: int | None = None
     split_mode: SplitMode = "continuation"
     compression_level: int = 6

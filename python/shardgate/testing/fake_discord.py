@@ -244,7 +244,7 @@ class FakeDiscord:
         self.rest_url = ""
         self._live: dict[int, GatewayConnection] = {}
         self._routing: dict[int, dict[int, list[FakeSession]]] = {}
-        self._guilds_by_count: dict[int, list[list[int]]] = {}
+        self._guilds_by_count: dict[int, dict[int, list[int]]] = {}
         self._guild_create_json: dict[int, bytes] = {}
         self._generator = payloads.PayloadGenerator(seed=0)
         self._event_id = 0
@@ -403,7 +403,14 @@ class FakeDiscord:
             record.outcome = outcome
             log.debug("IDENTIFY [%d, %d] refused: %s", shard_id, num_shards, outcome)
             return None
-        session = FakeSession(shard_id, num_shards, intents, self.config.replay_buffer_size, now)
+        session = FakeSession(
+            shard_id,
+            num_shards,
+            intents,
+            self.config.replay_buffer_size,
+            now,
+            recording=self.config.record_dispatches,
+        )
         session.connection = conn
         record.session_id = session.session_id
         self.sessions[session.session_id] = session
@@ -458,11 +465,13 @@ class FakeDiscord:
         """The configured guilds Discord routes to ``[shard_id, num_shards]``."""
         split = self._guilds_by_count.get(num_shards)
         if split is None:
-            split = [[] for _ in range(num_shards)]
+            # Keyed by shard id, not a list of num_shards entries: a client may claim
+            # [0, 10**9] shards and must get 4010/4011 or READY, not an allocation.
+            split = {}
             for guild_id in self.guild_ids:
-                split[shard_of(guild_id, num_shards)].append(guild_id)
+                split.setdefault(shard_of(guild_id, num_shards), []).append(guild_id)
             self._guilds_by_count[num_shards] = split
-        return split[shard_id]
+        return split.get(shard_id, [])
 
     def session_start_limit(self) -> dict[str, int]:
         """The current ``session_start_limit`` (what ``GET /gateway/bot`` returns)."""
@@ -774,6 +783,8 @@ class FakeDiscord:
         conn = self._targets(shard_id, num_shards, session_id)[0]
         session = conn.session
         assert session is not None and conn.transport is not None
+        if conn.hold is not None:
+            raise RuntimeError(f"a blast is already running on connection #{conn.conn_id}")
         guilds = self.guilds_of(session.shard_id, session.num_shards) or list(self.guild_ids)
         events = list(payloads.mixed_stream(seed, n, guilds, guild_create_rate=0.0))
         conn.hold = []

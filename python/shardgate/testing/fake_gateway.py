@@ -339,7 +339,9 @@ class GatewayConnection(WSListener):
 
     def _on_client_close(self, code: int) -> None:
         self.record.close_received = code
-        if code in (1000, 1001) and self.session is not None:
+        # Only a close the client starts ends the session: echoing our own close frame
+        # with 1000 (as many clients do) must not turn a resumable close into an end.
+        if code in (1000, 1001) and self.session is not None and not self.closing:
             self.session.end(f"client closed with {code}")
         self._detach(self.loop.time())
         self.closing = True

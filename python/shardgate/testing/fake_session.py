@@ -118,6 +118,7 @@ class FakeSession:
         "intents",
         "num_shards",
         "ready",
+        "recording",
         "replay",
         "resumes",
         "seq",
@@ -126,7 +127,14 @@ class FakeSession:
     )
 
     def __init__(
-        self, shard_id: int, num_shards: int, intents: int, replay_size: int, now: float
+        self,
+        shard_id: int,
+        num_shards: int,
+        intents: int,
+        replay_size: int,
+        now: float,
+        *,
+        recording: bool = True,
     ) -> None:
         self.session_id = secrets.token_hex(16)
         self.shard_id = shard_id
@@ -142,6 +150,7 @@ class FakeSession:
         self.end_reason: str | None = None
         self.ready = False
         self.resumes = 0
+        self.recording = recording
 
     def __repr__(self) -> str:
         state = "ended" if self.ended else ("attached" if self.connection else "detached")
@@ -155,10 +164,11 @@ class FakeSession:
         self.seq += 1
         message = envelope(t, self.seq, d_json)
         self.replay.append((self.seq, message))
-        conn = self.connection
-        self.dispatches.append(
-            DispatchRecord(self.seq, t, event_id, guild_id, conn.conn_id if conn else None)
-        )
+        if self.recording:
+            conn = self.connection
+            self.dispatches.append(
+                DispatchRecord(self.seq, t, event_id, guild_id, conn.conn_id if conn else None)
+            )
         return message
 
     def routes(self, guild_id: int | None) -> bool:
@@ -188,7 +198,7 @@ class FakeSession:
 
     def record_for(self, seq: int) -> DispatchRecord | None:
         """The record of ``seq`` (records are dense from 1, so this is an index)."""
-        if 1 <= seq <= len(self.dispatches):
+        if self.recording and 1 <= seq <= len(self.dispatches):
             return self.dispatches[seq - 1]
         return None
 

@@ -18,6 +18,7 @@ import pytest
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 from shardgate._native import Inflater
+from shardgate.errors import ConfigError
 from shardgate.testing.fake_discord import (
     FakeDiscord,
     FakeDiscordConfig,
@@ -860,3 +861,28 @@ async def test_client_echoing_1000_to_a_server_close_keeps_the_session() -> None
         assert await client.closed() == 4000
         assert fake.connections[0].close_received == 1000
         assert not fake.sessions[session_id].ended
+
+
+@pytest.mark.parametrize("query", ["compress=brotli", "encoding=etf", "encoding=xml"])
+async def test_unsupported_encoding_or_compression_is_refused_at_upgrade(query: str) -> None:
+    async with FakeDiscord(FAST) as fake, aiohttp.ClientSession() as http:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(f"{fake.gateway_url}/?v=10&{query}")
+        assert refused.value.status == 400
+        assert fake.connections == []
+
+
+def test_config_validation_names_the_key_and_overrides_apply() -> None:
+    with pytest.raises(ConfigError, match="heartbeat_interval_ms"):
+        FakeDiscordConfig(heartbeat_interval_ms=0)
+    with pytest.raises(ConfigError, match="allowed_intents"):
+        FakeDiscordConfig(allowed_intents=1 << 0)
+    with pytest.raises(ConfigError, match="session_start_remaining"):
+        FakeDiscordConfig(session_start_total=5, session_start_remaining=6)
+    fake = FakeDiscord(FAST, guilds=(3 << 22, 4 << 22), shards=2)
+    assert fake.config.shards == 2 and fake.guild_ids == (3 << 22, 4 << 22)
+    assert fake.guilds_of(1, 2) == [3 << 22] and fake.guilds_of(0, 2) == [4 << 22]
+    assert TOKEN not in repr(fake.config)
+    assert len(set(generate_guild_ids(1_000))) == 1_000
+    per_shard = [len(FakeDiscord(guilds=12).guilds_of(s, 4)) for s in range(4)]
+    assert per_shard == [3, 3, 3, 3]

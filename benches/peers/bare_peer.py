@@ -1,0 +1,193 @@
+"""Benchmark baselines: minimal gateway clients with no library around them.
+
+``--client picows-zlib``: picows + one ``zlib.decompressobj`` per connection + ``orjson``;
+per message: join frames until ``00 00 ff ff``, inflate, ``orjson.loads``, count op 0.
+This is the floor a pure-Python shard on picows can reach.
+``--client aiohttp-zlib``: the same on an aiohttp websocket (what hikari and discord.py use).
+``--client picows-drain``: receives and counts complete messages without inflating anything
+after HELLO: it measures what the fake can deliver, the ceiling of the benchmark.
+
+No heartbeats are sent (the benchmark's heartbeat interval is far longer than a run).
+Runs in either venv: it needs picows, aiohttp, orjson and uvloop only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+import zlib
+from typing import Any
+
+import _common
+import aiohttp
+import orjson
+from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+
+SYNC_FLUSH = b"\x00\x00\xff\xff"
+
+
+def identify(token: str, shard_id: int, shard_count: int) -> bytes:
+    return orjson.dumps(
+        {
+            "op": 2,
+            "d": {
+                "token": token,
+                "intents": _common.INTENTS,
+                "properties": {"os": "linux", "browser": "bench", "device": "bench"},
+                "shard": [shard_id, shard_count],
+            },
+        }
+    )
+
+
+def gateway_query(url: str, compression: str) -> str:
+    sep = "&" if "?" in url else "?"
+    return f"{url}{sep}v=10&encoding=json&compress={compression}"
+
+
+class PicowsClient(WSListener):  # type: ignore[misc]
+    """One connection; ``drain`` counts messages without inflating them."""
+
+    def __init__(
+        self, token: str, shard_id: int, shard_count: int, hit: Any, ready: Any, drain: bool
+    ) -> None:
+        self.token = token
+        self.shard_id = shard_id
+        self.shard_count = shard_count
+        self.hit = hit
+        self.ready = ready
+        self.drain = drain
+        self.inflater = zlib.decompressobj()
+        self.buffer = bytearray()
+        self.messages = 0
+        self.transport: WSTransport | None = None
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if frame.msg_type == WSMsgType.CLOSE:
+            transport.disconnect()
+            return
+        data = frame.get_payload_as_bytes()
+        if not data.endswith(SYNC_FLUSH):
+            self.buffer += data
+            return
+        if self.buffer:
+            self.buffer += data
+            data = bytes(self.buffer)
+            self.buffer.clear()
+        self.messages += 1
+        if self.drain and self.messages > 1:
+            self.hit()  # every message after HELLO is a dispatch in the blast setup
+            return
+        msg = orjson.loads(self.inflater.decompress(data))
+        op = msg["op"]
+        if op == 0:
+            if msg["t"] == "READY":
+                self.ready()
+            self.hit()
+        elif op == 10:
+            transport.send(WSMsgType.TEXT, identify(self.token, self.shard_id, self.shard_count))
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.transport = None
+
+
+async def aiohttp_client(
+    session: aiohttp.ClientSession,
+    url: str,
+    token: str,
+    shard_id: int,
+    shard_count: int,
+    hit: Any,
+    ready: Any,
+) -> None:
+    """The same loop as ``PicowsClient`` on aiohttp's websocket."""
+    inflater = zlib.decompressobj()
+    async with session.ws_connect(url, max_msg_size=0, autoclose=False) as ws:
+        buffer = bytearray()
+        async for message in ws:
+            if message.type != aiohttp.WSMsgType.BINARY:
+                return
+            data: bytes = message.data
+            if not data.endswith(SYNC_FLUSH):
+                buffer += data
+                continue
+            if buffer:
+                buffer += data
+                data = bytes(buffer)
+                buffer.clear()
+            msg = orjson.loads(inflater.decompress(data))
+            op = msg["op"]
+            if op == 0:
+                if msg["t"] == "READY":
+                    ready()
+                hit()
+            elif op == 10:
+                await ws.send_bytes(identify(token, shard_id, shard_count))
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    if args.compression != "zlib-stream":
+        raise SystemExit("the bare clients speak zlib-stream only")
+    url = gateway_query(args.gateway_url, args.compression)
+    kind = args.client
+    n = 1 if args.mode == "throughput" else args.shards
+    meter = _common.Meter(args.skip, args.events) if args.mode == "throughput" else None
+    hit = meter.hit if meter is not None else _noop
+    ready_count = 0
+    all_ready = asyncio.Event()
+
+    def ready() -> None:
+        nonlocal ready_count
+        ready_count += 1
+        if ready_count == n:
+            all_ready.set()
+
+    session: aiohttp.ClientSession | None = None
+    if kind == "aiohttp-zlib":
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+    baseline = _common.idle_measure_baseline()
+    t0 = time.perf_counter()
+    keep: list[Any] = []
+    if kind.startswith("picows"):
+        drain = kind == "picows-drain"
+        for i in range(n):
+            keep.append(
+                await ws_connect(
+                    lambda i=i: PicowsClient(args.token, i, args.shard_count, hit, ready, drain),
+                    url,
+                )
+            )
+    else:
+        assert session is not None
+        for i in range(n):
+            keep.append(
+                asyncio.create_task(
+                    aiohttp_client(session, url, args.token, i, args.shard_count, hit, ready)
+                )
+            )
+    if meter is not None:
+        await meter.done.wait()
+        result = meter.result()
+        result.update(_common.proc_status_kib())
+        return result
+    if kind == "picows-drain":
+        raise SystemExit("picows-drain has no idle mode")
+    await all_ready.wait()
+    connect_s = time.perf_counter() - t0
+    return await _common.idle_settle_and_measure(baseline, n, args.settle, connect_s)
+
+
+def _noop() -> None:
+    return None
+
+
+if __name__ == "__main__":
+    p = _common.parser(__doc__ or "")
+    p.add_argument(
+        "--client", default="picows-zlib", choices=["picows-zlib", "picows-drain", "aiohttp-zlib"]
+    )
+    _common.run(main, __doc__ or "", p)

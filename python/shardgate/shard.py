@@ -254,12 +254,13 @@ class _Connection(WSListener):
 class Shard:
     """One gateway shard: connects, stays connected, and hands every dispatch to a handler.
 
-    Replaceable behaviours (plain methods; override in a subclass or assign on the
-    instance) and their contracts:
+    Replaceable behaviours (plain methods, overridden in a subclass) and their contracts:
 
     - ``on_dispatch(message)``: every dispatch (READY and RESUMED included), synchronously,
-      in order. Default: ``dispatch_handler(shard, message)`` if one was given. Must not
-      block; exceptions are logged and counted, never fatal.
+      in order. Default: calls ``self.dispatch_handler(shard, message)`` (a constructor
+      argument and a plain attribute, replaceable at any time; the class has ``__slots__``,
+      so methods cannot be swapped on an instance). Must not block: queue slow work.
+      Exceptions are logged and counted (``handler_errors``), never fatal.
     - ``handle_payload(message)``: control ops (10 HELLO, 11 ACK, 1, 7, 9, others).
     - ``heartbeat()``: send op 1 with the last seq now (counts in the send window).
     - ``identify_payload()`` / ``resume_payload()``: build the op 2 / op 6 payloads.
@@ -279,16 +280,15 @@ class Shard:
         "_attempt",
         "_codec",
         "_conn",
-        "_dispatch_handler",
         "_done",
         "_gate",
         "_gateway_url",
         "_heartbeat_task",
         "_intents",
+        "_jitter",
         "_limiter",
         "_log",
         "_opts",
-        "_random",
         "_resume_url",
         "_send_lock",
         "_sendable",
@@ -302,6 +302,7 @@ class Shard:
         "acks",
         "commands_sent",
         "decode_errors",
+        "dispatch_handler",
         "dispatches",
         "dropped",
         "fatal_error",
@@ -331,6 +332,7 @@ class Shard:
         session_id: str | None = None,
         seq: int = 0,
         resume_url: str | None = None,
+        jitter: Callable[[], float] | None = None,
     ) -> None:
         if not 0 <= shard_id < shard_count:
             raise ValueError(f"shard_id {shard_id} is not within 0..{shard_count - 1}")
@@ -343,7 +345,7 @@ class Shard:
         self._gate: IdentifyGate = (
             identify_gate if identify_gate is not None else LocalIdentifyScheduler()
         )
-        self._dispatch_handler = dispatch_handler
+        self.dispatch_handler = dispatch_handler
         self._codec = ShardCodec(
             shard_id,
             opts.compression,
@@ -353,7 +355,7 @@ class Shard:
         )
         self._limiter = SendLimiter(opts.send_limit, opts.send_window_s)
         self._log = shard_logger(__name__, shard_id)
-        self._random: Callable[[], float] = random.random
+        self._jitter: Callable[[], float] = jitter if jitter is not None else random.random
         self._session_id = session_id
         self._seq = seq
         self._resume_url = resume_url
@@ -541,7 +543,7 @@ class Shard:
         opts = self._opts
         n = self._attempt
         self._attempt = n + 1
-        return min(opts.backoff_cap_s, opts.backoff_base_s * (2.0 ** min(n, 30))) * self._random()
+        return min(opts.backoff_cap_s, opts.backoff_base_s * (2.0 ** min(n, 30))) * self._jitter()
 
     def connect_url(self, resume: bool) -> str:
         """The URL of the next connection: resume URL when resuming, else the gateway URL."""
@@ -692,7 +694,7 @@ class Shard:
         asyncio.get_running_loop().call_later(self._opts.close_timeout_s, _abort, conn)
 
     async def _heartbeat_loop(self, conn: _Connection, interval_s: float) -> None:
-        await asyncio.sleep(interval_s * self._random())
+        await asyncio.sleep(interval_s * self._jitter())
         while not conn.closed.done() and self._conn is conn:
             if not conn.acked:
                 self.zombies += 1
@@ -724,7 +726,7 @@ class Shard:
 
     def on_dispatch(self, message: Message) -> None:
         """Every dispatch, in order; default: the ``dispatch_handler`` given at construction."""
-        handler = self._dispatch_handler
+        handler = self.dispatch_handler
         if handler is not None:
             handler(self, message)
 

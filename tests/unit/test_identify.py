@@ -37,7 +37,7 @@ def test_is_an_identify_gate():
 
 
 async def test_one_bucket_spaces_identifies_by_the_window_in_arrival_order():
-    gate = LocalIdentifyScheduler(max_concurrency=1, window_s=0.1)
+    gate = LocalIdentifyScheduler(max_concurrency=1, window_s=0.1, margin_s=0.0)
     granted = await grant_times(gate, [3, 0, 2, 1])
     times = [granted[s] for s in [3, 0, 2, 1]]
     assert times == sorted(times)  # FIFO
@@ -48,7 +48,7 @@ async def test_one_bucket_spaces_identifies_by_the_window_in_arrival_order():
 
 
 async def test_buckets_run_in_parallel():
-    gate = LocalIdentifyScheduler(max_concurrency=2, window_s=0.2)
+    gate = LocalIdentifyScheduler(max_concurrency=2, window_s=0.2, margin_s=0.0)
     granted = await grant_times(gate, [0, 1, 2, 3])
     # Buckets 0 and 1 start together; their second shards wait one window each.
     assert granted[0] < 0.05 and granted[1] < 0.05
@@ -69,7 +69,7 @@ async def test_spent_budget_waits_for_the_reset_and_logs_it(caplog):
 
 
 async def test_cancelled_waiter_holds_nothing():
-    gate = LocalIdentifyScheduler(max_concurrency=1, window_s=0.15)
+    gate = LocalIdentifyScheduler(max_concurrency=1, window_s=0.15, margin_s=0.0)
     start = time.monotonic()
     await gate.acquire(0)
     waiter = asyncio.create_task(gate.acquire(1))
@@ -99,3 +99,11 @@ def test_bucket_of_and_validation():
     assert gate.bucket_of(33) == 1
     with pytest.raises(ValueError):
         LocalIdentifyScheduler(max_concurrency=0)
+
+
+async def test_default_margin_pads_the_window_against_arrival_jitter():
+    gate = LocalIdentifyScheduler(max_concurrency=1, window_s=0.1)
+    granted = await grant_times(gate, [0, 1])
+    # 50 ms margin (the floor): the second IDENTIFY cannot reach Discord inside the window
+    # even if the first one was delayed on the way.
+    assert granted[1] - granted[0] >= 0.145

@@ -44,6 +44,7 @@ __all__ = [
     "HttpForwarder",
     "RejectedError",
     "RetryableError",
+    "create_forwarder",
     "is_retryable_status",
 ]
 
@@ -170,6 +171,7 @@ class Delivery:
                 await self._deliver(shard_id)
             except Exception:  # a bug here must not stop delivery for every shard
                 log.exception("delivery of shard %d failed; its batch goes back", shard_id)
+                await asyncio.sleep(self.backoff_max)
             finally:
                 # On cancellation the unacknowledged rest goes back, in order.
                 outbox.release(shard_id)
@@ -322,3 +324,25 @@ class AiohttpForwarder:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def create_forwarder(
+    mode: str,
+    url: str,
+    secret: str,
+    *,
+    timeout: float = 10.0,
+    max_connections: int = 64,
+) -> Forwarder:
+    """The forwarder for a ``forward_mode``: ``"http"`` (the lean client for ``http://``,
+    aiohttp's for ``https://``) or ``"websocket"`` (``http(s)``/``ws(s)`` URLs alike)."""
+    if mode == "websocket":
+        # Imported here: forward_ws imports this module for the error types.
+        from shardgate.forward_ws import WebsocketForwarder  # noqa: PLC0415
+
+        return WebsocketForwarder(url, secret, timeout=timeout)
+    if mode != "http":
+        raise ValueError(f"unknown forward mode {mode!r}")
+    if url.startswith("http://"):
+        return HttpForwarder(url, secret, max_connections=max_connections, timeout=timeout)
+    return AiohttpForwarder(url, secret, max_connections=max_connections, timeout=timeout)

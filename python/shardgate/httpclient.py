@@ -51,7 +51,9 @@ class _Connection(asyncio.Protocol):
         "_until_close",
         "closed",
         "deadline",
+        "got_bytes",
         "transport",
+        "used",
         "waiter",
     )
 
@@ -60,6 +62,8 @@ class _Connection(asyncio.Protocol):
         self.waiter: asyncio.Future[int] | None = None
         self.deadline = 0.0
         self.closed = False
+        self.used = 0  # requests written on this connection
+        self.got_bytes = False  # any answer bytes for the current request
         self._buf = bytearray()
         self._head_done = False
         self._status = 0
@@ -85,6 +89,7 @@ class _Connection(asyncio.Protocol):
             # Unsolicited bytes: the stream is out of step; never reuse it.
             self.abort()
             return
+        self.got_bytes = True
         self._buf += data
         try:
             self._parse()
@@ -100,6 +105,8 @@ class _Connection(asyncio.Protocol):
         waiter = asyncio.get_running_loop().create_future()
         self.waiter = waiter
         self.deadline = deadline
+        self.used += 1
+        self.got_bytes = False
         self._head_done = False
         self._buf.clear()
         self.transport.write(data)
@@ -287,18 +294,29 @@ class HttpPool:
         self.closed = False
 
     async def post(self, extra_head: bytes, body: bytes) -> int:
-        """POST ``body``; ``extra_head`` is pre-encoded header lines, each ending in CRLF."""
-        conn = await self._acquire()
-        ok = False
-        try:
-            loop = self._loop
-            assert loop is not None
-            data = b"%s%sContent-Length: %d\r\n\r\n%s" % (self._prefix, extra_head, len(body), body)
-            status = await conn.request(data, loop.time() + self._timeout)
-            ok = True
-            return status
-        finally:
-            self._release(conn, ok)
+        """POST ``body``; ``extra_head`` is pre-encoded header lines, each ending in CRLF.
+
+        A kept-alive connection the server closed while idle fails without a byte of
+        answer; that one case is retried at once on a fresh connection (as browsers and
+        aiohttp do) instead of surfacing as a handler outage.
+        """
+        data = b"%s%sContent-Length: %d\r\n\r\n%s" % (self._prefix, extra_head, len(body), body)
+        while True:
+            conn = await self._acquire()
+            reused = conn.used > 0
+            ok = False
+            try:
+                assert self._loop is not None
+                status = await conn.request(data, self._loop.time() + self._timeout)
+                ok = True
+                return status
+            except HttpTimeout:
+                raise
+            except HttpConnectionError:
+                if not reused or conn.got_bytes:
+                    raise
+            finally:
+                self._release(conn, ok)
 
     async def _acquire(self) -> _Connection:
         if self.closed:

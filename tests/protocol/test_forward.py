@@ -22,6 +22,7 @@ from shardgate.forward import (
     HttpForwarder,
     RejectedError,
     RetryableError,
+    create_forwarder,
 )
 from shardgate.forward_ws import WebsocketForwarder
 from shardgate.handler import EventHandlerServer
@@ -202,6 +203,19 @@ async def test_http_client_reads_length_chunked_and_close_delimited_answers():
         statuses = [await pool.post(b"", b"{}") for _ in range(5)]
         await pool.close()
     assert statuses == [200, 201, 204, 503, 202]
+
+
+async def test_http_client_retries_once_when_a_kept_alive_connection_was_closed():
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    # The 2nd request meets a server that hangs up (its keep-alive ran out): sent again on a
+    # fresh connection, answered there. A fresh connection that hangs up is an error.
+    async with raw_server([ok, b"", ok, b""]) as port:
+        pool = HttpPool(f"http://127.0.0.1:{port}/", max_connections=1, timeout=2)
+        assert await pool.post(b"", b"{}") == 200
+        assert await pool.post(b"", b"{}") == 200
+        with pytest.raises(HttpConnectionError):
+            await pool.post(b"", b"{}")
+        await pool.close()
 
 
 async def test_http_client_errors_are_clean():
@@ -574,3 +588,33 @@ async def test_forwarder_errors_carry_progress():
             await forwarder.send(0, batch)
         assert (rejected.value.delivered, rejected.value.rejected) == (1, 1)
         await forwarder.close()
+
+
+async def test_stopping_delivery_gives_in_flight_events_back_in_order():
+    outbox = Outbox(100)
+    for seq in range(6):
+        put(outbox, 0, seq)
+    forwarder = make_forwarder("lean", free_port())  # nobody listens: the batch is retried
+    delivery = Delivery(outbox, forwarder, batch_size=4, backoff_base=0.05)
+    async with delivery:
+        await asyncio.sleep(0.2)
+        assert delivery.retries >= 1
+    await forwarder.close()
+    assert outbox.depth == 6
+    assert [e.event_id for e in outbox.pending(0)] == [f"0:sess:{s}" for s in range(6)]
+    recorder = Recorder()
+    async with EventHandlerServer(recorder, SECRET, port=0) as server:
+        forwarder = make_forwarder("websocket", server.port)
+        async with Delivery(outbox, forwarder) as delivery:  # a new loop picks them up
+            assert await delivery.drain(5)
+        await forwarder.close()
+    assert recorder.seqs(0) == list(range(6))
+
+
+def test_create_forwarder_picks_the_client_by_mode_and_scheme():
+    assert isinstance(create_forwarder("http", "http://h/e", SECRET), HttpForwarder)
+    assert isinstance(create_forwarder("http", "https://h/e", SECRET), AiohttpForwarder)
+    ws = create_forwarder("websocket", "https://h/e", SECRET)
+    assert isinstance(ws, WebsocketForwarder) and ws.url == "wss://h/e"
+    with pytest.raises(ValueError):
+        create_forwarder("carrier-pigeon", "http://h/e", SECRET)

@@ -102,6 +102,44 @@ def test_python_zlib_stream_decodes() -> None:
     assert [m.payload for m in got] == msgs
 
 
+# HELLO frames as Discord's servers sent them, captured in twilight-gateway's compression
+# tests (src/compression/zlib.rs and zstd.rs): bytes from the real compressors.
+CAPTURED_ZLIB_HELLO = bytes.fromhex(
+    "789c34c9410a83301005d0bbfc755262a9207315233235431b8851e2d85242eede6eba7bf02a1494cf94"
+    "0c8e3fb61dd4398300aa780a17bd0beb1cb34a797102ddba6bfffb590b2f021a317a3c58e5cd1fbb9760"
+    "578ed90efd103c4cf558e352b6c383dcc5b509536b5f000000ffff"
+)
+CAPTURED_ZSTD_HELLO = bytes.fromhex(
+    "28b52ffd00406403004207191c7089737428d0cb55ffa74a4b7ecbdee7ff9712d3d4ab9097d2ff330431"
+    "2247620224fd7a8d63cbe10ba22f85f106c952f55bcef7a4e29c5c6c827b0b5fc70f3db3759d1c254140"
+    "19fab608c7cd2c492f13da2d1b0ef5ca51527aa77947ad3d8cbe0f030100244a12"
+)
+
+
+@pytest.mark.parametrize(
+    ("compression", "frame", "host"),
+    [
+        ("zlib-stream", CAPTURED_ZLIB_HELLO, "gateway-prd-main-858d"),
+        ("zstd-stream", CAPTURED_ZSTD_HELLO, "gateway-prd-us-east1-c-7s4x"),
+    ],
+)
+def test_captured_discord_frames(compression: str, frame: bytes, host: str) -> None:
+    expected = (
+        b'{"t":null,"s":null,"op":10,"d":{"heartbeat_interval":41250,"_trace":["[\\"'
+        + host.encode()
+        + b'\\",{\\"micros\\":0.0}]"]}}'
+    )
+    codec = ShardCodec(0, compression)  # type: ignore[arg-type]
+    # Whole, and cut at every offset into two frames of one websocket message.
+    msg = codec.feed(frame)
+    assert msg is not None and msg.payload == expected and msg.heartbeat_interval == 41_250
+    for cut in range(1, len(frame)):
+        codec.reset()
+        assert codec.feed(frame[:cut], fin=False) is None
+        msg = codec.feed(frame[cut:])
+        assert msg is not None and msg.payload == expected
+
+
 @pytest.mark.parametrize("compression", COMPRESSIONS)
 def test_many_messages_on_one_context(compression: str | None) -> None:
     events = list(pl.mixed_stream(11, 300, GUILDS, guild_create_rate=0.01))

@@ -255,6 +255,34 @@ def test_inflater_matches_codec_payloads() -> None:
     assert Inflater(None).feed(b"x", fin=False) is None
 
 
+def test_inflater_errors_and_buffers() -> None:
+    frames = compress_all("zlib-stream", [pl.HEARTBEAT_ACK] * 4)
+    inf = Inflater("zlib-stream")
+    assert inf.feed(bytearray(frames[0])) == pl.HEARTBEAT_ACK
+    assert inf.feed(memoryview(frames[1])) == pl.HEARTBEAT_ACK
+    small = Inflater("zlib-stream", max_message_size=16)
+    with pytest.raises(MessageTooLarge):
+        small.feed(frames[0])
+    with pytest.raises(CompressionError):
+        Inflater("zstd-stream").feed(b"definitely not zstd")
+    with pytest.raises(CompressionError):
+        inf.feed(b"\xff" * 8 + SUFFIX)
+    inf.reset()
+    assert inf.feed(compress_all("zlib-stream", [pl.HEARTBEAT_ACK])[0]) == pl.HEARTBEAT_ACK
+
+
+@pytest.mark.parametrize("level", [1, 9, 19])
+def test_compressor_levels(level: int) -> None:
+    payloads = [pl.dispatch(t, s, d) for s, (t, d) in enumerate(pl.mixed_stream(4, 50, GUILDS), 1)]
+    for compression in ("zlib-stream", "zstd-stream"):
+        if compression == "zlib-stream" and level > 9:
+            continue
+        comp = StreamCompressor(compression, level)  # type: ignore[arg-type]
+        codec = ShardCodec(0, compression)  # type: ignore[arg-type]
+        got = feed_all(codec, [comp.compress(p) for p in payloads])
+        assert [m.payload for m in got] == payloads
+
+
 # --- Message fields ---------------------------------------------------------------------------
 
 NONE_FIELDS = (

@@ -242,3 +242,26 @@ def test_standalone_module_runs_and_refuses_without_secret():
         output, _ = proc.communicate(timeout=10)
     assert b"shard 5: TYPING_START (seq 42, id 5:s:42)" in output
     assert SECRET.encode() not in output
+
+
+@pytest.mark.parametrize("mode", ["http", "websocket"])
+async def test_large_guild_create_bodies_pass(mode):
+    # GUILD_CREATEs of big guilds run to megabytes; aiohttp's 1 MB/4 MB defaults must not apply.
+    members = [{"user": {"id": str(i), "username": "x" * 40}} for i in range(40_000)]
+    data = {"t": "GUILD_CREATE", "s": 1, "op": 0, "d": {"id": "1", "members": members}}
+    big = orjson.dumps({"shardId": 0, "data": data})
+    assert len(big) > 3_000_000
+    calls = Calls()
+    async with EventHandlerServer(calls, SECRET, port=0) as server:
+        outbox = Outbox(10)
+        outbox.put(0, "0:s:1", big)
+        outbox.put(0, "0:s:2", big)
+        url = f"http://127.0.0.1:{server.port}/"
+        forwarder = (
+            HttpForwarder(url, SECRET) if mode == "http" else WebsocketForwarder(url, SECRET)
+        )
+        async with Delivery(outbox, forwarder) as delivery:
+            assert await delivery.drain(10)
+        await forwarder.close()
+    assert calls.ids() == ["0:s:1", "0:s:2"]
+    assert calls.calls[0][1] == data

@@ -172,6 +172,7 @@ class _Connection(WSListener):
         "dead",
         "feed",
         "hello",
+        "pending_close",
         "permit",
         "plan",
         "shard",
@@ -193,6 +194,7 @@ class _Connection(WSListener):
         self.close_code: int | None = None
         self.close_reason = ""
         self.dead = False
+        self.pending_close: int | None = None
         self.permit = False
         self.acked = True
         self.beat_sent_at = 0.0
@@ -582,14 +584,23 @@ class Shard:
                         max_frame_size=opts.max_message_size,
                         read_buffer_init_size=opts.read_buffer_size,
                         enable_auto_ping=False,
-                        logger_name=self._log.logger,
+                        # picows logs raw inbound data at level 9: keep it off our logger.
+                        logger_name="shardgate.shard",
                     )
             except (OSError, WSError, TimeoutError) as exc:
                 self._log.warning("connect to %s failed: %s", _redact_url(url), exc)
                 return conn.plan
-            if self._log.isEnabledFor(logging.DEBUG):
+            if conn.pending_close is not None:  # stop() or op 7 arrived during the handshake
+                self._close(conn, conn.pending_close, conn.action or conn.plan)
+            elif self._log.isEnabledFor(logging.DEBUG):
                 self._log.debug("connected to %s", _redact_url(url))
-            return await self._drive(conn, resume)
+            try:
+                return await self._drive(conn, resume)
+            except Exception:
+                # A bug (ours or an override's) must cost one reconnect, not the shard.
+                self._log.exception("unexpected error on the connection; reconnecting")
+                self._close(conn, RESUME_CLOSE_CODE, conn.plan)
+                return await self._finish(conn)
         finally:
             conn.dead = True
             self._conn = None
@@ -686,7 +697,10 @@ class Shard:
             conn.action = action
         conn.dead = True
         transport = conn.transport
-        if transport is None or conn.closed.done():
+        if transport is None:
+            conn.pending_close = code  # still connecting: closed as soon as the handshake ends
+            return
+        if conn.closed.done():
             return
         if not transport.is_close_frame_sent:
             transport.send_close(WSCloseCode(code))

@@ -649,3 +649,36 @@ async def test_unchanged_message_updates_are_counted_not_dispatched(fake):
     assert shard.dropped == 1
     assert shard.dispatches == len(session.dispatches) - 1
     await stopped(shard)
+
+
+async def test_resume_of_an_unknown_session_falls_back_to_identify(fake):
+    recorder = Recorder()
+    shard = make_shard(
+        fake, recorder, session_id="no-such-session", seq=41, resume_url=fake.resume_gateway_url
+    )
+    await running(shard)
+    # Tried RESUME on the resume URL, got op 9 false, identified on the gateway URL.
+    assert fake.connections[0].url == fake.resume_gateway_url
+    assert 6 in fake.connections[0].ops_received()
+    assert fake.connections[-1].url == fake.gateway_url
+    assert len(fake.identify_times()) == 1
+    session = await fake.wait_ready(0)
+    assert shard.session_id == session.session_id
+    await until(lambda: shard.seq == session.seq)
+    assert_exactly_once(recorder, session)
+    await stopped(shard)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.001, 0.01])
+async def test_stop_while_connecting_returns_promptly(delay):
+    # Neither the shard (HELLO timeout 20 s) nor the fake (heartbeat timeout 15 s) would end
+    # the connection soon: a stop lost during the handshake would hang here.
+    async with FakeDiscord(dataclasses.replace(FAST, heartbeat_interval_ms=10_000)) as fake:
+        shard = make_shard(fake, options=dataclasses.replace(OPTS, hello_timeout_s=20.0))
+        task = shard.start()
+        await asyncio.sleep(delay)
+        await asyncio.wait_for(shard.stop(), 1.0)
+        assert task.done()
+        assert shard.status is ShardState.STOPPED
+        with pytest.raises(ShardClosed):
+            await shard.send({"op": 3, "d": None})

@@ -40,6 +40,13 @@ from typing import Any
 import aiohttp
 import orjson
 import uvloop
+from picows import WSListener, WSMsgType, WSUpgradeRequest, ws_create_server
+
+from shardgate.forward import AiohttpForwarder, Delivery, HttpForwarder
+from shardgate.forward_ws import WebsocketForwarder
+from shardgate.handler import EventHandlerServer
+from shardgate.queue import Outbox
+from shardgate.testing.payloads import dispatch, guild_ids_for_shards, mixed_stream
 
 SECRET = "bench-secret"
 
@@ -76,8 +83,6 @@ class _MiniHttp(asyncio.Protocol):
 def serve(kind: str, port: int) -> None:
     async def main() -> None:
         if kind == "shardgate":
-            from shardgate.handler import EventHandlerServer
-
             async def on_event(shard_id: int, data: dict[str, Any], event_id: str) -> None:
                 return None
 
@@ -87,8 +92,6 @@ def serve(kind: str, port: int) -> None:
             loop = asyncio.get_running_loop()
             await loop.create_server(_MiniHttp, "127.0.0.1", port)
         else:
-            from picows import WSListener, WSMsgType, WSUpgradeRequest, ws_create_server
-
             class Acker(WSListener):  # type: ignore[misc]
                 def on_ws_frame(self, transport: Any, frame: Any) -> None:
                     if frame.msg_type is not WSMsgType.BINARY:
@@ -112,8 +115,6 @@ def serve(kind: str, port: int) -> None:
 
 
 def make_bodies(count: int) -> list[bytes]:
-    from shardgate.testing.payloads import dispatch, guild_ids_for_shards, mixed_stream
-
     guilds = guild_ids_for_shards(16, 20, seed=1)
     bodies = []
     for seq, (t, d) in enumerate(mixed_stream(42, count, guilds), 1):
@@ -141,10 +142,6 @@ async def peer_aiohttp(port: int, bodies: list[bytes], n: int) -> None:
 
 async def run_once(mode: str, port: int, bodies: list[bytes], ids: list[str], shards: int,
                    ws_batch: int) -> tuple[float, float]:
-    from shardgate.forward import AiohttpForwarder, Delivery, HttpForwarder
-    from shardgate.forward_ws import WebsocketForwarder
-    from shardgate.queue import Outbox
-
     n = len(ids)
     url = f"http://127.0.0.1:{port}/"
     cpu0, wall0 = time.process_time(), time.perf_counter()

@@ -38,7 +38,7 @@ OPS = st.one_of(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150)
 @given(ops=st.lists(OPS, min_size=1, max_size=40), data=st.data())
 def test_filter_matches_model(
     ops: list[tuple[str, int, str, str | None]], data: st.DataObject

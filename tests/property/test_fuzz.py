@@ -45,7 +45,7 @@ def assert_recovers(codec: ShardCodec, compression: str | None) -> None:
         assert msg is not None and msg.payload == message
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=120)
 @given(
     compression=COMPRESSIONS,
     frames=st.lists(st.tuples(st.binary(max_size=300), st.booleans()), min_size=1, max_size=8),
@@ -78,7 +78,7 @@ def mutated_stream(draw: st.DrawFn, compression: str | None) -> list[tuple[bytes
     return [(bytes(f), True) for f in frames]
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=120)
 @given(data=st.data(), compression=COMPRESSIONS)
 def test_mutated_streams(data: st.DataObject, compression: str | None) -> None:
     frames = data.draw(mutated_stream(compression))

@@ -146,7 +146,7 @@ def test_mixed_stream_mix() -> None:
     assert unfurls > 0.03 * len(events)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=15)
 @given(seed=st.integers(0, 2**63), n=st.integers(1, 300), shards=st.integers(1, 8))
 def test_mixed_stream_invariants(seed: int, n: int, shards: int) -> None:
     gids = pl.guild_ids_for_shards(shards, 2, seed=seed)

@@ -85,25 +85,25 @@ def check_stream(compression: str | None, messages: list[bytes], data: st.DataOb
     assert stats["errors"] == 0
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(messages=gateway_messages(), data=st.data())
 def test_zlib_roundtrip(messages: list[bytes], data: st.DataObject) -> None:
     check_stream("zlib-stream", messages, data)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(messages=gateway_messages(), data=st.data())
 def test_zstd_roundtrip(messages: list[bytes], data: st.DataObject) -> None:
     check_stream("zstd-stream", messages, data)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40)
 @given(messages=gateway_messages(), data=st.data())
 def test_plain_roundtrip(messages: list[bytes], data: st.DataObject) -> None:
     check_stream(None, messages, data)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40)
 @given(messages=gateway_messages(), data=st.data())
 def test_inflater_roundtrip(messages: list[bytes], data: st.DataObject) -> None:
     for compression in ("zlib-stream", "zstd-stream"):

@@ -185,7 +185,7 @@ expected_keys = (
 )
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(batch=st.lists(envelopes(), min_size=1, max_size=4), shard_id=st.integers(0, 4095))
 def test_scan_agrees_with_orjson(batch: list[bytes], shard_id: int) -> None:
     codec = ShardCodec(shard_id, None, edit_filter=False)

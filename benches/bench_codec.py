@@ -6,6 +6,7 @@ is compressed once per transport the way Discord sends it (one websocket message
 gateway message, a shared stream context), then decoded by:
 
   (a) python   zlib.decompressobj + orjson.loads of every message (what a Python gateway does)
+  (a+)         (a) plus orjson.dumps of the forward body: the same work as (d), in Python
   (b) zlib     Python zlib inflate alone, no parse
   (c) inflate  shardgate Inflater.feed alone (the floor: transport decompression only)
   (d) codec    shardgate ShardCodec.feed (inflate + scan + edit filter + forward body)
@@ -75,6 +76,23 @@ def case_python(frames: list[bytes]) -> int:
             continue
         obj = loads(d.decompress(buf))
         buf.clear()
+        n += obj["op"] == 0
+    return n
+
+
+def case_python_body(frames: list[bytes]) -> int:
+    """(a) plus what (d) also does: build the forward body ``{"shardId":0,"data":...}``."""
+    d = zlib.decompressobj()
+    loads, dumps = orjson.loads, orjson.dumps
+    buf = bytearray()
+    n = 0
+    for frame in frames:
+        buf += frame
+        if buf[-4:] != SUFFIX:
+            continue
+        obj = loads(d.decompress(buf))
+        buf.clear()
+        dumps({"shardId": 0, "data": obj})
         n += obj["op"] == 0
     return n
 
@@ -151,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cases: dict[str, tuple[Callable[[list[bytes]], int], list[bytes]]] = {
         "zlib (a) python zlib+orjson.loads": (case_python, zlib_frames),
+        "zlib (a+) python + dumps(body)": (case_python_body, zlib_frames),
         "zlib (b) python zlib inflate": (case_zlib, zlib_frames),
         "zlib (c) Inflater.feed": (case_inflate("zlib-stream"), zlib_frames),
         "zlib (d) ShardCodec.feed": (case_codec("zlib-stream"), zlib_frames),
@@ -160,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     expect = {
         "zlib (a) python zlib+orjson.loads": dispatches,
+        "zlib (a+) python + dumps(body)": dispatches,
         "zlib (b) python zlib inflate": raw_bytes,
         "zlib (c) Inflater.feed": raw_bytes,
         "zlib (d) ShardCodec.feed": dispatches,

@@ -4,9 +4,11 @@ A contender and the fake must not share a core or an interpreter, so each benchm
 starts one of these. It prints one line ``READY {json}`` with its URLs, then:
 
 * ``--mode blast``: waits for the first session to be READY, sends it ``--events``
-  realistic dispatches with :meth:`FakeDiscord.blast` (precompressed with the connection's
-  own stream compressor before the clock starts, then written as fast as the socket takes
-  them), prints ``BLAST {json}`` with its own send rate, and exits when the client has gone.
+  realistic dispatches, precompressed with the connection's own stream compressor before
+  the clock starts, then written as fast as the socket takes them (``--writer coalesced``,
+  the default: frames joined into 256 KiB writes, see :func:`coalesced_blast`;
+  ``--writer fake``: :meth:`FakeDiscord.blast`, one ``send`` per event), prints
+  ``BLAST {json}`` with its own send rate, and exits when the client has gone.
 * ``--mode idle``: serves ``--shards`` sessions (long heartbeat interval, no identify
   spacing, ``--guilds-per-shard`` GUILD_CREATEs of ``--guild-create-bytes`` each after
   READY) until its stdin closes, printing ``SESSIONS n`` whenever asked with a line on stdin.
@@ -20,15 +22,20 @@ import argparse
 import asyncio
 import json
 import logging
+import struct
 import sys
+import time
 from typing import Any
 
+import orjson
 import uvloop
 
-from shardgate.testing.fake_discord import FakeDiscord, FakeDiscordConfig
+from shardgate.testing import payloads
+from shardgate.testing.fake_discord import FakeDiscord, FakeDiscordConfig, FakeSession
 
 TOKEN = "fake-bot-token"
 HEARTBEAT_MS = 600_000  # far longer than any run: idle shards exchange nothing
+CHUNK_BYTES = 256 * 1024
 
 
 def say(tag: str, payload: Any) -> None:
@@ -57,6 +64,7 @@ def config(args: argparse.Namespace) -> FakeDiscordConfig:
             # The blast is numbered and buffered like any dispatch; keep the buffer small so
             # the fake does not hold the whole run in memory.
             replay_buffer_size=1_000,
+            record_dispatches=False,
             guild_create_bytes=args.guild_create_bytes,
         )
     return FakeDiscordConfig(
@@ -69,25 +77,111 @@ def config(args: argparse.Namespace) -> FakeDiscordConfig:
         max_concurrency=max(1, args.shards),
         session_start_total=max(1000, 2 * args.shards),
         replay_buffer_size=16,
+        record_dispatches=False,
         max_guilds_per_shard=2500,
     )
 
 
+def ws_frame(payload: bytes) -> bytes:
+    """One unmasked server websocket frame (FIN, binary) around ``payload``."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x82, n)) + payload
+    if n < 1 << 16:
+        return bytes((0x82, 126)) + struct.pack("!H", n) + payload
+    return bytes((0x82, 127)) + struct.pack("!Q", n) + payload
+
+
+async def coalesced_blast(
+    session: FakeSession, n: int, seed: int, guilds: list[int], drain_timeout_s: float
+) -> dict[str, Any]:
+    """:meth:`FakeDiscord.blast`, but with the frames built at prepare time and written in
+    256 KiB chunks.
+
+    The stock blast calls ``transport.send`` once per event; the blast events are ~120
+    bytes on the wire, so that per-call cost capped the fake near 280k events/s, about
+    what shardgate reads: the fake was the bottleneck. Same events (same generator, seed
+    and mix), numbered by the session and compressed by the connection's own stream like
+    any dispatch; other dispatches for the connection are held meanwhile, as in blast().
+    """
+    conn = session.connection
+    assert conn is not None and conn.transport is not None and conn.hold is None
+    events = payloads.mixed_stream(seed, n, guilds, guild_create_rate=0.0)
+    conn.hold = []
+    started = time.perf_counter()
+    raw_bytes = wire_bytes = 0
+    chunks: list[bytes] = []
+    counts: list[int] = []
+    pending: list[bytes] = []
+    pending_bytes = 0
+    try:
+        for t, d in events:
+            message = session.add(t, orjson.dumps(d), 0, None)
+            raw_bytes += len(message)
+            frame = ws_frame(conn.compress(message))
+            pending.append(frame)
+            pending_bytes += len(frame)
+            if pending_bytes >= CHUNK_BYTES:
+                chunks.append(b"".join(pending))
+                counts.append(len(pending))
+                pending, pending_bytes = [], 0
+        if pending:
+            chunks.append(b"".join(pending))
+            counts.append(len(pending))
+        prepared = time.perf_counter()
+        underlying = conn.transport.underlying_transport
+        sent = 0
+        for chunk, count in zip(chunks, counts, strict=True):
+            if not conn.writable.is_set():
+                await conn.writable.wait()
+            if conn.closing:
+                break
+            underlying.write(chunk)
+            sent += count
+            wire_bytes += len(chunk)
+        async with asyncio.timeout(drain_timeout_s):
+            while not conn.closing and underlying.get_write_buffer_size() > 0:  # noqa: ASYNC110
+                await asyncio.sleep(0.0005)
+        finished = time.perf_counter()
+    finally:
+        held, conn.hold = conn.hold, None
+        for message in held or ():
+            conn.send_message(message)
+    send_s = finished - prepared
+    return {
+        "writer": "coalesced",
+        "events": sent,
+        "raw_bytes": raw_bytes,
+        "wire_bytes": wire_bytes,
+        "prepare_s": prepared - started,
+        "send_s": send_s,
+        "events_per_s": sent / send_s if send_s > 0 else float("inf"),
+        "wire_mib_per_s": wire_bytes / (1 << 20) / send_s if send_s > 0 else float("inf"),
+    }
+
+
 async def blast(fake: FakeDiscord, args: argparse.Namespace, watchdog: asyncio.Task[None]) -> None:
     session = await fake.wait_ready(0, timeout_s=args.timeout)
-    result = await fake.blast(args.events, shard_id=0, seed=args.seed, drain_timeout_s=args.timeout)
-    say(
-        "BLAST",
-        {
-            "events": result.events,
-            "raw_bytes": result.raw_bytes,
-            "wire_bytes": result.wire_bytes,
-            "prepare_s": result.prepare_s,
-            "send_s": result.send_s,
-            "events_per_s": result.events_per_s,
-            "wire_mib_per_s": result.wire_mib_per_s,
-        },
-    )
+    if args.writer == "coalesced" and fake.config.split_frame_bytes is None:
+        guilds = fake.guilds_of(session.shard_id, session.num_shards) or list(fake.guild_ids)
+        say("BLAST", await coalesced_blast(session, args.events, args.seed, guilds, args.timeout))
+    else:
+        result = await fake.blast(
+            args.events, shard_id=0, seed=args.seed, drain_timeout_s=args.timeout
+        )
+        say(
+            "BLAST",
+            {
+                "writer": "fake.blast",
+                "events": result.events,
+                "raw_bytes": result.raw_bytes,
+                "wire_bytes": result.wire_bytes,
+                "prepare_s": result.prepare_s,
+                "send_s": result.send_s,
+                "events_per_s": result.events_per_s,
+                "wire_mib_per_s": result.wire_mib_per_s,
+            },
+        )
     # The client exits once it has counted the blast; wait for its connection to go.
     await fake.wait_for(
         lambda: session.connection is None or watchdog.done(), timeout_s=args.timeout
@@ -132,4 +226,10 @@ if __name__ == "__main__":
     p.add_argument("--guilds-per-shard", type=int, default=1, help="idle mode")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument(
+        "--writer",
+        choices=["coalesced", "fake"],
+        default="coalesced",
+        help="blast with frames joined into 256 KiB writes, or with FakeDiscord.blast()",
+    )
     uvloop.run(main(p.parse_args()))

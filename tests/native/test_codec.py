@@ -228,8 +228,8 @@ def test_buffer_reused_between_fragments(compression: str | None) -> None:
     assert msg is not None and msg.payload == payload
 
 
-@pytest.mark.parametrize("compression", ["zlib-stream", "zstd-stream"])
-def test_reset_starts_a_new_connection(compression: str) -> None:
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_reset_starts_a_new_connection(compression: str | None) -> None:
     first = compress_all(compression, [pl.HEARTBEAT_ACK, pl.dispatch("RESUMED", 5, pl.resumed())])
     codec = ShardCodec(0, compression)
     feed_all(codec, first[:1])

@@ -121,6 +121,8 @@ class Delivery:
         self.rejected = 0
         self.retries = 0
         self._failing_since: float | None = None
+        self._rejection_logged_at = -1e9
+        self._rejected_unlogged = 0
 
     async def __aenter__(self) -> Delivery:
         self.start()
@@ -186,12 +188,10 @@ class Delivery:
                 await send(shard_id, batch)
             except RejectedError as exc:
                 done = min(len(batch), exc.delivered + max(1, exc.rejected))
+                refused = done - exc.delivered
                 self.delivered += exc.delivered
-                self.rejected += done - exc.delivered
-                log.error(
-                    "event handler rejected %d event(s) of shard %d (first %s): %s; not retried",
-                    done - exc.delivered, shard_id, batch[exc.delivered].event_id, exc,
-                )
+                self.rejected += refused
+                self._log_rejection(shard_id, batch[exc.delivered].event_id, refused, exc)
                 outbox.ack(shard_id, done)
                 batch = batch[done:]
                 attempt = 0
@@ -215,6 +215,18 @@ class Delivery:
             if self._failing_since is not None:
                 self._note_recovery()
             return
+
+    def _log_rejection(self, shard_id: int, event_id: str, count: int, exc: Exception) -> None:
+        """One line per rejection, but at most one per 10 s (a wrong secret rejects all)."""
+        now = time.monotonic()
+        self._rejected_unlogged += count
+        if now - self._rejection_logged_at < 10.0:
+            return
+        log.error(
+            "event handler rejected %d event(s) (latest: shard %d, first %s): %s; not retried",
+            self._rejected_unlogged, shard_id, event_id, exc,
+        )
+        self._rejection_logged_at, self._rejected_unlogged = now, 0
 
     def _note_failure(self, exc: BaseException) -> None:
         if self._failing_since is None:

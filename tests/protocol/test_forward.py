@@ -320,7 +320,7 @@ async def test_4xx_is_not_retried_and_is_counted(kind, caplog):
     assert seen == ["0:sess:0", "0:sess:1", "0:sess:2", "0:sess:3"]
     assert (delivery.delivered, delivery.rejected, delivery.retries) == (3, 1, 0)
     assert outbox.is_empty()
-    assert "rejected 1 event(s) of shard 0 (first 0:sess:1)" in caplog.text
+    assert "rejected 1 event(s) (latest: shard 0, first 0:sess:1): HTTP 422" in caplog.text
 
 
 # -- overflow ---------------------------------------------------------------------------
@@ -551,7 +551,7 @@ async def test_websocket_missing_ack_times_out_and_retries():
 
 
 @pytest.mark.parametrize("kind", ALL_KINDS)
-async def test_bad_secret_is_rejected_and_nothing_is_delivered(kind):
+async def test_bad_secret_is_rejected_and_nothing_is_delivered(kind, caplog):
     recorder = Recorder()
     async with EventHandlerServer(recorder, SECRET, port=0) as server:
         outbox = Outbox(100)
@@ -564,6 +564,8 @@ async def test_bad_secret_is_rejected_and_nothing_is_delivered(kind):
         assert server.unauthorized >= 1
     assert recorder.calls == []
     assert delivery.rejected == 3 and delivery.delivered == 0
+    # Rejections are logged, but not one line per event.
+    assert caplog.text.count("event handler rejected") == 1
 
 
 async def test_forwarder_errors_carry_progress():

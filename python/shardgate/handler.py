@@ -24,6 +24,8 @@ Embedded::
     async def on_event(shard_id: int, data: dict, event_id: str) -> None:
         if data["t"] == "MESSAGE_CREATE":
             print(shard_id, data["d"]["content"])
+        elif data["t"] == "SHARDGATE_GAP":  # the gateway's outbox overflowed
+            print(f"shard {shard_id} lost {data['d']['dropped']} events")
 
     async with EventHandlerServer(on_event, secret="s3cret", port=8081) as server:
         await server.serve_forever()
@@ -34,6 +36,11 @@ Standalone (the secret comes from the environment, never from the command line):
         --port 8081 --callback mybot.events:on_event
 
 Without ``--callback`` it logs one line per event.
+
+Besides Discord's dispatches the bot may receive gap records: when the gateway's bounded
+outbox was full, the oldest events of a shard were dropped and one dispatch
+``{"op":0,"t":"SHARDGATE_GAP","s":null,"d":{"dropped":N,"first_event_id":...,...}}``
+stands in their place (see :data:`shardgate.queue.GAP_EVENT`).
 """
 
 from __future__ import annotations

@@ -620,3 +620,33 @@ def test_create_forwarder_picks_the_client_by_mode_and_scheme():
     assert isinstance(ws, WebsocketForwarder) and ws.url == "wss://h/e"
     with pytest.raises(ValueError):
         create_forwarder("carrier-pigeon", "http://h/e", SECRET)
+
+
+@pytest.mark.parametrize("kind", HTTP_KINDS)
+async def test_http_one_request_per_shard_in_flight_shards_side_by_side(kind):
+    in_flight: dict[int, int] = {}
+    most_per_shard = 0
+    most_overall = 0
+
+    async def slow(request: web.Request) -> web.Response:
+        nonlocal most_per_shard, most_overall
+        shard = orjson.loads(await request.read())["shardId"]
+        in_flight[shard] = in_flight.get(shard, 0) + 1
+        most_per_shard = max(most_per_shard, in_flight[shard])
+        most_overall = max(most_overall, sum(in_flight.values()))
+        await asyncio.sleep(0.003)
+        in_flight[shard] -= 1
+        return web.Response()
+
+    async with web_server(slow) as port:
+        outbox = Outbox(1000)
+        for seq in range(20):
+            for shard in range(8):
+                put(outbox, shard, seq)
+        forwarder = make_forwarder(kind, port)
+        async with Delivery(outbox, forwarder, concurrency=8, batch_size=5) as delivery:
+            assert await delivery.drain(10)
+        await forwarder.close()
+    assert delivery.delivered == 160
+    assert most_per_shard == 1
+    assert most_overall > 1

@@ -334,10 +334,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         description=f"Receive shardgate events (HTTP or websocket); the secret is read from "
         f"${SECRET_ENV}.",
     )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8081)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8081, help="port to listen on")
     parser.add_argument("--callback", help="module:function, an async on_event(shard, data, id)")
-    parser.add_argument("--retry-on-error", action="store_true")
+    parser.add_argument(
+        "--retry-on-error",
+        action="store_true",
+        help="answer 500 when the callback raises, so the gateway sends the event again",
+    )
     args = parser.parse_args(argv)
     secret = os.environ.get(SECRET_ENV, "")
     if not secret:

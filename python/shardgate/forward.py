@@ -6,7 +6,7 @@ handler has acknowledged it. :class:`Delivery` drives forwarders from an
 
 - per shard at most one batch in flight (that is the per-shard order); shards run side by
   side up to ``concurrency`` batches at once;
-- a retryable failure (refused connection, timeout, 5xx, 408/429) keeps the batch in flight
+- a retryable failure (refused connection, timeout, 5xx, 401/403/408/429) keeps the batch in flight
   and retries it with exponential backoff and jitter until the handler is back, so the
   shard's events resume in their original order; new events wait in the outbox, which
   drops (and reports) only when full;
@@ -71,9 +71,15 @@ class RejectedError(ForwardError):
         self.rejected = rejected
 
 
+RETRYABLE_4XX = frozenset((401, 403, 408, 429))
+"""4xx answers that may pass later: 408/429 by their meaning, 401/403 because a wrong or
+rotated secret is an operator's mistake that gets fixed, and dropping every event until
+then would be the silent loss the outbox exists to prevent."""
+
+
 def is_retryable_status(status: int) -> bool:
-    """5xx, 408 (timeout) and 429 (slow down) may pass later; other 4xx never will."""
-    return status >= 500 or status in (408, 429)
+    """5xx and :data:`RETRYABLE_4XX` may pass later; other 4xx (a bad event) never will."""
+    return status >= 500 or status in RETRYABLE_4XX
 
 
 class Forwarder(Protocol):

@@ -3,8 +3,8 @@
 Framing (all frames are JSON, so any language can be the receiving side):
 
 - Upgrade: ``GET <handler url>`` with ``Authorization: <event_handler_secret>``; the
-  handler answers 401 to a wrong secret (the forwarder then treats the batch as rejected,
-  like an HTTP 4xx).
+  handler answers 401 to a wrong secret (retried with backoff like an HTTP 401: the
+  events wait until the secrets match; other 4xx reject the batch).
 - Gateway -> handler, one binary frame per batch of one shard::
 
       {"batch":<int>,"shard":<int>,"ids":["<event id>",...],"events":[<body>,<body>,...]}
@@ -45,7 +45,7 @@ from picows import (
     ws_connect,
 )
 
-from shardgate.forward import RejectedError, RetryableError
+from shardgate.forward import RejectedError, RetryableError, is_retryable_status
 from shardgate.queue import OutEvent
 
 __all__ = ["WebsocketForwarder", "websocket_url"]
@@ -187,7 +187,7 @@ class WebsocketForwarder:
             return await asyncio.shield(connecting)
         except WSHandshakeError as exc:
             status = exc.response.status if exc.response is not None else 0
-            if 400 <= status < 500 and status not in (408, 429):
+            if 400 <= status < 500 and not is_retryable_status(status):
                 message = f"websocket upgrade refused: HTTP {status}"
                 raise RejectedError(message, 0, batch_len) from None
             raise RetryableError(f"websocket upgrade failed: {exc}") from None

@@ -8,6 +8,10 @@ bounded LRU of handled ids, so a redelivery after a lost ack is not handled twic
 awaits the bot's callback ``on_event(shard_id, data, event_id)``. It acknowledges only
 after the callback returned, so if the bot dies first the gateway delivers again.
 
+A GUILD_CREATE's envelope carries ``"guildState"`` (``loaded``, ``joined``, ``available``
+or ``known``, see :class:`shardgate.cache.GuildState`); the handler copies it into ``data``
+so ``on_event`` sees ``data["guildState"]`` beside ``data["d"]``.
+
 If ``on_event`` raises, the error is logged and the event counts as handled: one bad
 event must not block its shard forever. With ``retry_on_error=True`` the handler instead
 answers 500 (HTTP) or acknowledges only the events before it (websocket), and the
@@ -84,6 +88,9 @@ def _split_body(event: object) -> tuple[int, dict[str, Any]]:
     shard_id, data = event.get("shardId"), event.get("data")
     if type(shard_id) is not int or not isinstance(data, dict):
         raise _BadEvent('body must be {"shardId": <int>, "data": <object>}')
+    guild_state = event.get("guildState")
+    if guild_state is not None:
+        data["guildState"] = guild_state
     return shard_id, data
 
 

@@ -551,21 +551,28 @@ async def test_websocket_missing_ack_times_out_and_retries():
 
 
 @pytest.mark.parametrize("kind", ALL_KINDS)
-async def test_bad_secret_is_rejected_and_nothing_is_delivered(kind, caplog):
+async def test_bad_secret_keeps_events_waiting_until_the_secret_is_fixed(kind, caplog):
+    """A 401 is an operator's mistake, not a bad event: dropping would lose everything."""
     recorder = Recorder()
     async with EventHandlerServer(recorder, SECRET, port=0) as server:
         outbox = Outbox(100)
         for seq in range(3):
             put(outbox, 0, seq)
         forwarder = make_forwarder(kind, server.port, secret="wrong-secret")
-        async with Delivery(outbox, forwarder) as delivery:
-            assert await delivery.drain(5)
+        async with Delivery(outbox, forwarder, backoff_base=0.01, backoff_max=0.05) as delivery:
+            assert not await delivery.drain(0.5)
         await forwarder.close()
-        assert server.unauthorized >= 1
-    assert recorder.calls == []
-    assert delivery.rejected == 3 and delivery.delivered == 0
-    # Rejections are logged, but not one line per event.
-    assert caplog.text.count("event handler rejected") == 1
+        assert server.unauthorized >= 2
+        assert recorder.calls == []
+        assert delivery.rejected == 0 and delivery.retries >= 2
+        assert outbox.depth == 3
+        # The operator fixes the secret (here: a new forwarder); the events were kept.
+        fixed = make_forwarder(kind, server.port)
+        async with Delivery(outbox, fixed) as delivery:
+            assert await delivery.drain(5)
+        await fixed.close()
+    assert recorder.seqs(0) == [0, 1, 2]
+    assert "wrong-secret" not in caplog.text
 
 
 async def test_forwarder_errors_carry_progress():

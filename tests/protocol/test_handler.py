@@ -265,3 +265,18 @@ async def test_large_guild_create_bodies_pass(mode):
         await forwarder.close()
     assert calls.ids() == ["0:s:1", "0:s:2"]
     assert calls.calls[0][1] == data
+
+
+async def test_guild_state_from_the_envelope_reaches_the_bot():
+    calls = Calls()
+    envelope = (
+        b'{"guildState":"joined","shardId":2,'
+        b'"data":{"t":"GUILD_CREATE","s":5,"op":0,"d":{"id":"41771983423143937"}}}'
+    )
+    async with EventHandlerServer(calls, SECRET, port=0) as server:
+        status, _ = await post(server.port, envelope, Authorization=SECRET)
+    assert status == 200
+    shard_id, data, _event_id = calls.calls[0]
+    assert shard_id == 2
+    assert data["guildState"] == "joined"
+    assert data["d"] == {"id": "41771983423143937"}

@@ -245,22 +245,6 @@ fn kind_of(buf: &[u8], op: i64, s: &Scan) -> Kind {
     }
 }
 
-/// Byte classes for the structural skip.
-const C_NONE: u8 = 0;
-const C_QUOTE: u8 = 1;
-const C_OPEN: u8 = 2;
-const C_CLOSE: u8 = 3;
-
-static CLASS: [u8; 256] = {
-    let mut t = [C_NONE; 256];
-    t[b'"' as usize] = C_QUOTE;
-    t[b'{' as usize] = C_OPEN;
-    t[b'[' as usize] = C_OPEN;
-    t[b'}' as usize] = C_CLOSE;
-    t[b']' as usize] = C_CLOSE;
-    t
-};
-
 struct Parser<'a> {
     b: &'a [u8],
     i: usize,
@@ -465,63 +449,123 @@ impl<'a> Parser<'a> {
         }
     }
 
-    /// Skips an object or array starting at `self.i` by matching brackets outside strings.
+    /// Skips an object or array starting at `self.i` (an opening bracket).
+    #[inline]
     fn skip_container(&mut self) -> Result<()> {
-        // One bit per level: 1 = object, 0 = array.
+        self.walk::<false>(&mut |_, _| Ok(()))
+    }
+
+    /// Skips an object or array starting at `self.i` (an opening bracket) by matching
+    /// brackets outside strings, 64 bytes at a time: the block's quote, backslash and
+    /// bracket bitmasks give the in-string mask by a prefix XOR (as in simdjson), so
+    /// only the structural characters are visited one by one.
+    ///
+    /// With `KEYS`, `on_key(key, value)` is called with the raw key and the offset of the
+    /// value for every key of the outermost object; it reads the value on its own.
+    fn walk<const KEYS: bool>(
+        &mut self,
+        on_key: &mut impl FnMut(&'a [u8], usize) -> Result<()>,
+    ) -> Result<()> {
+        let b = self.b;
         let mut stack = [0u64; MAX_DEPTH / 64];
         let mut depth = 0usize;
-        let b = self.b;
-        let mut i = self.i;
-        loop {
-            let Some(&c) = b.get(i) else {
-                return Err(Error::payload(
-                    b.len(),
-                    "a closing '}' or ']' (truncated message)",
-                ));
+        let mut prev_escaped = 0u64;
+        let mut prev_in_string = 0u64;
+        let mut pos = self.i;
+        let mut tail = [b' '; 64];
+        while pos < b.len() {
+            let block: &[u8; 64] = if let Some(full) = b.get(pos..pos + 64) {
+                full.try_into()
+                    .map_err(|_| Error::payload(pos, "a full block"))?
+            } else {
+                let rest = &b[pos..];
+                tail[..rest.len()].copy_from_slice(rest);
+                &tail
             };
-            match CLASS[c as usize] {
-                C_NONE => i += 1,
-                C_QUOTE => {
-                    self.i = i;
-                    self.string()?;
-                    i = self.i;
-                }
-                C_OPEN => {
-                    if depth == MAX_DEPTH {
-                        return Err(Error::payload(i, "nesting at most 1024 levels deep"));
+            let m = block_masks(block);
+            let escaped = find_escaped(m.backslash, &mut prev_escaped);
+            let quotes = m.quote & !escaped;
+            let in_string = prefix_xor(quotes) ^ prev_in_string;
+            prev_in_string = 0u64.wrapping_sub(in_string >> 63);
+            let mut brackets = (m.open | m.close) & !in_string;
+            let colons = if KEYS { m.colon & !in_string } else { 0 };
+            // Depth only changes at brackets, so the colons of the outermost object are
+            // those between brackets while the depth is 1.
+            let mut from = 0u32;
+            loop {
+                let next = brackets.trailing_zeros();
+                if KEYS && depth == 1 && stack[0] & 1 != 0 {
+                    let mut keys = colons & bits_between(from, next);
+                    while keys != 0 {
+                        let bit = keys.trailing_zeros();
+                        keys &= keys - 1;
+                        let at = pos + bit as usize;
+                        // Compact JSON: the key's quotes are the last two real quotes
+                        // before the colon, usually in this block.
+                        let before = quotes & bits_between(0, bit);
+                        let key = if bit > 0 && before >> (bit - 1) == 1 && before.count_ones() >= 2
+                        {
+                            let open = (before & !(1u64 << (bit - 1))).ilog2();
+                            &b[pos + open as usize + 1..at - 1]
+                        } else {
+                            key_at(b, at)
+                        };
+                        let mut v = at + 1;
+                        while matches!(b.get(v), Some(b' ' | b'\n' | b'\r' | b'\t')) {
+                            v += 1;
+                        }
+                        on_key(key, v)?;
                     }
-                    let bit = 1u64 << (depth % 64);
-                    if c == b'{' {
-                        stack[depth / 64] |= bit;
+                }
+                if next == 64 {
+                    break;
+                }
+                brackets &= brackets - 1;
+                from = next + 1;
+                let bit = next as usize;
+                let at = pos + bit;
+                let is_brace = block[bit] & 0x20 != 0; // '{' and '}' have bit 5 set, '[' and ']' do not.
+                if m.open & (1u64 << bit) != 0 {
+                    if depth == MAX_DEPTH {
+                        return Err(Error::payload(at, "nesting at most 1024 levels deep"));
+                    }
+                    let word = &mut stack[depth / 64];
+                    let flag = 1u64 << (depth % 64);
+                    if is_brace {
+                        *word |= flag;
                     } else {
-                        stack[depth / 64] &= !bit;
+                        *word &= !flag;
                     }
                     depth += 1;
-                    i += 1;
-                }
-                _ => {
-                    if depth == 0 {
-                        return Err(Error::payload(i, "a value, not a closing bracket"));
-                    }
+                } else {
                     depth -= 1;
                     let is_obj = stack[depth / 64] & (1u64 << (depth % 64)) != 0;
-                    if is_obj != (c == b'}') {
-                        return Err(Error::payload(
-                            i,
-                            if is_obj {
-                                "'}' to close an object"
-                            } else {
-                                "']' to close an array"
-                            },
-                        ));
+                    if is_obj != is_brace {
+                        let what = if is_obj {
+                            "'}' to close an object"
+                        } else {
+                            "']' to close an array"
+                        };
+                        return Err(Error::payload(at, what));
                     }
-                    i += 1;
                     if depth == 0 {
-                        self.i = i;
+                        self.i = at + 1;
                         return Ok(());
                     }
                 }
             }
+            pos += 64;
+        }
+        if prev_in_string != 0 {
+            Err(Error::payload(
+                b.len(),
+                "a closing '\"' (truncated message)",
+            ))
+        } else {
+            Err(Error::payload(
+                b.len(),
+                "a closing '}' or ']' (truncated message)",
+            ))
         }
     }
 
@@ -557,75 +601,59 @@ impl<'a> Parser<'a> {
 
     /// Reads the fields `need` asks for from `d`, consuming it.
     fn d_fields(&mut self, need: Need, out: &mut Scan) -> Result<()> {
-        match need {
-            Need::Nothing => self.skip_value(),
+        let what = match need {
+            Need::Nothing => return self.skip_value(),
             Need::InvalidSession => {
                 out.resumable = Some(self.boolean("true or false for 'd' of INVALID_SESSION")?);
-                Ok(())
+                return Ok(());
             }
-            Need::Hello => self.object("an object for 'd' of HELLO", |k, p| {
-                if k == b"heartbeat_interval" {
-                    let at = p.i;
+            Need::Hello => "an object for 'd' of HELLO",
+            Need::Ready => "an object for 'd' of READY",
+            Need::Guild => "an object for 'd' of a guild event",
+            Need::Message => "an object for 'd' of a message event",
+        };
+        if self.peek() != Some(b'{') {
+            return Err(Error::payload(self.i, what));
+        }
+        let b = self.b;
+        self.walk::<true>(&mut |key, at| {
+            let mut p = Parser { b, i: at };
+            match (need, key) {
+                (Need::Hello, b"heartbeat_interval") => {
                     let v = p.int()?;
                     out.heartbeat_interval = Some(
                         u64::try_from(v)
                             .map_err(|_| Error::payload(at, "a positive heartbeat_interval"))?,
                     );
-                    Ok(())
-                } else {
-                    p.skip_value()
                 }
-            }),
-            Need::Ready => self.object("an object for 'd' of READY", |k, p| match k {
-                b"session_id" => {
+                (Need::Ready, b"session_id") => {
                     out.session_id = Some(p.text("a string for 'session_id'")?);
-                    Ok(())
                 }
-                b"resume_gateway_url" => {
+                (Need::Ready, b"resume_gateway_url") => {
                     out.resume_gateway_url = Some(p.text("a string for 'resume_gateway_url'")?);
-                    Ok(())
                 }
-                b"guilds" => {
-                    out.guild_ids = Some(p.guild_list()?);
-                    Ok(())
-                }
-                _ => p.skip_value(),
-            }),
-            Need::Guild => self.object("an object for 'd' of a guild event", |k, p| match k {
-                b"id" => {
-                    out.guild_id = Some(p.snowflake()?);
-                    Ok(())
-                }
-                b"unavailable" => {
+                (Need::Ready, b"guilds") => out.guild_ids = Some(p.guild_list()?),
+                (Need::Guild, b"id") => out.guild_id = Some(p.snowflake()?),
+                (Need::Guild, b"unavailable") => {
                     out.unavailable = if p.null() {
                         None
                     } else {
                         Some(p.boolean("true or false for 'unavailable'")?)
                     };
-                    Ok(())
                 }
-                _ => p.skip_value(),
-            }),
-            Need::Message => self.object("an object for 'd' of a message event", |k, p| match k {
-                b"id" => {
-                    out.message_id = Some(p.snowflake()?);
-                    Ok(())
-                }
-                b"content" => {
-                    let start = p.i;
+                (Need::Message, b"id") => out.message_id = Some(p.snowflake()?),
+                (Need::Message, b"content") => {
                     p.skip_value()?;
-                    out.content = Some(start..p.i);
-                    Ok(())
+                    out.content = Some(at..p.i);
                 }
-                b"edited_timestamp" => {
-                    let start = p.i;
+                (Need::Message, b"edited_timestamp") => {
                     p.skip_value()?;
-                    out.edited_timestamp = Some(start..p.i);
-                    Ok(())
+                    out.edited_timestamp = Some(at..p.i);
                 }
-                _ => p.skip_value(),
-            }),
-        }
+                _ => {}
+            }
+            Ok(())
+        })
     }
 
     /// READY's `guilds`: an array of objects with an `id` each.
@@ -734,4 +762,163 @@ fn hex4(raw: &[u8], i: usize) -> Option<u32> {
         v = v * 16 + (c as char).to_digit(16)?;
     }
     Some(v)
+}
+
+/// Bitmasks (bit i = byte i) of one 64-byte block.
+struct Masks {
+    quote: u64,
+    backslash: u64,
+    open: u64,
+    close: u64,
+    colon: u64,
+}
+
+/// SSE2 version: SSE2 is part of the `x86_64` baseline, so this is always available there.
+#[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
+#[inline]
+#[allow(unsafe_code)]
+fn block_masks(block: &[u8; 64]) -> Masks {
+    // SAFETY: the only requirement of a `#[target_feature(enable = "sse2")]` function is
+    // that the CPU supports SSE2, which the cfg above guarantees at compile time.
+    unsafe { sse2::masks(block) }
+}
+
+#[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
+mod sse2 {
+    use std::arch::x86_64::{
+        __m128i, _mm_cmpeq_epi8, _mm_movemask_epi8, _mm_or_si128, _mm_set1_epi8, _mm_set_epi64x,
+    };
+
+    use super::Masks;
+
+    #[inline]
+    #[target_feature(enable = "sse2")]
+    fn lane(block: &[u8; 64], k: usize) -> __m128i {
+        let mut lo = [0u8; 8];
+        let mut hi = [0u8; 8];
+        lo.copy_from_slice(&block[k * 16..k * 16 + 8]);
+        hi.copy_from_slice(&block[k * 16 + 8..k * 16 + 16]);
+        _mm_set_epi64x(i64::from_le_bytes(hi), i64::from_le_bytes(lo))
+    }
+
+    #[inline]
+    #[target_feature(enable = "sse2")]
+    #[allow(clippy::cast_possible_wrap, clippy::cast_sign_loss)] // byte patterns, movemask bits
+    pub(super) fn masks(block: &[u8; 64]) -> Masks {
+        let quote = _mm_set1_epi8(b'"' as i8);
+        let backslash = _mm_set1_epi8(b'\\' as i8);
+        let open = _mm_set1_epi8(b'{' as i8);
+        let close = _mm_set1_epi8(b'}' as i8);
+        // '[' | 0x20 == '{' and ']' | 0x20 == '}'; no other byte maps onto those.
+        let lower = _mm_set1_epi8(0x20);
+        let colon = _mm_set1_epi8(b':' as i8);
+        let mut m = Masks {
+            quote: 0,
+            backslash: 0,
+            open: 0,
+            close: 0,
+            colon: 0,
+        };
+        for k in 0..4 {
+            let v = lane(block, k);
+            let l = _mm_or_si128(v, lower);
+            let bits = |x: __m128i| u64::from(_mm_movemask_epi8(x) as u16) << (16 * k);
+            m.quote |= bits(_mm_cmpeq_epi8(v, quote));
+            m.backslash |= bits(_mm_cmpeq_epi8(v, backslash));
+            m.open |= bits(_mm_cmpeq_epi8(l, open));
+            m.close |= bits(_mm_cmpeq_epi8(l, close));
+            m.colon |= bits(_mm_cmpeq_epi8(v, colon));
+        }
+        m
+    }
+}
+
+/// Portable version (LLVM vectorises it where the target has SIMD).
+#[cfg(not(all(target_arch = "x86_64", target_feature = "sse2")))]
+#[inline]
+fn block_masks(block: &[u8; 64]) -> Masks {
+    scalar_masks(block)
+}
+
+#[cfg_attr(all(target_arch = "x86_64", target_feature = "sse2"), allow(dead_code))]
+#[inline]
+fn scalar_masks(block: &[u8; 64]) -> Masks {
+    let mut m = Masks {
+        quote: 0,
+        backslash: 0,
+        open: 0,
+        close: 0,
+        colon: 0,
+    };
+    for (j, &c) in block.iter().enumerate() {
+        m.colon |= u64::from(c == b':') << j;
+        m.quote |= u64::from(c == b'"') << j;
+        m.backslash |= u64::from(c == b'\\') << j;
+        m.open |= u64::from(c | 0x20 == b'{') << j;
+        m.close |= u64::from(c | 0x20 == b'}') << j;
+    }
+    m
+}
+
+/// Bits of the bytes escaped by a backslash, carrying odd backslash runs across blocks
+/// (simdjson's branchless algorithm).
+#[inline]
+fn find_escaped(backslash: u64, prev_escaped: &mut u64) -> u64 {
+    const EVEN: u64 = 0x5555_5555_5555_5555;
+    let backslash = backslash & !*prev_escaped;
+    let follows_escape = (backslash << 1) | *prev_escaped;
+    let odd_starts = backslash & !EVEN & !follows_escape;
+    let (even_starts, overflow) = odd_starts.overflowing_add(backslash);
+    *prev_escaped = u64::from(overflow);
+    (EVEN ^ (even_starts << 1)) & follows_escape
+}
+
+/// Bit i = XOR of bits 0..=i: 1 inside strings (opening quote included).
+#[inline]
+fn prefix_xor(mut x: u64) -> u64 {
+    x ^= x << 1;
+    x ^= x << 2;
+    x ^= x << 4;
+    x ^= x << 8;
+    x ^= x << 16;
+    x ^= x << 32;
+    x
+}
+
+/// The raw key of the string just before the structural colon at `colon`; empty when
+/// the key has escapes (no key the codec reads has any).
+#[inline]
+fn key_at(b: &[u8], colon: usize) -> &[u8] {
+    let mut end = colon;
+    while end > 0 && matches!(b[end - 1], b' ' | b'\n' | b'\r' | b'\t') {
+        end -= 1;
+    }
+    // b[end - 1] is the closing quote. A raw quote inside a key is always escaped, so
+    // the previous quote is the opening one unless a backslash precedes it.
+    let Some(close) = end.checked_sub(1) else {
+        return &[];
+    };
+    let mut open = close;
+    while open > 0 {
+        open -= 1;
+        if b[open] == b'"' {
+            if open > 0 && b[open - 1] == b'\\' {
+                return &[];
+            }
+            return &b[open + 1..close];
+        }
+    }
+    &[]
+}
+
+/// Bits `from..to` of a block (`from <= to <= 64`).
+#[inline]
+fn bits_between(from: u32, to: u32) -> u64 {
+    let below_to = if to >= 64 { u64::MAX } else { (1u64 << to) - 1 };
+    let below_from = if from >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << from) - 1
+    };
+    below_to & !below_from
 }

@@ -83,6 +83,21 @@ def test_message_create_shape_and_size() -> None:
         assert needle in text
 
 
+def test_reply_embeds_its_target() -> None:
+    gen = pl.PayloadGenerator(11)
+    gid = pl.guild_ids_for_shards(1, 1)[0]
+    target = gen.message_create(gid)
+    reply = gen.message_create(gid, reply_to=target)
+    assert reply["type"] == 19 and reply["channel_id"] == target["channel_id"]
+    assert reply["message_reference"]["message_id"] == target["id"]
+    ref = reply["referenced_message"]
+    assert ref["id"] == target["id"] and ref["content"] == target["content"]
+    assert "member" not in ref and "referenced_message" not in ref
+    # The nested message comes first in the serialized reply: a decoy for the scanner.
+    raw = pl.dispatch("MESSAGE_CREATE", 1, reply)
+    assert raw.index(target["id"].encode()) < raw.index(b'"id":"' + reply["id"].encode())
+
+
 @pytest.mark.parametrize("target", [10_000, 25_000, 100_000, 300_000])
 def test_guild_create_size(target: int) -> None:
     gid = pl.guild_ids_for_shards(1, 1, seed=3)[0]
@@ -109,6 +124,9 @@ def check_stream(events: list[tuple[str, dict[str, Any]]], guild_ids: list[int])
             assert d["id"] in gids
         if t == "MESSAGE_CREATE":
             assert d["id"] not in live
+            if d["type"] == 19:  # a reply to a message of the stream, same channel
+                ref = d["referenced_message"]
+                assert ref["channel_id"] == d["channel_id"] and int(ref["id"]) < int(d["id"])
             ms = pl.snowflake_ms(d["id"])
             assert datetime.fromisoformat(d["timestamp"]).timestamp() * 1000 == pytest.approx(ms)
             created_ids.append(int(d["id"]))
@@ -144,6 +162,8 @@ def test_mixed_stream_mix() -> None:
         if t == "MESSAGE_UPDATE" and d["embeds"] and d["edited_timestamp"] is None
     )
     assert unfurls > 0.03 * len(events)
+    replies = sum(1 for t, d in events if t == "MESSAGE_CREATE" and d["type"] == 19)
+    assert 0.04 < replies / (share["MESSAGE_CREATE"] * len(events)) < 0.12
 
 
 @settings(max_examples=15)

@@ -28,6 +28,7 @@ simulated clock; same seed and same calls give the same output)::
 
     gen = PayloadGenerator(seed)
     msg = gen.message_create(guild_id)          MESSAGE_CREATE, about 0.7-2 KB serialized
+    gen.message_create(guild_id, reply_to=msg)  a reply embedding ``msg`` (2-4 KB)
     gen.message_unfurl(msg)                     MESSAGE_UPDATE: same content, embeds filled,
                                                 edited_timestamp unchanged (filter drops it)
     gen.message_edit(msg, content=None)         MESSAGE_UPDATE: real edit; new content (or
@@ -307,6 +308,8 @@ _MIX_NAMES: Final = tuple(name for name, _ in _MIX)
 # Empty arrays and small constant objects are shared (orjson writes a tuple as an array):
 # fewer containers per event keeps the cyclic GC quiet when a caller keeps 100k events.
 _EMPTY: Final[tuple[()]] = ()
+# A referenced_message is a plain message object: no gateway extras, no nested reply.
+_NOT_IN_REFERENCED: Final = frozenset({"member", "guild_id", "nonce", "referenced_message"})
 _CLIENT_STATUS: Final = {
     (desktop, status): {"desktop" if desktop else "mobile": status}
     for desktop in (True, False)
@@ -473,9 +476,19 @@ class PayloadGenerator:
     # events ---------------------------------------------------------------------------
 
     def message_create(
-        self, guild_id: int | str, *, content: str | None = None, link: bool = False
+        self,
+        guild_id: int | str,
+        *,
+        content: str | None = None,
+        link: bool = False,
+        reply_to: Payload | None = None,
     ) -> Payload:
-        """MESSAGE_CREATE ``d`` in a guild text channel (key order as Discord sends it)."""
+        """MESSAGE_CREATE ``d`` in a guild text channel (key order as Discord sends it).
+
+        ``reply_to`` (a message of the same guild) makes it a reply (type 19) carrying the
+        whole ``referenced_message``, whose nested ``id``/``content``/``edited_timestamp``
+        come before the top-level ones, as on Discord.
+        """
         rng = self._rng
         guild = self._guild(guild_id)
         author = self._pick(guild.members)
@@ -484,28 +497,42 @@ class PayloadGenerator:
             other = self._pick(guild.members)
             mentions = [{**other.user, "member": other.member}]
         msg_id = self.new_id()
-        return {
-            "type": 0 if rng.random() < 0.9 else 19,
+        d: Payload = {
+            "type": 0 if reply_to is None else 19,
             "tts": False,
             "timestamp": iso_timestamp(self._now),
-            "pinned": False,
-            "nonce": str(int(msg_id) - (1 << 22) - self._below((1 << 30) - (1 << 22))),
-            "mentions": mentions,
-            "mention_roles": _EMPTY,
-            "mention_everyone": False,
-            "member": author.member,
-            "id": msg_id,
-            "flags": 0,
-            "embeds": _EMPTY,
-            "edited_timestamp": None,
-            "content": content if content is not None else self.content(link=link),
-            "components": _EMPTY,
-            "channel_type": 0,
-            "channel_id": self._pick(guild.channels),
-            "author": author.user,
-            "attachments": _EMPTY,
-            "guild_id": guild.id,
         }
+        if reply_to is not None:
+            d["referenced_message"] = {
+                k: v for k, v in reply_to.items() if k not in _NOT_IN_REFERENCED
+            }
+        d["pinned"] = False
+        d["nonce"] = str(int(msg_id) - (1 << 22) - self._below((1 << 30) - (1 << 22)))
+        if reply_to is not None:
+            d["message_reference"] = {
+                "type": 0,
+                "message_id": reply_to["id"],
+                "channel_id": reply_to["channel_id"],
+                "guild_id": guild.id,
+            }
+        d["mentions"] = mentions
+        d["mention_roles"] = _EMPTY
+        d["mention_everyone"] = False
+        d["member"] = author.member
+        d["id"] = msg_id
+        d["flags"] = 0
+        d["embeds"] = _EMPTY
+        d["edited_timestamp"] = None
+        d["content"] = content if content is not None else self.content(link=link)
+        d["components"] = _EMPTY
+        d["channel_type"] = 0
+        d["channel_id"] = (
+            reply_to["channel_id"] if reply_to is not None else self._pick(guild.channels)
+        )
+        d["author"] = author.user
+        d["attachments"] = _EMPTY
+        d["guild_id"] = guild.id
+        return d
 
     def message_unfurl(self, message: Payload) -> Payload:
         """MESSAGE_UPDATE Discord sends when link metadata resolves: not an edit."""
@@ -774,6 +801,7 @@ class PayloadGenerator:
         *,
         link_rate: float = 0.15,
         unfurl_rate: float = 0.9,
+        reply_rate: float = 0.08,
         guild_create_rate: float = 0.0002,
         guild_create_bytes: tuple[int, int] = (10_000, 300_000),
         max_step_ms: int = 20,
@@ -807,7 +835,11 @@ class PayloadGenerator:
                 kind in ("MESSAGE_UPDATE", "MESSAGE_DELETE") and not recent
             ):
                 link = rng.random() < link_rate
-                msg = self.message_create(gid, link=link)
+                reply_to = None
+                if recent and rng.random() < reply_rate:
+                    reply_to = recent[self._pick(list(recent)[-32:])]
+                    gid = reply_to["guild_id"]
+                msg = self.message_create(gid, link=link, reply_to=reply_to)
                 recent[msg["id"]] = msg
                 if len(recent) > 512:
                     del recent[next(iter(recent))]
@@ -849,6 +881,7 @@ def mixed_stream(
     start_ms: int = DEFAULT_START_MS,
     link_rate: float = 0.15,
     unfurl_rate: float = 0.9,
+    reply_rate: float = 0.08,
     guild_create_rate: float = 0.0002,
     guild_create_bytes: tuple[int, int] = (10_000, 300_000),
     max_step_ms: int = 20,
@@ -860,14 +893,16 @@ def mixed_stream(
     link unfurls (MESSAGE_UPDATE, same content, 1-3 events after the MESSAGE_CREATE whose
     link it resolves: ``link_rate`` of messages carry a link, ``unfurl_rate`` of those get
     unfurled), and GUILD_CREATE with probability ``guild_create_rate`` per event, sized
-    log-uniformly in ``guild_create_bytes``. Edits and deletes target recent messages of
-    the stream. The clock advances 1..``max_step_ms`` ms per event. ``n=None`` never ends.
+    log-uniformly in ``guild_create_bytes``. ``reply_rate`` of messages are replies that
+    embed a recent message. Edits, deletes and replies target recent messages of the
+    stream. The clock advances 1..``max_step_ms`` ms per event. ``n=None`` never ends.
     """
     return PayloadGenerator(seed, start_ms=start_ms).mixed(
         n,
         guild_ids,
         link_rate=link_rate,
         unfurl_rate=unfurl_rate,
+        reply_rate=reply_rate,
         guild_create_rate=guild_create_rate,
         guild_create_bytes=guild_create_bytes,
         max_step_ms=max_step_ms,

@@ -133,7 +133,7 @@ class ShardOptions:
     max_message_size: int = 64 * 1024 * 1024
     edit_filter: bool = True
     edit_filter_capacity: int = 16384
-    read_buffer_size: int = 8 * 1024
+    read_buffer_size: int = 4 * 1024
     dispatch_dropped: bool = False
 
     def __post_init__(self) -> None:
@@ -297,10 +297,10 @@ class Shard:
         "_seq",
         "_session_id",
         "_status",
-        "_stop_event",
         "_stopping",
         "_task",
         "_token",
+        "_wake",
         "acks",
         "commands_sent",
         "decode_errors",
@@ -366,8 +366,9 @@ class Shard:
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._send_lock: asyncio.Lock | None = None
         self._sendable: asyncio.Event | None = None
-        self._stop_event: asyncio.Event | None = None
-        self._done: asyncio.Event | None = None
+        # Futures, not Events: an idle shard should not carry three waiter deques.
+        self._wake: asyncio.Future[None] | None = None
+        self._done: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._attempt = 0
@@ -463,11 +464,10 @@ class Shard:
 
     async def run(self) -> None:
         """Connect and stay connected until :meth:`stop`; raise FatalClose on a fatal close."""
-        if self._done is not None and not self._done.is_set():
+        if self._done is not None and not self._done.done():
             raise RuntimeError("Shard.run() is already running")
-        self._done = asyncio.Event()
-        self._stop_event = asyncio.Event()
-        self._events()
+        loop = asyncio.get_running_loop()
+        self._done = done = loop.create_future()
         self._stopping = False
         self.fatal_error = None
         plan = _RESUME if self._session_id else _IDENTIFY
@@ -494,12 +494,15 @@ class Shard:
                     "resume" if plan == _RESUME else "new session",
                     delay,
                 )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop_event.wait(), delay)
+                self._wake = wake = loop.create_future()
+                try:
+                    await asyncio.wait((wake,), timeout=delay)  # stop() wakes it
+                finally:
+                    self._wake = None
         finally:
             if self._status is not ShardState.FATAL:
                 self._set_status(ShardState.STOPPED)
-            self._done.set()
+            done.set_result(None)
 
     async def stop(self, code: int = 1000, *, resumable: bool = False) -> None:
         """Close the connection and stop.
@@ -512,14 +515,15 @@ class Shard:
         if resumable and code in (1000, 1001):
             code = RESUME_CLOSE_CODE
         self._stopping = True
-        if self._stop_event is not None:
-            self._stop_event.set()
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
         conn = self._conn
         if conn is not None:
             self._close(conn, code, _STOP)
         done = self._done
-        if done is not None and not done.is_set():
-            await done.wait()
+        if done is not None and not done.done():
+            await asyncio.shield(done)
         if not resumable and code in (1000, 1001):
             self._drop_session()
         if self._status is not ShardState.FATAL:

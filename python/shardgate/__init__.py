@@ -11,6 +11,9 @@ from shardgate.errors import (
     GatewayError,
     ShardgateError,
 )
+from shardgate.identify import IdentifyGate, LocalIdentifyScheduler
+from shardgate.ratelimit import SendLimiter
+from shardgate.shard import PayloadTooLarge, Shard, ShardClosed, ShardOptions, ShardState
 
 __all__ = [
     "ConfigError",
@@ -19,9 +22,17 @@ __all__ = [
     "ForwardError",
     "GatewayClosed",
     "GatewayError",
+    "IdentifyGate",
     "Inflater",
+    "LocalIdentifyScheduler",
     "Message",
+    "PayloadTooLarge",
+    "SendLimiter",
+    "Shard",
+    "ShardClosed",
     "ShardCodec",
+    "ShardOptions",
+    "ShardState",
     "ShardgateError",
     "StreamCompressor",
 ]

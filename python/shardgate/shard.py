@@ -774,9 +774,10 @@ class Shard:
             return
         op = message.op
         if op == 11:
+            if not conn.acked:  # an unsolicited ACK says nothing about latency
+                self.latency = time.monotonic() - conn.beat_sent_at
             conn.acked = True
             self.acks += 1
-            self.latency = time.monotonic() - conn.beat_sent_at
         elif op == 10:
             interval = message.heartbeat_interval
             if not conn.hello.done():

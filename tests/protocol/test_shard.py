@@ -22,6 +22,7 @@ from picows import WSListener, WSMsgType, WSTransport, ws_create_server
 from shardgate._native import KIND_GUILD_CREATE, Message
 from shardgate.errors import CLOSE_CODES, FatalClose
 from shardgate.identify import LocalIdentifyScheduler
+from shardgate.log import TRACE
 from shardgate.shard import PayloadTooLarge, Shard, ShardClosed, ShardOptions, ShardState
 from shardgate.testing.fake_discord import FakeDiscord, FakeDiscordConfig, FakeSession
 
@@ -57,7 +58,7 @@ class Recorder:
 
 async def until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
     async with asyncio.timeout(timeout_s):
-        while not predicate():  # noqa: ASYNC110
+        while not predicate():
             await asyncio.sleep(0.005)
 
 
@@ -124,9 +125,18 @@ async def stopped(shard: Shard) -> None:
 # --------------------------------------------------------------------------- happy path
 
 
-@pytest.mark.parametrize("compression", ["zlib-stream", "zstd-stream", None])
-async def test_happy_path_identify_ready_and_every_guild_create(compression):
-    config = dataclasses.replace(FAST, split_frame_bytes=700)  # GUILD_CREATEs span frames
+@pytest.mark.parametrize(
+    ("compression", "split_mode"),
+    [
+        ("zlib-stream", "continuation"),
+        ("zlib-stream", "messages"),  # one message over several fin frames, ends at 00 00 ff ff
+        ("zstd-stream", "continuation"),
+        (None, "continuation"),
+    ],
+)
+async def test_happy_path_identify_ready_and_every_guild_create(compression, split_mode):
+    # GUILD_CREATEs span frames.
+    config = dataclasses.replace(FAST, split_frame_bytes=700, split_mode=split_mode)
     async with FakeDiscord(config) as fake:
         recorder = Recorder()
         gate = LocalIdentifyScheduler(1, 0.0)
@@ -682,3 +692,131 @@ async def test_stop_while_connecting_returns_promptly(delay):
         assert shard.status is ShardState.STOPPED
         with pytest.raises(ShardClosed):
             await shard.send({"op": 3, "d": None})
+
+
+# --------------------------------------------------------------------------- scripted server
+
+
+class Scripted(WSListener):
+    """A gateway that says HELLO, ACKs heartbeats and then ignores IDENTIFY / RESUME."""
+
+    def __init__(self, log: list[tuple[int, float]], closes: list[int]) -> None:
+        self.log = log
+        self.closes = closes
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        payload = {"op": 10, "d": {"heartbeat_interval": 5000}, "s": None, "t": None}
+        transport.send(WSMsgType.TEXT, orjson.dumps(payload))
+
+    def on_ws_frame(self, transport: WSTransport, frame) -> None:
+        if frame.msg_type == WSMsgType.CLOSE:
+            self.closes.append(frame.get_close_code().value)
+            transport.send_close(frame.get_close_code())
+            transport.disconnect()
+            return
+        op = orjson.loads(frame.get_payload_as_bytes())["op"]
+        self.log.append((op, time.monotonic()))
+        if op == 1:
+            ack = {"op": 11, "d": None, "s": None, "t": None}
+            transport.send(WSMsgType.TEXT, orjson.dumps(ack))
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[tuple[str, list[tuple[int, float]], list[int]]]:
+    log: list[tuple[int, float]] = []
+    closes: list[int] = []
+    server = await ws_create_server(lambda _request: Scripted(log, closes), "127.0.0.1", 0)
+    try:
+        yield f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}", log, closes
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_ready_timeout_gives_the_permit_back_and_identifies_again(scripted):
+    url, log, closes = scripted
+    gate = LocalIdentifyScheduler(1, 0.0)
+    options = dataclasses.replace(OPTS, ready_timeout_s=0.2, compression=None)
+    shard = Shard(
+        TOKEN, 0, 1, gateway_url=url, intents=INTENTS, identify_gate=gate, options=options
+    )
+    shard.start()
+    await until(lambda: [op for op, _ in log].count(2) >= 2, 3.0)
+    identifies = [at for op, at in log if op == 2]
+    assert identifies[1] - identifies[0] >= 0.2
+    assert closes and all(code not in (1000, 1001) for code in closes)
+    await until(lambda: gate.failed >= 1)
+    assert gate.identified == 0  # released as a failure, not as READY
+    assert shard.status is not ShardState.READY
+    await stopped(shard)
+
+
+async def test_resumed_timeout_closes_and_tries_again(scripted):
+    url, log, closes = scripted
+    options = dataclasses.replace(OPTS, resume_timeout_s=0.2, compression=None)
+    shard = Shard(
+        TOKEN, 0, 1, gateway_url=url, intents=INTENTS, options=options,
+        session_id="abc", seq=10, resume_url=url,
+    )  # fmt: skip
+    shard.start()
+    await until(lambda: [op for op, _ in log].count(6) >= 2, 3.0)
+    assert 2 not in [op for op, _ in log]  # the session is kept: RESUME again, no IDENTIFY
+    assert shard.session_id == "abc" and shard.seq == 10
+    assert closes and all(code not in (1000, 1001) for code in closes)
+    await stopped(shard)
+
+
+# --------------------------------------------------------------------------- plain methods
+
+
+def test_next_backoff_is_full_jitter_capped_exponential():
+    options = ShardOptions(backoff_base_s=0.5, backoff_cap_s=4.0)
+    top = Shard(TOKEN, 0, 1, gateway_url="ws://h", intents=1, options=options, jitter=lambda: 1.0)
+    assert [top.next_backoff() for _ in range(6)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    low = Shard(TOKEN, 0, 1, gateway_url="ws://h", intents=1, options=options, jitter=lambda: 0.0)
+    assert low.next_backoff() == 0.0
+
+
+def test_connect_url_keeps_host_and_path_and_sets_the_query():
+    shard = Shard(
+        TOKEN, 2, 4, gateway_url="wss://gateway.discord.gg/?v=9", intents=1,
+        resume_url="wss://gateway-us-east1-c.discord.gg", session_id="s",
+    )  # fmt: skip
+    query = "v=10&encoding=json&compress=zlib-stream"
+    assert shard.connect_url(False) == f"wss://gateway.discord.gg/?{query}"
+    assert shard.connect_url(True) == f"wss://gateway-us-east1-c.discord.gg/?{query}"
+    plain = Shard(
+        TOKEN, 0, 1, gateway_url="ws://127.0.0.1:1", intents=1,
+        options=ShardOptions(compression=None),
+    )  # fmt: skip
+    assert plain.connect_url(True) == "ws://127.0.0.1:1/?v=10&encoding=json"
+
+
+def test_constructor_and_options_validate():
+    with pytest.raises(ValueError):
+        Shard(TOKEN, 4, 4, gateway_url="ws://h", intents=1)
+    with pytest.raises(ValueError):
+        ShardOptions(hello_timeout_s=0)
+    with pytest.raises(ValueError):
+        ShardOptions(large_threshold=10)
+
+
+async def test_token_never_reaches_a_log_record(fake, caplog):
+    caplog.set_level(TRACE)
+    recorder = Recorder()
+    shard = await running(make_shard(fake, recorder))
+    session = await fake.wait_ready(0)
+    await fake.close(0, code=4000, end_session=False)
+    await until(lambda: shard.resumes == 1 and shard.status is ShardState.READY)
+    await until(lambda: shard.seq == session.seq)
+    await stopped(shard)
+    assert any("frame" in r.getMessage() for r in caplog.records)  # TRACE was really on
+    for record in caplog.records:
+        assert TOKEN not in record.getMessage()
+
+
+async def test_nonce_longer_than_32_bytes_is_refused(fake):
+    shard = await running(make_shard(fake))
+    with pytest.raises(ValueError, match="nonce"):
+        await shard.request_guild_members(1, nonce="x" * 33)
+    await stopped(shard)

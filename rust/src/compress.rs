@@ -38,7 +38,14 @@ impl Compressor {
 
     /// Compresses one message and flushes (zlib: `Z_SYNC_FLUSH`, so the output ends with
     /// `00 00 ff ff`; zstd: flush, the frame is never ended).
+    ///
+    /// # Errors
+    /// An empty message: a gateway message never is, and zlib would emit nothing for it
+    /// (a repeated sync flush is a no-op), which no client could frame.
     pub fn compress(&mut self, message: &[u8]) -> Result<Vec<u8>> {
+        if message.is_empty() {
+            return Err(Error::compression("cannot compress an empty message"));
+        }
         let mut out = Vec::with_capacity(message.len() / 2 + 64);
         match &mut self.ctx {
             Ctx::Zlib(c) => {

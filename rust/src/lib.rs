@@ -45,3 +45,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

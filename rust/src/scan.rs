@@ -922,3 +922,14 @@ fn bits_between(from: u32, to: u32) -> u64 {
     };
     below_to & !below_from
 }
+
+/// Skips the JSON value at `buf[at..]` and returns where it ends (the structural skip
+/// the scanner uses for everything it does not read); for tests and benches.
+///
+/// # Errors
+/// As [`scan`].
+pub fn skip_value_at(buf: &[u8], at: usize) -> Result<usize> {
+    let mut p = Parser { b: buf, i: at };
+    p.skip_value()?;
+    Ok(p.i)
+}

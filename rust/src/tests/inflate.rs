@@ -1,0 +1,224 @@
+//! Transport decompression: framing, splits, context reuse, reset, corruption, limits.
+use super::fixtures::{compress_all, feed_frames, ALL, GUILD_CREATE, MESSAGE_CREATE, READY};
+use crate::errors::Error;
+use crate::inflate::{Compression, Transport, ZLIB_SUFFIX};
+
+const BIG: usize = 1 << 26;
+
+fn both() -> [Compression; 2] {
+    [Compression::Zlib, Compression::Zstd]
+}
+
+#[test]
+fn whole_messages_in_sequence_share_one_context() {
+    for kind in both() {
+        let frames = compress_all(kind, ALL);
+        if kind == Compression::Zlib {
+            assert_eq!(&frames[0][..2], &[0x78, 0x9c], "zlib header like Discord");
+            assert!(frames.iter().all(|f| f.ends_with(&ZLIB_SUFFIX)));
+        } else {
+            assert_eq!(&frames[0][..4], &[0x28, 0xb5, 0x2f, 0xfd], "zstd magic");
+        }
+        let mut t = Transport::new(kind, BIG).unwrap();
+        let input: Vec<(&[u8], bool)> = frames.iter().map(|f| (f.as_slice(), true)).collect();
+        let got = feed_frames(&mut t, &input);
+        assert_eq!(got, ALL.iter().map(|m| m.to_vec()).collect::<Vec<_>>());
+    }
+}
+
+#[test]
+fn split_at_every_offset_as_continuation_frames_and_as_separate_messages() {
+    for kind in both() {
+        // Three messages so the split one depends on the window of the first.
+        let frames = compress_all(kind, &[READY, MESSAGE_CREATE, GUILD_CREATE]);
+        let f = &frames[1];
+        for cut in 0..=f.len() {
+            let (a, b) = f.split_at(cut);
+            for (fin_a, fin_b) in [(false, true), (true, true)] {
+                if kind != Compression::Zlib && fin_a {
+                    continue; // zstd and plain messages end at FIN by definition
+                }
+                let mut t = Transport::new(kind, BIG).unwrap();
+                let got = feed_frames(
+                    &mut t,
+                    &[
+                        (&frames[0], true),
+                        (a, fin_a),
+                        (b, fin_b),
+                        (&frames[2], true),
+                    ],
+                );
+                assert_eq!(
+                    got,
+                    vec![
+                        READY.to_vec(),
+                        MESSAGE_CREATE.to_vec(),
+                        GUILD_CREATE.to_vec()
+                    ],
+                    "{kind:?} cut {cut} fin {fin_a}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn marker_split_across_three_frames() {
+    let frames = compress_all(Compression::Zlib, &[MESSAGE_CREATE]);
+    let f = &frames[0];
+    let n = f.len();
+    for (i, j) in [(n - 4, n - 2), (n - 3, n - 1), (n - 1, n), (n - 2, n - 2)] {
+        let mut t = Transport::new(Compression::Zlib, BIG).unwrap();
+        let got = feed_frames(
+            &mut t,
+            &[(&f[..i], false), (&f[i..j], false), (&f[j..], true)],
+        );
+        assert_eq!(got, vec![MESSAGE_CREATE.to_vec()]);
+    }
+}
+
+#[test]
+fn zlib_message_needs_fin_and_the_marker() {
+    let frames = compress_all(Compression::Zlib, &[MESSAGE_CREATE]);
+    let mut t = Transport::new(Compression::Zlib, BIG).unwrap();
+    let mut out = Vec::new();
+    // Whole message but FIN unset: a continuation follows (here: an empty one).
+    assert!(!t.feed(&frames[0], false, &mut out, 0).unwrap());
+    assert!(t.feed(&[], true, &mut out, 0).unwrap());
+    assert_eq!(out, MESSAGE_CREATE);
+}
+
+#[test]
+fn plain_messages_end_at_fin() {
+    let mut t = Transport::new(Compression::Plain, BIG).unwrap();
+    let (a, b) = MESSAGE_CREATE.split_at(100);
+    let got = feed_frames(&mut t, &[(a, false), (b, true), (READY, true)]);
+    assert_eq!(got, vec![MESSAGE_CREATE.to_vec(), READY.to_vec()]);
+}
+
+#[test]
+fn output_is_appended_after_the_callers_prefix() {
+    let frames = compress_all(Compression::Zlib, &[READY]);
+    let mut t = Transport::new(Compression::Zlib, READY.len()).unwrap();
+    let mut out = b"PREFIX".to_vec();
+    assert!(
+        t.feed(&frames[0], true, &mut out, 6).unwrap(),
+        "limit excludes the prefix"
+    );
+    assert_eq!(&out[..6], b"PREFIX");
+    assert_eq!(&out[6..], READY);
+}
+
+#[test]
+fn corrupt_data_breaks_the_stream_until_reset() {
+    for kind in both() {
+        let mut t = Transport::new(kind, BIG).unwrap();
+        let mut out = Vec::new();
+        let garbage = b"\x12\x34\x56\x78 definitely not compressed \x00\x00\xff\xff";
+        let err = t.feed(garbage, true, &mut out, 0).unwrap_err();
+        assert!(matches!(err, Error::Compression(_)), "{kind:?}: {err}");
+        assert!(!err.stream_intact());
+        // Still broken, even for valid input.
+        let frames = compress_all(kind, &[MESSAGE_CREATE]);
+        out.clear();
+        assert!(matches!(
+            t.feed(&frames[0], true, &mut out, 0),
+            Err(Error::Compression(_))
+        ));
+        // A reset starts a fresh context: a new connection's stream decodes.
+        t.reset().unwrap();
+        out.clear();
+        assert!(t.feed(&frames[0], true, &mut out, 0).unwrap());
+        assert_eq!(out, MESSAGE_CREATE);
+    }
+}
+
+#[test]
+fn reset_discards_a_half_received_message_and_the_window() {
+    for kind in both() {
+        let first = compress_all(kind, &[READY, MESSAGE_CREATE]);
+        let mut t = Transport::new(kind, BIG).unwrap();
+        let mut out = Vec::new();
+        assert!(t.feed(&first[0], true, &mut out, 0).unwrap());
+        out.clear();
+        assert!(!t.feed(&first[1][..10], false, &mut out, 0).unwrap());
+        t.reset().unwrap();
+        out.clear();
+        let second = compress_all(kind, &[GUILD_CREATE]);
+        assert!(t.feed(&second[0], true, &mut out, 0).unwrap());
+        assert_eq!(out, GUILD_CREATE);
+    }
+}
+
+#[test]
+fn a_stream_from_the_middle_is_corrupt() {
+    // The second message alone refers to a window this context never saw (or lacks
+    // the zlib header): it must fail, not produce garbage silently.
+    let frames = compress_all(Compression::Zlib, &[GUILD_CREATE, GUILD_CREATE]);
+    let mut t = Transport::new(Compression::Zlib, BIG).unwrap();
+    let mut out = Vec::new();
+    assert!(matches!(
+        t.feed(&frames[1], true, &mut out, 0),
+        Err(Error::Compression(_))
+    ));
+}
+
+#[test]
+fn oversized_message_is_rejected_while_inflating() {
+    for kind in [Compression::Zlib, Compression::Zstd, Compression::Plain] {
+        let mut t = Transport::new(kind, 100).unwrap();
+        let mut out = Vec::new();
+        let frame = if kind == Compression::Plain {
+            GUILD_CREATE.to_vec()
+        } else {
+            compress_all(kind, &[GUILD_CREATE]).remove(0)
+        };
+        let err = t.feed(&frame, true, &mut out, 0).unwrap_err();
+        assert_eq!(err, Error::TooLarge { limit: 100 }, "{kind:?}");
+        t.reset().unwrap();
+    }
+}
+
+#[test]
+fn decompression_bomb_stops_near_the_limit() {
+    let bomb = vec![b' '; 8 << 20];
+    for kind in both() {
+        let frames = compress_all(kind, &[&bomb]);
+        assert!(frames[0].len() < 64 << 10, "bomb compresses well");
+        let limit = 256 << 10;
+        let mut t = Transport::new(kind, limit).unwrap();
+        let mut out = Vec::new();
+        // Feed in 256-byte frames: the error must come long before the input ends.
+        let mut fed = 0;
+        let mut err = None;
+        for chunk in frames[0].chunks(256) {
+            fed += chunk.len();
+            match t.feed(chunk, false, &mut out, 0) {
+                Ok(_) => {}
+                Err(e) => {
+                    err = Some(e);
+                    break;
+                }
+            }
+        }
+        assert_eq!(err, Some(Error::TooLarge { limit }), "{kind:?}");
+        assert!(
+            fed < frames[0].len(),
+            "{kind:?} stopped after {fed} of {}",
+            frames[0].len()
+        );
+        assert!(
+            out.capacity() <= 2 * limit + (64 << 10),
+            "{kind:?} grew to {}",
+            out.capacity()
+        );
+    }
+}
+
+#[test]
+fn names_round_trip() {
+    for kind in [Compression::Zlib, Compression::Zstd, Compression::Plain] {
+        assert_eq!(Compression::from_name(kind.name()), Some(kind));
+    }
+    assert_eq!(Compression::from_name(Some("zlib")), None);
+}

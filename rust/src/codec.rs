@@ -506,9 +506,6 @@ impl StreamCompressor {
     /// Compress one gateway message and flush.
     fn compress<'py>(&mut self, message: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
         let py = message.py();
-        if message.len()? == 0 {
-            return Err(PyValueError::new_err("cannot compress an empty message"));
-        }
         let inner = &mut self.inner;
         let out = with_bytes(message, &mut self.scratch, |b| inner.compress(b))??;
         Ok(PyBytes::new(py, &out))

@@ -1,6 +1,6 @@
 //! Server side of a transport stream (the fake Discord and benchmarks): one compressor per
 //! connection, flushed after each message so the client can decode it at once.
-use flate2::{Compress, Compression as Level, FlushCompress, Status};
+use flate2::{Compress, Compression as Level, FlushCompress};
 use zstd::stream::raw::{Encoder as ZstdEncoder, InBuffer, Operation, OutBuffer};
 
 use crate::errors::{Error, Result};
@@ -37,34 +37,28 @@ impl Compressor {
     }
 
     /// Compresses one message and flushes (zlib: `Z_SYNC_FLUSH`, so the output ends with
-    /// `00 00 ff ff`; zstd: flush, the frame is never ended).
-    ///
-    /// # Errors
-    /// An empty message: a gateway message never is, and zlib would emit nothing for it
-    /// (a repeated sync flush is a no-op), which no client could frame.
+    /// `00 00 ff ff`, even for an empty message, as stock zlib does; zstd: flush, the frame
+    /// is never ended, so an empty message compresses to nothing).
     pub fn compress(&mut self, message: &[u8]) -> Result<Vec<u8>> {
-        if message.is_empty() {
-            return Err(Error::compression("cannot compress an empty message"));
-        }
         let mut out = Vec::with_capacity(message.len() / 2 + 64);
         match &mut self.ctx {
             Ctx::Zlib(c) => {
+                // Input first without flushing, then a sync flush with no input: the
+                // no-flush call also keeps zlib from skipping the flush of an empty
+                // message as a "duplicate" one.
                 let mut input = message;
-                loop {
-                    if out.capacity() - out.len() < 64 {
-                        out.reserve(out.capacity().max(256));
-                    }
-                    let before = c.total_in();
-                    let status = c
-                        .compress_vec(input, &mut out, FlushCompress::Sync)
-                        .map_err(|e| Error::compression(e.to_string()))?;
-                    input = &input[(c.total_in() - before) as usize..];
-                    let room_left = out.len() < out.capacity();
-                    if input.is_empty()
-                        && room_left
-                        && matches!(status, Status::Ok | Status::BufError)
-                    {
-                        break;
+                for flush in [FlushCompress::None, FlushCompress::Sync] {
+                    loop {
+                        if out.capacity() - out.len() < 64 {
+                            out.reserve(out.capacity().max(256));
+                        }
+                        let before = c.total_in();
+                        c.compress_vec(input, &mut out, flush)
+                            .map_err(|e| Error::compression(e.to_string()))?;
+                        input = &input[(c.total_in() - before) as usize..];
+                        if input.is_empty() && out.len() < out.capacity() {
+                            break;
+                        }
                     }
                 }
             }

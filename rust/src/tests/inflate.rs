@@ -222,3 +222,15 @@ fn names_round_trip() {
     }
     assert_eq!(Compression::from_name(Some("zlib")), None);
 }
+
+#[test]
+fn empty_messages_are_framed_like_stock_zlib() {
+    let frames = compress_all(Compression::Zlib, &[b"", READY, b"", b""]);
+    assert!(frames.iter().all(|f| f.ends_with(&ZLIB_SUFFIX)));
+    // An empty stored block: 3 header bits, byte alignment, then LEN=0, NLEN=0xffff.
+    assert_eq!(frames[2], [0x00, 0x00, 0x00, 0xff, 0xff]);
+    let mut t = Transport::new(Compression::Zlib, BIG).unwrap();
+    let input: Vec<(&[u8], bool)> = frames.iter().map(|f| (f.as_slice(), true)).collect();
+    let got = feed_frames(&mut t, &input);
+    assert_eq!(got, vec![vec![], READY.to_vec(), vec![], vec![]]);
+}

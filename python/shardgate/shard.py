@@ -269,6 +269,7 @@ class Shard:
     - ``identify()`` / ``resume()``: send them (after HELLO; identify after the gate).
     - ``next_backoff()``: seconds to wait before the next reconnect.
     - ``connect_url(resume)``: the websocket URL of the next connection.
+    - ``on_status(old, new)``: every status change (default: nothing); must not block.
 
     State for the manager: ``shard_id``, ``shard_count``, ``session_id``, ``seq``,
     ``resume_url``, ``latency``, ``guild_ids``, ``status``, ``fatal_error``, counters
@@ -430,9 +431,14 @@ class Shard:
         }
 
     def _set_status(self, status: ShardState) -> None:
-        if status is self._status:
+        old = self._status
+        if status is old:
             return
         self._status = status
+        try:
+            self.on_status(old, status)
+        except Exception:
+            self._log.exception("on_status raised")
         event = self._sendable
         if event is not None:
             if (
@@ -742,6 +748,9 @@ class Shard:
             self.handler_errors += 1
             self._log.exception("dispatch handler raised on %s", message.t)
 
+    def on_status(self, old: ShardState, new: ShardState) -> None:
+        """Called on every status change (e.g. for a manager's health view); no-op here."""
+
     def on_dispatch(self, message: Message) -> None:
         """Every dispatch, in order; default: the ``dispatch_handler`` given at construction."""
         handler = self.dispatch_handler
@@ -1002,9 +1011,15 @@ def _abort(conn: _Connection) -> None:
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:
-    """Mark a shard task's exception as retrieved; it is kept in ``Shard.fatal_error``."""
-    if not task.cancelled():
-        task.exception()
+    """Retrieve a shard task's exception: FatalClose stays in ``Shard.fatal_error`` (and was
+    logged); anything else is a bug and is logged here rather than lost."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None and not isinstance(exc, FatalClose):
+        logging.getLogger(__name__).error(
+            "shard task %s ended with an error", task.get_name(), exc_info=exc
+        )
 
 
 def _redact_url(url: str) -> str:

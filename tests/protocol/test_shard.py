@@ -821,3 +821,24 @@ async def test_nonce_longer_than_32_bytes_is_refused(fake):
     with pytest.raises(ValueError, match="nonce"):
         await shard.request_guild_members(1, nonce="x" * 33)
     await stopped(shard)
+
+
+async def test_on_status_sees_the_lifecycle(fake):
+    class Watching(Shard):
+        __slots__ = ("changes",)
+
+        def on_status(self, old: ShardState, new: ShardState) -> None:
+            self.changes.append(new)
+
+    shard = Watching(TOKEN, 0, 1, gateway_url=fake.gateway_url, intents=INTENTS, options=OPTS)
+    shard.changes = []
+    await running(shard)
+    await fake.close(0, code=4000, end_session=False)
+    await until(lambda: shard.resumes == 1 and shard.status is ShardState.READY)
+    await stopped(shard)
+    S = ShardState
+    assert shard.changes == [
+        S.CONNECTING, S.IDENTIFYING, S.READY,
+        S.DISCONNECTED, S.CONNECTING, S.RESUMING, S.READY,
+        S.STOPPED,
+    ]  # fmt: skip

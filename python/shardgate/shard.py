@@ -800,8 +800,7 @@ class Shard:
         elif op == 1:
             if self._log.isEnabledFor(logging.DEBUG):
                 self._log.debug("heartbeat requested by the gateway")
-            if not self._send_priority_now(self._heartbeat_bytes(), conn, heartbeat=True):
-                asyncio.get_running_loop().create_task(self.heartbeat())
+            self._answer_heartbeat_request(conn)
         elif op == 7:
             self._log.info("RECONNECT requested by the gateway")
             self._close(conn, RESUME_CLOSE_CODE, _RESUME)
@@ -811,6 +810,15 @@ class Shard:
             self._close(conn, RESUME_CLOSE_CODE, _RESUME if resumable else _IDENTIFY)
         elif self._log.isEnabledFor(logging.DEBUG):
             self._log.debug("ignoring op %d", op)
+
+    def _answer_heartbeat_request(self, conn: _Connection) -> None:
+        """Op 1 from the gateway: beat now, or as soon as the send window allows (a timer,
+        held by the loop, rather than a task nobody would keep a reference to)."""
+        if conn.dead or conn.closed.done():
+            return
+        if not self._send_priority_now(self._heartbeat_bytes(), conn, heartbeat=True):
+            delay = self._limiter.delay(priority=True)
+            asyncio.get_running_loop().call_later(delay, self._answer_heartbeat_request, conn)
 
     def _on_decode_error(self, conn: _Connection, exc: DecodeError) -> None:
         self.decode_errors += 1

@@ -842,3 +842,22 @@ async def test_on_status_sees_the_lifecycle(fake):
         S.DISCONNECTED, S.CONNECTING, S.RESUMING, S.READY,
         S.STOPPED,
     ]  # fmt: skip
+
+
+async def test_heartbeat_requests_beyond_the_window_wait_instead_of_tripping_4008():
+    config = dataclasses.replace(
+        FAST, rate_limit_count=4, rate_limit_window_s=1.0, heartbeat_interval_ms=30_000
+    )
+    async with FakeDiscord(config) as fake:
+        options = dataclasses.replace(OPTS, send_limit=4, send_window_s=1.0)
+        shard = await running(make_shard(fake, options=options, jitter=lambda: 0.99))
+        conn = fake.connections[0]
+        for _ in range(5):
+            await fake.request_heartbeat(0)
+        # IDENTIFY + 3 answers fill the window; the last 2 answers wait for it to move.
+        await until(lambda: conn.ops_received().count(1) == 5, 3.0)
+        beats = [r.at for r in conn.received if r.op == 1]
+        assert beats[3] - conn.received[0].at >= 1.0
+        assert conn.close_sent is None  # never closed with 4008
+        assert shard.status is ShardState.READY
+        await stopped(shard)

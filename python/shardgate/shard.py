@@ -91,6 +91,11 @@ class ShardState(enum.Enum):
     STOPPED = "stopped"
 
 
+_LINK_STATES: Final = frozenset(
+    (ShardState.CONNECTING, ShardState.IDENTIFYING, ShardState.RESUMING, ShardState.READY)
+)
+
+
 class PayloadTooLarge(ShardgateError, ValueError):
     """An outgoing payload exceeds Discord's 4096-byte limit (it would be closed with 4002)."""
 
@@ -251,6 +256,7 @@ class _Connection(WSListener):
                 self.close_reason = (handshake.recv.reason or "")[:200]
         if not self.closed.done():
             self.closed.set_result(None)
+        self.shard._link_down(self)
 
 
 class Shard:
@@ -701,11 +707,17 @@ class Shard:
         self._log.warning("gateway closed with %d (%s)", code, info.name)
         return _RESUME if info.resume else _IDENTIFY
 
+    def _link_down(self, conn: _Connection) -> None:
+        """The current link is closing or gone: not READY any more (sends wait from now)."""
+        if conn is self._conn and self._status in _LINK_STATES:
+            self._set_status(ShardState.DISCONNECTED)
+
     def _close(self, conn: _Connection, code: int, action: int) -> None:
         """Close ``conn`` with ``code``; ``action`` is what happens next (first reason wins)."""
         if conn.action is None or action == _STOP:
             conn.action = action
         conn.dead = True
+        self._link_down(conn)
         transport = conn.transport
         if transport is None:
             conn.pending_close = code  # still connecting: closed as soon as the handshake ends

@@ -840,7 +840,7 @@ async def test_on_status_sees_the_lifecycle(fake):
     assert shard.changes == [
         S.CONNECTING, S.IDENTIFYING, S.READY,
         S.DISCONNECTED, S.CONNECTING, S.RESUMING, S.READY,
-        S.STOPPED,
+        S.DISCONNECTED, S.STOPPED,
     ]  # fmt: skip
 
 
@@ -861,3 +861,37 @@ async def test_heartbeat_requests_beyond_the_window_wait_instead_of_tripping_400
         assert conn.close_sent is None  # never closed with 4008
         assert shard.status is ShardState.READY
         await stopped(shard)
+
+
+async def test_cancelling_the_task_drops_the_link_and_keeps_the_session(fake):
+    shard = make_shard(fake)
+    task = shard.start()
+    await shard.wait_ready(5.0)
+    session = await fake.wait_ready(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert shard.status is ShardState.STOPPED
+    await until(lambda: session.connection is None)
+    assert not session.ended  # no 1000: a cancelled shard can still be resumed
+    assert shard.session_id == session.session_id
+    with pytest.raises(ShardClosed):
+        await shard.send({"op": 3, "d": None})
+
+
+async def test_commands_wait_while_the_link_is_down_and_go_out_after_resume(fake):
+    # A 0.3 s reconnect delay, so the command is surely issued while the link is down.
+    options = dataclasses.replace(OPTS, backoff_base_s=0.3, backoff_cap_s=0.3)
+    shard = await running(make_shard(fake, options=options, jitter=lambda: 1.0))
+    conn = fake.connections[0]
+    await fake.drop(0)
+    await until(lambda: shard.status is not ShardState.READY)
+    sending = asyncio.ensure_future(shard.update_presence(status="idle"))
+    await asyncio.sleep(0.02)
+    await until(lambda: shard.resumes == 1 and shard.status is ShardState.READY)
+    await asyncio.wait_for(sending, 2.0)
+    resumed = fake.connections[-1]
+    assert 3 not in conn.ops_received()
+    await until(lambda: 3 in resumed.ops_received())
+    assert resumed.ops_received().index(6) < resumed.ops_received().index(3)  # RESUME first
+    await stopped(shard)

@@ -87,6 +87,9 @@ def test_stream_compressor_output_is_what_discord_sends() -> None:
     d = zlib.decompressobj()
     assert d.decompress(first) == pl.HEARTBEAT_ACK
     assert d.decompress(second) == pl.HEARTBEAT_ACK
+    # Even an empty message is flushed with the marker, as stock zlib does.
+    empty = zc.compress(b"")
+    assert empty.endswith(SUFFIX) and d.decompress(empty) == b""
     # zstd: the frame magic first; the frame is flushed, never ended.
     sc = StreamCompressor("zstd-stream")
     assert sc.compress(pl.HEARTBEAT_ACK)[:4] == b"\x28\xb5\x2f\xfd"
@@ -514,7 +517,7 @@ def test_payload_errors_keep_the_stream(compression: str | None, bad: str) -> No
     # A bad message between good ones: PayloadError, and the next message still decodes
     # on the same context without reset (the transport stream is intact).
     msgs = [pl.HEARTBEAT_ACK, BAD_PAYLOADS[bad], pl.envelope(None, None, 10, pl.hello())]
-    # Stock zlib: it emits a marker even for an empty message (StreamCompressor emits b"").
+    # zlib frames from stock zlib here: the bytes Discord's own compressor produces.
     frames = stock_zlib(msgs) if compression == "zlib-stream" else compress_all(compression, msgs)
     codec = ShardCodec(0, compression)
     assert codec.feed(frames[0]) is not None

@@ -5,6 +5,11 @@ transport decompression (zlib-stream, zstd-stream or none), a top-level scan of 
 gateway envelope (``op``, ``s``, ``t``) plus the few fields the gateway process needs,
 the editedMessages filter, and the forward body ``{"shardId":N,"data":<payload>}``
 spliced from the raw bytes. Nothing here calls back into Python or logs.
+
+Validation: the envelope and the top level of ``d`` are parsed with the JSON grammar;
+nested values are skipped structurally (strings terminated, brackets matched by type,
+depth <= 1024), which catches truncated and unbalanced messages but not, say, a bad
+number deep inside ``d``. Keys are matched as raw bytes (Discord never escapes them).
 """
 
 from typing import Final, Literal, Self, final
@@ -30,7 +35,8 @@ __all__ = [
 ]
 
 _Buffer = bytes | bytearray | memoryview
-"""Anything with the buffer protocol; a memoryview is only read during the call."""
+"""Any C-contiguous byte buffer. Only read during the call (a non-``bytes`` buffer is
+copied into a reused scratch buffer first), so picows' short-lived memoryview is safe."""
 
 __version__: Final[str]
 
@@ -137,7 +143,16 @@ class ShardCodec:
         """Consume one websocket frame (``fin`` = the websocket FIN bit).
 
         Returns None until a whole gateway message has arrived. zlib-stream messages end
-        at a frame ending in ``00 00 ff ff``; zstd-stream and plain messages end at FIN.
+        at a frame with FIN whose accumulated data ends in ``00 00 ff ff`` (a message may
+        span continuation frames and several websocket messages); zstd-stream and plain
+        messages end at FIN. Frames are inflated as they arrive, so nothing compressed is
+        buffered and ``max_message_size`` stops a decompression bomb early.
+
+        The edit filter remembers a 64-bit hash of the raw bytes of ``content`` and
+        ``edited_timestamp`` per message id (escapes included: Discord sends the same
+        content as the same bytes) and sets ``Message.drop`` on a MESSAGE_UPDATE that
+        carries both keys with unchanged bytes. A missing key never matches, a forgotten
+        (evicted, expired, deleted) message passes, and every passed update is stored.
 
         Raises:
             DecodeError: see the subclasses for what to do next.
@@ -145,7 +160,8 @@ class ShardCodec:
     def reset(self) -> None:
         """Start a fresh decompression context (new connection); the edit filter is kept."""
     def stats(self) -> dict[str, int]:
-        """Counters: messages, frames, bytes_in, bytes_out, edits_dropped, errors."""
+        """Counters: messages, frames, bytes_in (compressed), bytes_out (payload bytes),
+        edits_dropped, errors (of every kind). Not for the hot path: builds a dict."""
 
 @final
 class Inflater:
@@ -154,7 +170,8 @@ class Inflater:
     def __new__(
         cls, compression: _Compression = "zlib-stream", *, max_message_size: int = 64 * 1024 * 1024
     ) -> Self: ...
-    def feed(self, frame: _Buffer, fin: bool = True) -> bytes | None: ...
+    def feed(self, frame: _Buffer, fin: bool = True) -> bytes | None:
+        """Same framing and errors as :meth:`ShardCodec.feed`; returns the payload."""
     def reset(self) -> None: ...
 
 @final
@@ -165,4 +182,8 @@ class StreamCompressor:
         cls, compression: Literal["zlib-stream", "zstd-stream"], level: int = 6
     ) -> Self: ...
     def compress(self, message: _Buffer) -> bytes:
-        """Compress one gateway message and flush (zlib: sync flush, zstd: flush, never end)."""
+        """Compress one gateway message and flush (zlib: sync flush, zstd: flush, never end).
+
+        zlib output starts with the zlib header ``78 9C`` (level 6) and always ends with
+        ``00 00 ff ff``, even for an empty message; zstd compresses an empty one to ``b""``.
+        """

@@ -1,6 +1,7 @@
 //! `ShardCodec`, `Message` and `Inflater`: the Python-facing classes, over a pure-Rust
 //! [`CodecCore`] that does inflate + scan + filter + body in one pass per message.
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::time::Instant;
 
 use pyo3::buffer::PyBuffer;
@@ -10,7 +11,7 @@ use pyo3::types::{PyBytes, PyDict, PyString};
 
 use crate::body;
 use crate::errors::{Error, Result};
-use crate::filter::{EditFilter, Verdict};
+use crate::filter::{hash64, EditFilter, Verdict};
 use crate::inflate::{Compression, Transport};
 use crate::scan::{self, Kind, Scan};
 
@@ -18,6 +19,23 @@ use crate::scan::{self, Kind, Scan};
 const KEEP_CAPACITY: usize = 1 << 20;
 /// Distinct `t` strings cached as Python objects per codec.
 const T_CACHE_MAX: usize = 128;
+
+/// Hasher for the small `t` cache: the filter's hash instead of `SipHash` (the keys are
+/// Discord's event names; there is nothing to defend against in a 128-entry table).
+#[derive(Default)]
+struct NameHasher(u64);
+
+impl Hasher for NameHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        self.0 = hash64(bytes, self.0);
+    }
+}
+
+type TCache = HashMap<Box<[u8]>, Py<PyString>, BuildHasherDefault<NameHasher>>;
 
 /// Counters exposed by `stats()`.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -88,12 +106,20 @@ impl CodecCore {
 
     /// Feeds one websocket frame; `Some` when it completed a message.
     pub fn feed(&mut self, frame: &[u8], fin: bool) -> Result<Option<Decoded>> {
-        let now = self.clock.elapsed().as_millis() as u64;
-        self.feed_at(frame, fin, now)
+        self.feed_inner(frame, fin, None)
     }
 
     /// [`CodecCore::feed`] with an explicit filter clock (milliseconds).
     pub fn feed_at(&mut self, frame: &[u8], fin: bool, now_ms: u64) -> Result<Option<Decoded>> {
+        self.feed_inner(frame, fin, Some(now_ms))
+    }
+
+    fn feed_inner(
+        &mut self,
+        frame: &[u8],
+        fin: bool,
+        now_ms: Option<u64>,
+    ) -> Result<Option<Decoded>> {
         if self.done {
             self.buf.truncate(self.base);
             if self.buf.capacity() > KEEP_CAPACITY {
@@ -111,19 +137,22 @@ impl CodecCore {
         res
     }
 
-    fn decode(&mut self, frame: &[u8], fin: bool, now_ms: u64) -> Result<Option<Decoded>> {
+    fn decode(&mut self, frame: &[u8], fin: bool, now_ms: Option<u64>) -> Result<Option<Decoded>> {
         if !self.transport.feed(frame, fin, &mut self.buf, self.base)? {
             return Ok(None);
         }
         let payload = &self.buf[self.base..];
         let scan = scan::scan(payload)?;
+        // The clock is read only for the messages the filter stores.
+        let clock = &self.clock;
+        let now = || now_ms.unwrap_or_else(|| clock.elapsed().as_millis() as u64);
         let drop = match (&mut self.filter, scan.kind(), scan.message_id) {
             (Some(f), Kind::MessageCreate, Some(id)) => {
-                f.remember(id, field_hash(payload, &scan), now_ms);
+                f.remember(id, field_hash(payload, &scan), now());
                 false
             }
             (Some(f), Kind::MessageUpdate, Some(id)) => {
-                f.update(id, field_hash(payload, &scan), now_ms) == Verdict::Drop
+                f.update(id, field_hash(payload, &scan), now()) == Verdict::Drop
             }
             (Some(f), Kind::MessageDelete, Some(id)) => {
                 f.forget(id);
@@ -281,7 +310,7 @@ pub struct ShardCodec {
     core: CodecCore,
     shard_id: u64,
     scratch: Vec<u8>,
-    t_cache: HashMap<Box<[u8]>, Py<PyString>>,
+    t_cache: TCache,
 }
 
 #[pymethods]
@@ -320,7 +349,7 @@ impl ShardCodec {
             core: CodecCore::new(shard_id, compression, max_message_size, filter)?,
             shard_id,
             scratch: Vec::new(),
-            t_cache: HashMap::new(),
+            t_cache: TCache::default(),
         })
     }
 
@@ -395,7 +424,7 @@ impl ShardCodec {
 
 /// The `t` string as a Python str, cached: event names repeat.
 fn intern_t(
-    cache: &mut HashMap<Box<[u8]>, Py<PyString>>,
+    cache: &mut TCache,
     py: Python<'_>,
     raw: &[u8],
     escaped: bool,

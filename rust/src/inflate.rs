@@ -63,15 +63,23 @@ pub struct Transport {
     tail_len: usize,
     /// Set after a compression error or an oversized message: refuse input until reset.
     broken: bool,
-    /// zlib only: the peer ended the deflate stream (Discord never does).
+    /// zlib only: bytes of the 2-byte zlib header still to come, and its first byte.
+    header_left: u8,
+    cmf: u8,
+    /// zlib only: the peer ended the deflate stream (Discord never does); then only the
+    /// 4-byte Adler-32 trailer may follow.
     ended: bool,
+    trailer_left: usize,
 }
 
 impl Transport {
     /// A fresh context.
     pub fn new(kind: Compression, max_message_size: usize) -> Result<Self> {
         let ctx = match kind {
-            Compression::Zlib => Context::Zlib(Box::new(Decompress::new(true))),
+            // Raw deflate with the zlib header parsed here: the Adler-32 trailer is only
+            // at the end of the stream, which Discord never sends, so computing the
+            // checksum over every message would protect nothing.
+            Compression::Zlib => Context::Zlib(Box::new(Decompress::new(false))),
             Compression::Zstd => Context::Zstd(Box::new(
                 ZstdDecoder::new().map_err(|e| Error::compression(e.to_string()))?,
             )),
@@ -84,7 +92,10 @@ impl Transport {
             tail: [0; 4],
             tail_len: 0,
             broken: false,
+            header_left: 2,
+            cmf: 0,
             ended: false,
+            trailer_left: 4,
         })
     }
 
@@ -96,13 +107,15 @@ impl Transport {
     /// Drops all stream state, as for a new connection.
     pub fn reset(&mut self) -> Result<()> {
         match &mut self.ctx {
-            Context::Zlib(d) => d.reset(true),
+            Context::Zlib(d) => d.reset(false),
             Context::Zstd(d) => d.reinit().map_err(|e| Error::compression(e.to_string()))?,
             Context::Plain => {}
         }
         self.tail_len = 0;
         self.broken = false;
+        self.header_left = 2;
         self.ended = false;
+        self.trailer_left = 4;
         Ok(())
     }
 
@@ -151,13 +164,33 @@ impl Transport {
                 Ok(fin)
             }
             Context::Zlib(d) => {
-                if self.ended {
-                    if frame.is_empty() {
-                        return Ok(false);
+                let mut data = frame;
+                while self.header_left > 0 {
+                    let Some((&byte, rest)) = data.split_first() else {
+                        break;
+                    };
+                    if self.header_left == 2 {
+                        self.cmf = byte;
+                    } else {
+                        check_zlib_header(self.cmf, byte)?;
                     }
-                    return Err(Error::compression("data after the end of the zlib stream"));
+                    self.header_left -= 1;
+                    data = rest;
                 }
-                self.ended = zlib_feed(d, frame, out, base, limit)?;
+                if !self.ended {
+                    if let Some(rest) = zlib_feed(d, data, out, base, limit)? {
+                        self.ended = true;
+                        data = &data[data.len() - rest..];
+                    } else {
+                        data = &[];
+                    }
+                }
+                if self.ended {
+                    if data.len() > self.trailer_left {
+                        return Err(Error::compression("data after the end of the zlib stream"));
+                    }
+                    self.trailer_left -= data.len();
+                }
                 // Track the last 4 compressed bytes of this message across frames.
                 if frame.len() >= 4 {
                     self.tail.copy_from_slice(&frame[frame.len() - 4..]);
@@ -206,14 +239,30 @@ fn grow(out: &mut Vec<u8>, base: usize, limit: usize, hint: usize) -> Result<()>
     Ok(())
 }
 
-/// Inflates `input` fully; returns true when the deflate stream ended.
+/// Validates the 2-byte zlib header (RFC 1950): deflate, window <= 32 KiB, no preset
+/// dictionary, check bits.
+fn check_zlib_header(cmf: u8, flg: u8) -> Result<()> {
+    let ok = cmf & 0x0f == 8
+        && cmf >> 4 <= 7
+        && (u16::from(cmf) << 8 | u16::from(flg)) % 31 == 0
+        && flg & 0x20 == 0;
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::compression(format!(
+            "invalid zlib header {cmf:02x} {flg:02x}"
+        )))
+    }
+}
+
+/// Inflates `input` fully; returns `Some(unconsumed)` when the deflate stream ended.
 fn zlib_feed(
     d: &mut Decompress,
     mut input: &[u8],
     out: &mut Vec<u8>,
     base: usize,
     limit: usize,
-) -> Result<bool> {
+) -> Result<Option<usize>> {
     loop {
         grow(out, base, limit, input.len() * 4)?;
         let (in0, out0) = (d.total_in(), d.total_out());
@@ -228,15 +277,10 @@ fn zlib_feed(
         }
         let full = out.len() == out.capacity();
         match status {
-            Status::StreamEnd => {
-                if !input.is_empty() {
-                    return Err(Error::compression("data after the end of the zlib stream"));
-                }
-                return Ok(true);
-            }
+            Status::StreamEnd => return Ok(Some(input.len())),
             Status::Ok | Status::BufError => {
                 if input.is_empty() && !full {
-                    return Ok(false);
+                    return Ok(None);
                 }
                 if consumed == 0 && produced == 0 && !full {
                     return Err(Error::compression("inflate made no progress"));

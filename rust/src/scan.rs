@@ -487,15 +487,17 @@ impl<'a> Parser<'a> {
             let quotes = m.quote & !escaped;
             let in_string = prefix_xor(quotes) ^ prev_in_string;
             prev_in_string = 0u64.wrapping_sub(in_string >> 63);
-            let mut brackets = (m.open | m.close) & !in_string;
-            let colons = if KEYS { m.colon & !in_string } else { 0 };
+            let mut brackets = m.bracket & !in_string;
+            // Colons are only needed while at depth 1: computed on first use per block.
+            let mut colons: Option<u64> = None;
             // Depth only changes at brackets, so the colons of the outermost object are
             // those between brackets while the depth is 1.
             let mut from = 0u32;
             loop {
                 let next = brackets.trailing_zeros();
                 if KEYS && depth == 1 && stack[0] & 1 != 0 {
-                    let mut keys = colons & bits_between(from, next);
+                    let all = *colons.get_or_insert_with(|| block_colons(block) & !in_string);
+                    let mut keys = all & bits_between(from, next);
                     while keys != 0 {
                         let bit = keys.trailing_zeros();
                         keys &= keys - 1;
@@ -525,7 +527,8 @@ impl<'a> Parser<'a> {
                 let bit = next as usize;
                 let at = pos + bit;
                 let is_brace = block[bit] & 0x20 != 0; // '{' and '}' have bit 5 set, '[' and ']' do not.
-                if m.open & (1u64 << bit) != 0 {
+                                                       // '[' (5B) and '{' (7B) have bit 1 set, ']' (5D) and '}' (7D) do not.
+                if block[bit] & 0x02 != 0 {
                     if depth == MAX_DEPTH {
                         return Err(Error::payload(at, "nesting at most 1024 levels deep"));
                     }
@@ -768,9 +771,8 @@ fn hex4(raw: &[u8], i: usize) -> Option<u32> {
 struct Masks {
     quote: u64,
     backslash: u64,
-    open: u64,
-    close: u64,
-    colon: u64,
+    /// Any of `{}[]`.
+    bracket: u64,
 }
 
 /// SSE2 version: SSE2 is part of the `x86_64` baseline, so this is always available there.
@@ -781,6 +783,15 @@ fn block_masks(block: &[u8; 64]) -> Masks {
     // SAFETY: the only requirement of a `#[target_feature(enable = "sse2")]` function is
     // that the CPU supports SSE2, which the cfg above guarantees at compile time.
     unsafe { sse2::masks(block) }
+}
+
+/// The colons of a block.
+#[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
+#[inline]
+#[allow(unsafe_code)]
+fn block_colons(block: &[u8; 64]) -> u64 {
+    // SAFETY: as for `block_masks`.
+    unsafe { sse2::eq_mask(block, b':') }
 }
 
 #[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
@@ -803,7 +814,26 @@ mod sse2 {
 
     #[inline]
     #[target_feature(enable = "sse2")]
-    #[allow(clippy::cast_possible_wrap, clippy::cast_sign_loss)] // byte patterns, movemask bits
+    #[allow(clippy::cast_sign_loss)] // movemask bits
+    fn bits(x: __m128i, k: usize) -> u64 {
+        u64::from(_mm_movemask_epi8(x) as u16) << (16 * k)
+    }
+
+    #[inline]
+    #[target_feature(enable = "sse2")]
+    #[allow(clippy::cast_possible_wrap)] // byte patterns
+    pub(super) fn eq_mask(block: &[u8; 64], byte: u8) -> u64 {
+        let pattern = _mm_set1_epi8(byte as i8);
+        let mut m = 0;
+        for k in 0..4 {
+            m |= bits(_mm_cmpeq_epi8(lane(block, k), pattern), k);
+        }
+        m
+    }
+
+    #[inline]
+    #[target_feature(enable = "sse2")]
+    #[allow(clippy::cast_possible_wrap)] // byte patterns
     pub(super) fn masks(block: &[u8; 64]) -> Masks {
         let quote = _mm_set1_epi8(b'"' as i8);
         let backslash = _mm_set1_epi8(b'\\' as i8);
@@ -811,23 +841,25 @@ mod sse2 {
         let close = _mm_set1_epi8(b'}' as i8);
         // '[' | 0x20 == '{' and ']' | 0x20 == '}'; no other byte maps onto those.
         let lower = _mm_set1_epi8(0x20);
-        let colon = _mm_set1_epi8(b':' as i8);
         let mut m = Masks {
             quote: 0,
             backslash: 0,
-            open: 0,
-            close: 0,
-            colon: 0,
+            bracket: 0,
         };
+        let mut any_backslash = _mm_set1_epi8(0);
         for k in 0..4 {
             let v = lane(block, k);
             let l = _mm_or_si128(v, lower);
-            let bits = |x: __m128i| u64::from(_mm_movemask_epi8(x) as u16) << (16 * k);
-            m.quote |= bits(_mm_cmpeq_epi8(v, quote));
-            m.backslash |= bits(_mm_cmpeq_epi8(v, backslash));
-            m.open |= bits(_mm_cmpeq_epi8(l, open));
-            m.close |= bits(_mm_cmpeq_epi8(l, close));
-            m.colon |= bits(_mm_cmpeq_epi8(v, colon));
+            m.quote |= bits(_mm_cmpeq_epi8(v, quote), k);
+            any_backslash = _mm_or_si128(any_backslash, _mm_cmpeq_epi8(v, backslash));
+            m.bracket |= bits(
+                _mm_or_si128(_mm_cmpeq_epi8(l, open), _mm_cmpeq_epi8(l, close)),
+                k,
+            );
+        }
+        // Most blocks have no backslash: one test instead of four masks.
+        if _mm_movemask_epi8(any_backslash) != 0 {
+            m.backslash = eq_mask(block, b'\\');
         }
         m
     }
@@ -840,22 +872,35 @@ fn block_masks(block: &[u8; 64]) -> Masks {
     scalar_masks(block)
 }
 
+/// Portable version of the colon mask.
+#[cfg(not(all(target_arch = "x86_64", target_feature = "sse2")))]
+#[inline]
+fn block_colons(block: &[u8; 64]) -> u64 {
+    scalar_eq(block, b':')
+}
+
+#[cfg_attr(all(target_arch = "x86_64", target_feature = "sse2"), allow(dead_code))]
+#[inline]
+fn scalar_eq(block: &[u8; 64], byte: u8) -> u64 {
+    let mut m = 0;
+    for (j, &c) in block.iter().enumerate() {
+        m |= u64::from(c == byte) << j;
+    }
+    m
+}
+
 #[cfg_attr(all(target_arch = "x86_64", target_feature = "sse2"), allow(dead_code))]
 #[inline]
 fn scalar_masks(block: &[u8; 64]) -> Masks {
     let mut m = Masks {
         quote: 0,
         backslash: 0,
-        open: 0,
-        close: 0,
-        colon: 0,
+        bracket: 0,
     };
     for (j, &c) in block.iter().enumerate() {
-        m.colon |= u64::from(c == b':') << j;
         m.quote |= u64::from(c == b'"') << j;
         m.backslash |= u64::from(c == b'\\') << j;
-        m.open |= u64::from(c | 0x20 == b'{') << j;
-        m.close |= u64::from(c | 0x20 == b'}') << j;
+        m.bracket |= u64::from(c | 0x20 == b'{' || c | 0x20 == b'}') << j;
     }
     m
 }
@@ -932,4 +977,27 @@ pub fn skip_value_at(buf: &[u8], at: usize) -> Result<usize> {
     let mut p = Parser { b: buf, i: at };
     p.skip_value()?;
     Ok(p.i)
+}
+
+#[cfg(test)]
+mod mask_tests {
+    use super::{block_colons, block_masks, scalar_eq, scalar_masks};
+
+    #[test]
+    fn simd_and_portable_masks_agree() {
+        let alphabet = b"\"\\{}[]:, aZy_\x7f\xff{";
+        let mut state = 0x1234_5678_9abc_def0u64;
+        for _ in 0..2000 {
+            let mut block = [0u8; 64];
+            for b in &mut block {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                *b = alphabet[(state % alphabet.len() as u64) as usize];
+            }
+            let (a, b) = (block_masks(&block), scalar_masks(&block));
+            assert_eq!((a.quote, a.backslash, a.bracket), (b.quote, b.backslash, b.bracket));
+            assert_eq!(block_colons(&block), scalar_eq(&block, b':'));
+        }
+    }
 }

@@ -234,3 +234,38 @@ fn empty_messages_are_framed_like_stock_zlib() {
     let got = feed_frames(&mut t, &input);
     assert_eq!(got, vec![vec![], READY.to_vec(), vec![], vec![]]);
 }
+
+#[test]
+fn zlib_header_is_checked() {
+    for header in [[0x78u8, 0x9d], [0x79, 0x9c], [0x78, 0xbb], [0x88, 0x98]] {
+        let mut t = Transport::new(Compression::Zlib, BIG).unwrap();
+        let mut out = Vec::new();
+        // Byte by byte: the header check must work across frame boundaries too.
+        assert!(!t.feed(&header[..1], false, &mut out, 0).unwrap());
+        let err = t.feed(&header[1..], false, &mut out, 0).unwrap_err();
+        assert!(err.to_string().contains("invalid zlib header"), "{err}");
+    }
+    for level in [1, 6, 9] {
+        let mut c = crate::compress::Compressor::new(Compression::Zlib, level).unwrap();
+        let frame = c.compress(READY).unwrap();
+        let mut t = Transport::new(Compression::Zlib, BIG).unwrap();
+        let got = feed_frames(&mut t, &[(&frame[..1], false), (&frame[1..], true)]);
+        assert_eq!(got, vec![READY.to_vec()], "level {level}");
+    }
+}
+
+#[test]
+fn an_ended_zlib_stream_accepts_its_trailer_then_nothing() {
+    use flate2::{Compress, Compression as Level, FlushCompress};
+    let mut c = Compress::new(Level::default(), true);
+    let mut frame = Vec::with_capacity(READY.len() + 64);
+    c.compress_vec(READY, &mut frame, FlushCompress::Finish)
+        .unwrap();
+    let mut t = Transport::new(Compression::Zlib, BIG).unwrap();
+    let mut out = Vec::new();
+    // The finished stream (with its Adler-32 trailer) does not end in the sync marker.
+    assert!(!t.feed(&frame, true, &mut out, 0).unwrap());
+    assert_eq!(out, READY);
+    let err = t.feed(b"x", true, &mut out, 0).unwrap_err();
+    assert!(err.to_string().contains("after the end"), "{err}");
+}

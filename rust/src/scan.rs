@@ -996,7 +996,10 @@ mod mask_tests {
                 *b = alphabet[(state % alphabet.len() as u64) as usize];
             }
             let (a, b) = (block_masks(&block), scalar_masks(&block));
-            assert_eq!((a.quote, a.backslash, a.bracket), (b.quote, b.backslash, b.bracket));
+            assert_eq!(
+                (a.quote, a.backslash, a.bracket),
+                (b.quote, b.backslash, b.bracket)
+            );
             assert_eq!(block_colons(&block), scalar_eq(&block, b':'));
         }
     }

@@ -41,7 +41,7 @@ async def test_one_bucket_spaces_identifies_by_the_window_in_arrival_order():
     granted = await grant_times(gate, [3, 0, 2, 1])
     times = [granted[s] for s in [3, 0, 2, 1]]
     assert times == sorted(times)  # FIFO
-    assert times[0] < 0.05
+    assert times[0] < 0.1
     for earlier, later in itertools.pairwise(times):
         assert later - earlier >= 0.095
     assert gate.granted == 4 and gate.identified == 4
@@ -51,9 +51,9 @@ async def test_buckets_run_in_parallel():
     gate = LocalIdentifyScheduler(max_concurrency=2, window_s=0.2, margin_s=0.0)
     granted = await grant_times(gate, [0, 1, 2, 3])
     # Buckets 0 and 1 start together; their second shards wait one window each.
-    assert granted[0] < 0.05 and granted[1] < 0.05
+    assert granted[0] < 0.1 and granted[1] < 0.1
     assert granted[2] >= 0.195 and granted[3] >= 0.195
-    assert granted[2] < 0.35 and granted[3] < 0.35
+    assert granted[2] < 0.39 and granted[3] < 0.39  # one window, not two
 
 
 async def test_spent_budget_waits_for_the_reset_and_logs_it(caplog):
@@ -62,14 +62,14 @@ async def test_spent_budget_waits_for_the_reset_and_logs_it(caplog):
     )
     with caplog.at_level(logging.WARNING, logger="shardgate.identify"):
         granted = await grant_times(gate, [0, 1, 2])
-    assert granted[0] < 0.05 and granted[1] < 0.05
+    assert granted[0] < 0.1 and granted[1] < 0.1
     assert granted[2] >= 0.29
     assert gate.remaining == 9
     assert any("budget spent" in r.getMessage() for r in caplog.records)
 
 
 async def test_cancelled_waiter_holds_nothing():
-    gate = LocalIdentifyScheduler(max_concurrency=1, window_s=0.15, margin_s=0.0)
+    gate = LocalIdentifyScheduler(max_concurrency=1, window_s=0.2, margin_s=0.0)
     start = time.monotonic()
     await gate.acquire(0)
     waiter = asyncio.create_task(gate.acquire(1))
@@ -79,7 +79,7 @@ async def test_cancelled_waiter_holds_nothing():
         await waiter
     await gate.acquire(2)
     # Shard 2 gets the slot shard 1 gave up: one window after shard 0, not two.
-    assert 0.14 <= time.monotonic() - start < 0.28
+    assert 0.19 <= time.monotonic() - start < 0.38
     assert gate.granted == 2
 
 

@@ -895,3 +895,36 @@ async def test_commands_wait_while_the_link_is_down_and_go_out_after_resume(fake
     await until(lambda: 3 in resumed.ops_received())
     assert resumed.ops_received().index(6) < resumed.ops_received().index(3)  # RESUME first
     await stopped(shard)
+
+
+async def test_heartbeats_carry_the_last_received_seq():
+    """HELLO, one dispatch with s=42, then a heartbeat request: the answer must say d=42."""
+    received: list[dict[str, Any]] = []
+
+    class Echo(WSListener):
+        def on_ws_connected(self, transport: WSTransport) -> None:
+            for payload in (
+                {"op": 10, "d": {"heartbeat_interval": 60_000}, "s": None, "t": None},
+                {"op": 0, "d": {"x": 1}, "s": 42, "t": "SOMETHING"},
+                {"op": 1, "d": None, "s": None, "t": None},
+            ):
+                transport.send(WSMsgType.TEXT, orjson.dumps(payload))
+
+        def on_ws_frame(self, transport: WSTransport, frame) -> None:
+            if frame.msg_type == WSMsgType.TEXT:
+                received.append(orjson.loads(frame.get_payload_as_bytes()))
+
+    server = await ws_create_server(lambda _request: Echo(), "127.0.0.1", 0)
+    try:
+        url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        options = dataclasses.replace(OPTS, compression=None)
+        shard = Shard(TOKEN, 0, 1, gateway_url=url, intents=INTENTS, options=options)
+        shard.start()
+        await until(lambda: any(p["op"] == 1 for p in received), 2.0)
+        beat = next(p for p in received if p["op"] == 1)
+        assert beat == {"op": 1, "d": 42}
+        assert shard.seq == 42
+        await stopped(shard)
+    finally:
+        server.close()
+        await server.wait_closed()

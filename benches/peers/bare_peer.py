@@ -95,6 +95,10 @@ class PicowsClient(WSListener):  # type: ignore[misc]
         self.transport = None
 
 
+def _op_t(msg: dict[str, Any]) -> tuple[int, str | None]:
+    return msg["op"], msg["t"]
+
+
 async def aiohttp_client(
     session: aiohttp.ClientSession,
     url: str,
@@ -119,10 +123,12 @@ async def aiohttp_client(
                 buffer += data
                 data = bytes(buffer)
                 buffer.clear()
-            msg = orjson.loads(inflater.decompress(data))
-            op = msg["op"]
+            op, t = _op_t(orjson.loads(inflater.decompress(data)))
+            # Drop this message's references before waiting for the next one: an idle
+            # connection must not keep its last (possibly 40 KB) payload alive.
+            del data, message
             if op == 0:
-                if msg["t"] == "READY":
+                if t == "READY":
                     ready()
                 hit()
             elif op == 10:

@@ -928,3 +928,37 @@ async def test_heartbeats_carry_the_last_received_seq():
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_shards_of_different_buckets_identify_in_parallel():
+    config = dataclasses.replace(FAST, shards=2, identify_window_s=0.5, max_concurrency=2)
+    async with FakeDiscord(config) as fake:
+        gate = LocalIdentifyScheduler(max_concurrency=2, window_s=0.5)
+        shards = [make_shard(fake, shard_id=i, shard_count=2, gate=gate) for i in range(2)]
+        for shard in shards:
+            shard.start()
+        await asyncio.gather(*(s.wait_ready(5.0) for s in shards))
+        times = fake.identify_times()
+        assert len(times) == 2 and abs(times[1] - times[0]) < 0.4  # no bucket wait
+        assert sorted(r.bucket for r in fake.identifies) == [0, 1]
+        await asyncio.gather(*(stopped(s) for s in shards))
+
+
+async def test_an_overridden_handle_payload_that_raises_does_not_kill_the_shard(fake):
+    class Broken(Shard):
+        __slots__ = ()
+
+        def handle_payload(self, message: Message) -> None:
+            super().handle_payload(message)
+            if message.op == 11:
+                raise RuntimeError("bug in an override")
+
+    shard = Broken(TOKEN, 0, 1, gateway_url=fake.gateway_url, intents=INTENTS, options=OPTS)
+    await running(shard)
+    await fake.request_heartbeat(0)
+    await until(lambda: shard.acks >= 1)
+    await message_create(fake, guild_of_shard(fake), 6)
+    session = await fake.wait_ready(0)
+    await until(lambda: shard.seq == session.seq)
+    assert shard.status is ShardState.READY and shard.reconnects == 0
+    await stopped(shard)

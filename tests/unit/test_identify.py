@@ -107,3 +107,14 @@ async def test_default_margin_pads_the_window_against_arrival_jitter():
     # 50 ms margin (the floor): the second IDENTIFY cannot reach Discord inside the window
     # even if the first one was delayed on the way.
     assert granted[1] - granted[0] >= 0.145
+
+
+async def test_update_budget_adopts_a_fresh_session_start_limit():
+    gate = LocalIdentifyScheduler(max_concurrency=1, window_s=0.0, remaining=0, total=5)
+    gate.update_budget(remaining=1, reset_after_s=0.2, total=5)
+    started = time.monotonic()
+    await gate.acquire(0)  # the fresh budget allows one at once
+    assert time.monotonic() - started < 0.1
+    await gate.acquire(1)  # then it is spent: wait for the reset, refill to total
+    assert time.monotonic() - started >= 0.19
+    assert gate.remaining == 4

@@ -23,9 +23,10 @@ build: venv
 demo: build
 	$(BIN)/shardgate demo
 
-test: test-rust build lint test-python
+test: test-rust lint test-python
 
-test-rust:
+# pyo3's build script asks the venv's interpreter (VIRTUAL_ENV is exported above).
+test-rust: venv
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 	cargo test --quiet

@@ -205,7 +205,7 @@ expected_keys = (
 )
 
 
-@settings(max_examples=200)
+@settings(max_examples=150)
 @given(batch=st.lists(envelopes(), min_size=1, max_size=4), shard_id=st.integers(0, 4095))
 def test_scan_agrees_with_orjson(batch: list[bytes], shard_id: int) -> None:
     codec = ShardCodec(shard_id, None, edit_filter=False)
@@ -223,7 +223,7 @@ def test_scan_agrees_with_orjson(batch: list[bytes], shard_id: int) -> None:
 NASTY = st.text(alphabet='\\"{}[]:,a\u00e9', max_size=150)
 
 
-@settings(max_examples=300)
+@settings(max_examples=200)
 @given(
     pad=st.integers(0, 130),
     decoy=NASTY,

@@ -17,6 +17,8 @@ use crate::scan::{self, Kind, Scan};
 
 /// Output buffers above this capacity are shrunk back after a message.
 const KEEP_CAPACITY: usize = 1 << 20;
+/// Largest edit filter (24 bytes an entry: 384 MiB).
+const MAX_FILTER_CAPACITY: usize = 1 << 24;
 /// Distinct `t` strings cached as Python objects per codec.
 const T_CACHE_MAX: usize = 128;
 
@@ -338,10 +340,10 @@ impl ShardCodec {
     ) -> PyResult<Self> {
         let compression = parse_compression(compression)?;
         let max_message_size = check_size(max_message_size)?;
-        if edit_filter && edit_filter_capacity == 0 {
-            return Err(PyValueError::new_err(
-                "edit_filter_capacity must be positive",
-            ));
+        if edit_filter && !(1..=MAX_FILTER_CAPACITY).contains(&edit_filter_capacity) {
+            return Err(PyValueError::new_err(format!(
+                "edit_filter_capacity must be in 1..={MAX_FILTER_CAPACITY}"
+            )));
         }
         let filter =
             edit_filter.then(|| EditFilter::new(edit_filter_capacity, edit_filter_max_age_ms));

@@ -230,7 +230,7 @@ fn grow(out: &mut Vec<u8>, base: usize, limit: usize, hint: usize) -> Result<()>
         return Ok(());
     }
     let want = hint.max(size).max(MIN_CHUNK);
-    let room = limit - size + 1;
+    let room = (limit - size).saturating_add(1);
     if want >= room {
         out.reserve_exact(room);
     } else {

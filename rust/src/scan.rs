@@ -452,7 +452,7 @@ impl<'a> Parser<'a> {
     /// Skips an object or array starting at `self.i` (an opening bracket).
     #[inline]
     fn skip_container(&mut self) -> Result<()> {
-        self.walk::<false>(&mut |_, _| Ok(()))
+        self.walk::<false>(0, &mut |_, _| Ok(()))
     }
 
     /// Skips an object or array starting at `self.i` (an opening bracket) by matching
@@ -461,9 +461,11 @@ impl<'a> Parser<'a> {
     /// only the structural characters are visited one by one.
     ///
     /// With `KEYS`, `on_key(key, value)` is called with the raw key and the offset of the
-    /// value for every key of the outermost object; it reads the value on its own.
+    /// value for every key of the outermost object whose length is a bit set in
+    /// `key_lens`; it reads the value on its own.
     fn walk<const KEYS: bool>(
         &mut self,
+        key_lens: u64,
         on_key: &mut impl FnMut(&'a [u8], usize) -> Result<()>,
     ) -> Result<()> {
         let b = self.b;
@@ -483,7 +485,11 @@ impl<'a> Parser<'a> {
                 &tail
             };
             let m = block_masks(block);
-            let escaped = find_escaped(m.backslash, &mut prev_escaped);
+            let escaped = if m.backslash | prev_escaped == 0 {
+                0 // the common case: no backslash in or just before this block
+            } else {
+                find_escaped(m.backslash, &mut prev_escaped)
+            };
             let quotes = m.quote & !escaped;
             let in_string = prefix_xor(quotes) ^ prev_in_string;
             prev_in_string = 0u64.wrapping_sub(in_string >> 63);
@@ -502,16 +508,11 @@ impl<'a> Parser<'a> {
                         let bit = keys.trailing_zeros();
                         keys &= keys - 1;
                         let at = pos + bit as usize;
-                        // Compact JSON: the key's quotes are the last two real quotes
-                        // before the colon, usually in this block.
-                        let before = quotes & bits_between(0, bit);
-                        let key = if bit > 0 && before >> (bit - 1) == 1 && before.count_ones() >= 2
-                        {
-                            let open = (before & !(1u64 << (bit - 1))).ilog2();
-                            &b[pos + open as usize + 1..at - 1]
-                        } else {
-                            key_at(b, at)
-                        };
+                        let key = key_of_colon(b, pos, quotes, bit);
+                        // Most keys are not wanted: their length alone says so.
+                        if key.len() >= 64 || key_lens & (1u64 << key.len()) == 0 {
+                            continue;
+                        }
                         let mut v = at + 1;
                         while matches!(b.get(v), Some(b' ' | b'\n' | b'\r' | b'\t')) {
                             v += 1;
@@ -619,7 +620,14 @@ impl<'a> Parser<'a> {
             return Err(Error::payload(self.i, what));
         }
         let b = self.b;
-        self.walk::<true>(&mut |key, at| {
+        let lens = |keys: &[&[u8]]| keys.iter().fold(0u64, |m, k| m | 1u64 << k.len());
+        let key_lens = match need {
+            Need::Hello => lens(&[b"heartbeat_interval"]),
+            Need::Ready => lens(&[b"session_id", b"resume_gateway_url", b"guilds"]),
+            Need::Guild => lens(&[b"id", b"unavailable"]),
+            _ => lens(&[b"id", b"content", b"edited_timestamp"]),
+        };
+        self.walk::<true>(key_lens, &mut |key, at| {
             let mut p = Parser { b, i: at };
             match (need, key) {
                 (Need::Hello, b"heartbeat_interval") => {
@@ -928,6 +936,21 @@ fn prefix_xor(mut x: u64) -> u64 {
     x ^= x << 16;
     x ^= x << 32;
     x
+}
+
+/// The raw key before the structural colon at bit `bit` of the block at `pos` whose real
+/// (unescaped) quotes are `quotes`.
+#[inline]
+fn key_of_colon(b: &[u8], pos: usize, quotes: u64, bit: u32) -> &[u8] {
+    // Compact JSON: the key's quotes are the last two real quotes before the colon,
+    // usually in this block.
+    let before = quotes & bits_between(0, bit);
+    if bit > 0 && before >> (bit - 1) == 1 && before.count_ones() >= 2 {
+        let open = (before & !(1u64 << (bit - 1))).ilog2() as usize;
+        &b[pos + open + 1..pos + bit as usize - 1]
+    } else {
+        key_at(b, pos + bit as usize)
+    }
 }
 
 /// The raw key of the string just before the structural colon at `colon`; empty when

@@ -56,12 +56,10 @@ pub struct Stats {
     pub errors: u64,
 }
 
-/// One decoded message: the scan and the filter verdict. The body is in
-/// [`CodecCore::body`] until the next feed.
-#[derive(Debug)]
+/// One decoded message's filter verdict; its scan is [`CodecCore::last`] and its body
+/// [`CodecCore::body`] until the next feed (kept in the core to avoid moving them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Decoded {
-    /// What the scanner found (spans index [`CodecCore::payload`]).
-    pub scan: Scan,
     /// The edit filter says to drop it.
     pub drop: bool,
 }
@@ -76,6 +74,7 @@ pub struct CodecCore {
     done: bool,
     filter: Option<EditFilter>,
     clock: Instant,
+    last: Scan,
     /// Counters.
     pub stats: Stats,
 }
@@ -97,6 +96,7 @@ impl CodecCore {
             done: false,
             filter,
             clock: Instant::now(),
+            last: Scan::default(),
             stats: Stats::default(),
         })
     }
@@ -144,17 +144,18 @@ impl CodecCore {
             return Ok(None);
         }
         let payload = &self.buf[self.base..];
-        let scan = scan::scan(payload)?;
+        self.last = scan::scan(payload)?;
+        let scan = &self.last;
         // The clock is read only for the messages the filter stores.
         let clock = &self.clock;
         let now = || now_ms.unwrap_or_else(|| clock.elapsed().as_millis() as u64);
         let drop = match (&mut self.filter, scan.kind(), scan.message_id) {
             (Some(f), Kind::MessageCreate, Some(id)) => {
-                f.remember(id, field_hash(payload, &scan), now());
+                f.remember(id, field_hash(payload, scan), now());
                 false
             }
             (Some(f), Kind::MessageUpdate, Some(id)) => {
-                f.update(id, field_hash(payload, &scan), now()) == Verdict::Drop
+                f.update(id, field_hash(payload, scan), now()) == Verdict::Drop
             }
             (Some(f), Kind::MessageDelete, Some(id)) => {
                 f.forget(id);
@@ -167,7 +168,18 @@ impl CodecCore {
         self.stats.edits_dropped += u64::from(drop);
         self.buf.push(body::SUFFIX);
         self.done = true;
-        Ok(Some(Decoded { scan, drop }))
+        Ok(Some(Decoded { drop }))
+    }
+
+    /// What the scanner found in the last decoded message (spans index
+    /// [`CodecCore::payload`]).
+    pub fn last(&self) -> &Scan {
+        &self.last
+    }
+
+    /// Mutable access to the last scan (to move its owned fields out).
+    pub fn last_mut(&mut self) -> &mut Scan {
+        &mut self.last
     }
 
     /// The forward body of the last decoded message.
@@ -371,21 +383,24 @@ impl ShardCodec {
         let py = frame.py();
         let core = &mut self.core;
         let decoded = with_bytes(frame, &mut self.scratch, |b| core.feed(b, fin))??;
-        let Some(Decoded { scan, drop }) = decoded else {
+        let Some(Decoded { drop }) = decoded else {
             return Ok(None);
         };
         let base = self.core.base();
         let body = PyBytes::new(py, self.core.body());
-        let t = match &scan.t {
+        let last = self.core.last();
+        let t = match last.t.clone() {
             Some(span) => Some(intern_t(
                 &mut self.t_cache,
                 py,
                 &self.core.body()[base + span.start..base + span.end],
-                scan.t_escaped,
+                last.t_escaped,
                 span.start,
             )?),
             None => None,
         };
+        // Take the (rare) owned READY fields instead of cloning them.
+        let scan = self.core.last_mut();
         Ok(Some(Message {
             op: scan.op,
             seq: scan.seq,
@@ -395,9 +410,9 @@ impl ShardCodec {
             payload_start: base,
             drop,
             heartbeat_interval: scan.heartbeat_interval,
-            session_id: scan.session_id,
-            resume_gateway_url: scan.resume_gateway_url,
-            guild_ids: scan.guild_ids,
+            session_id: scan.session_id.take(),
+            resume_gateway_url: scan.resume_gateway_url.take(),
+            guild_ids: scan.guild_ids.take(),
             guild_id: scan.guild_id,
             unavailable: scan.unavailable,
             resumable: scan.resumable,

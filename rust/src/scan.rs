@@ -175,7 +175,7 @@ pub fn scan(buf: &[u8]) -> Result<Scan> {
                     out.t = None;
                     out.t_escaped = false;
                 } else if p.peek() == Some(b'"') {
-                    let (span, esc) = p.string()?;
+                    let (span, esc) = p.short_string()?;
                     out.t = Some(span);
                     out.t_escaped = esc;
                 } else {
@@ -294,11 +294,28 @@ impl<'a> Parser<'a> {
         if self.peek() != Some(b'"') {
             return Err(Error::payload(self.i, "a string key"));
         }
-        let (span, _) = self.string()?;
+        let (span, _) = self.short_string()?;
         self.ws();
         self.expect(b':', "':' after an object key")?;
         self.ws();
         Ok(&self.b[span])
+    }
+
+    /// [`Parser::string`] for strings that are usually short (keys, event names): a
+    /// plain loop beats memchr's setup there.
+    #[inline]
+    fn short_string(&mut self) -> Result<(Range<usize>, bool)> {
+        let start = self.i + 1;
+        for (k, &c) in self.b.iter().enumerate().skip(start).take(24) {
+            if c == b'"' {
+                self.i = k + 1;
+                return Ok((start..k, false));
+            }
+            if c == b'\\' {
+                break;
+            }
+        }
+        self.string()
     }
 
     /// A string at `self.i` (which is a quote): returns the span between the quotes and

@@ -800,14 +800,74 @@ struct Masks {
     bracket: u64,
 }
 
-/// SSE2 version: SSE2 is part of the `x86_64` baseline, so this is always available there.
+/// SIMD version: AVX2 when the CPU has it (detected once, then a cached flag), else SSE2,
+/// which is part of the `x86_64` baseline.
 #[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
 #[inline]
 #[allow(unsafe_code)]
 fn block_masks(block: &[u8; 64]) -> Masks {
-    // SAFETY: the only requirement of a `#[target_feature(enable = "sse2")]` function is
-    // that the CPU supports SSE2, which the cfg above guarantees at compile time.
-    unsafe { sse2::masks(block) }
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 support was just detected at run time.
+        unsafe { avx2::masks(block) }
+    } else {
+        // SAFETY: the only requirement of a `#[target_feature(enable = "sse2")]` function is
+        // that the CPU supports SSE2, which the cfg above guarantees at compile time.
+        unsafe { sse2::masks(block) }
+    }
+}
+
+#[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
+mod avx2 {
+    use std::arch::x86_64::{
+        __m256i, _mm256_cmpeq_epi8, _mm256_movemask_epi8, _mm256_or_si256, _mm256_set1_epi8,
+        _mm256_set_epi64x,
+    };
+
+    use super::Masks;
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn lane(block: &[u8; 64], k: usize) -> __m256i {
+        let w = |i: usize| {
+            let mut x = [0u8; 8];
+            x.copy_from_slice(&block[k * 32 + i * 8..k * 32 + i * 8 + 8]);
+            i64::from_le_bytes(x)
+        };
+        _mm256_set_epi64x(w(3), w(2), w(1), w(0))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    #[allow(clippy::cast_sign_loss)]
+    fn bits(x: __m256i, k: usize) -> u64 {
+        u64::from(_mm256_movemask_epi8(x) as u32) << (32 * k)
+    }
+
+    #[target_feature(enable = "avx2")]
+    #[allow(clippy::cast_possible_wrap)]
+    pub(super) fn masks(block: &[u8; 64]) -> Masks {
+        let quote = _mm256_set1_epi8(b'"' as i8);
+        let backslash = _mm256_set1_epi8(b'\\' as i8);
+        let open = _mm256_set1_epi8(b'{' as i8);
+        let close = _mm256_set1_epi8(b'}' as i8);
+        let lower = _mm256_set1_epi8(0x20);
+        let mut m = Masks {
+            quote: 0,
+            backslash: 0,
+            bracket: 0,
+        };
+        for k in 0..2 {
+            let v = lane(block, k);
+            let l = _mm256_or_si256(v, lower);
+            m.quote |= bits(_mm256_cmpeq_epi8(v, quote), k);
+            m.backslash |= bits(_mm256_cmpeq_epi8(v, backslash), k);
+            m.bracket |= bits(
+                _mm256_or_si256(_mm256_cmpeq_epi8(l, open), _mm256_cmpeq_epi8(l, close)),
+                k,
+            );
+        }
+        m
+    }
 }
 
 /// The colons of a block.
@@ -1036,6 +1096,25 @@ mod mask_tests {
                 *b = alphabet[(state % alphabet.len() as u64) as usize];
             }
             let (a, b) = (block_masks(&block), scalar_masks(&block));
+            #[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
+            #[allow(unsafe_code)]
+            {
+                // SAFETY: SSE2 is guaranteed by the cfg; both SIMD versions are checked
+                // whichever one `block_masks` picks on this machine.
+                let c = unsafe { super::sse2::masks(&block) };
+                assert_eq!(
+                    (c.quote, c.backslash, c.bracket),
+                    (b.quote, b.backslash, b.bracket)
+                );
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: AVX2 support was just detected.
+                    let d = unsafe { super::avx2::masks(&block) };
+                    assert_eq!(
+                        (d.quote, d.backslash, d.bracket),
+                        (b.quote, b.backslash, b.bracket)
+                    );
+                }
+            }
             assert_eq!(
                 (a.quote, a.backslash, a.bracket),
                 (b.quote, b.backslash, b.bracket)

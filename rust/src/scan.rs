@@ -306,13 +306,16 @@ impl<'a> Parser<'a> {
     #[inline]
     fn short_string(&mut self) -> Result<(Range<usize>, bool)> {
         let start = self.i + 1;
-        for (k, &c) in self.b.iter().enumerate().skip(start).take(24) {
-            if c == b'"' {
-                self.i = k + 1;
-                return Ok((start..k, false));
-            }
-            if c == b'\\' {
-                break;
+        let end = self.b.len().min(start + 24);
+        let mut k = start;
+        while k < end {
+            match self.b[k] {
+                b'"' => {
+                    self.i = k + 1;
+                    return Ok((start..k, false));
+                }
+                b'\\' => break,
+                _ => k += 1,
             }
         }
         self.string()

@@ -38,10 +38,9 @@ import time
 from typing import Any
 
 import aiohttp
-import orjson
 import uvloop
-from picows import WSListener, WSMsgType, WSUpgradeRequest, ws_create_server
 
+from _minimal_handler import start_minimal
 from shardgate.forward import AiohttpForwarder, Delivery, HttpForwarder
 from shardgate.forward_ws import WebsocketForwarder
 from shardgate.handler import EventHandlerServer
@@ -54,32 +53,6 @@ SECRET = "bench-secret"
 # -- the handler side (child process) ---------------------------------------------------
 
 
-class _MiniHttp(asyncio.Protocol):
-    """Answers every request with 200; reads Content-Length, nothing else."""
-
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-        self.buf = bytearray()
-
-    def data_received(self, data: bytes) -> None:
-        buf = self.buf
-        buf += data
-        answers = 0
-        while True:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                break
-            at = buf.find(b"Content-Length: ", 0, end)
-            length = int(buf[at + 16 : buf.find(b"\r\n", at)]) if at >= 0 else 0
-            total = end + 4 + length
-            if len(buf) < total:
-                break
-            del buf[:total]
-            answers += 1
-        if answers:
-            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n" * answers)
-
-
 def serve(kind: str, port: int) -> None:
     async def main() -> None:
         if kind == "shardgate":
@@ -88,24 +61,8 @@ def serve(kind: str, port: int) -> None:
 
             server = EventHandlerServer(on_event, SECRET, port=port, dedupe_size=10_000)
             await server.start()
-        elif kind == "minimal-http":
-            loop = asyncio.get_running_loop()
-            await loop.create_server(_MiniHttp, "127.0.0.1", port)
         else:
-            class Acker(WSListener):  # type: ignore[misc]
-                def on_ws_frame(self, transport: Any, frame: Any) -> None:
-                    if frame.msg_type is not WSMsgType.BINARY:
-                        return
-                    data = frame.get_payload_as_bytes()
-                    start = data.index(b'"ids":') + 6
-                    ids = orjson.loads(data[start : data.index(b',"events":[', start)])
-                    batch = int(data[9 : data.index(b",", 9)])
-                    transport.send(WSMsgType.TEXT, b'{"ack":%d,"n":%d}' % (batch, len(ids)))
-
-            def factory(request: WSUpgradeRequest) -> Acker | None:
-                return Acker() if request.headers.get("Authorization") == SECRET else None
-
-            await ws_create_server(factory, "127.0.0.1", port, max_frame_size=1 << 28)
+            await start_minimal(kind, port, SECRET)
         await asyncio.Event().wait()
 
     uvloop.run(main())

@@ -121,8 +121,14 @@ class Child:
                 self.proc.stdin.close()
 
 
-def spawn(name: str, cmd: list[str], cpu: int | None, stdin: bool = False) -> Child:
-    """Start ``cmd``; pin it to ``cpu`` when given."""
+def spawn(
+    name: str,
+    cmd: list[str],
+    cpu: int | None,
+    stdin: bool = False,
+    env: dict[str, str] | None = None,
+) -> Child:
+    """Start ``cmd``; pin it to ``cpu`` when given; ``env`` replaces the environment."""
     # Kept open for the child's lifetime (read back on failure), closed with the Child.
     stderr = tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace")  # noqa: SIM115
     proc = subprocess.Popen(
@@ -132,6 +138,7 @@ def spawn(name: str, cmd: list[str], cpu: int | None, stdin: bool = False) -> Ch
         stderr=stderr,
         text=True,
         cwd=str(REPO),
+        env=env,
     )
     if cpu is not None:
         # The child may already have exited; its result will say why.

@@ -1,0 +1,785 @@
+"""End to end: fake Discord -> ``shardgate run`` (the gateway process) -> a minimal handler.
+
+    .venv/bin/python benches/bench_e2e.py                    # both modes, 5 runs per kind
+    .venv/bin/python benches/bench_e2e.py --modes websocket --runs 7 --json e2e.json
+    .venv/bin/python benches/bench_e2e.py --profile          # + one cProfiled run per mode
+
+Three processes per run, all on 127.0.0.1: the fake Discord (this script, ``--role
+fake``), the gateway process exactly as a user starts it (``python -m shardgate.cli run``,
+configured through ``SHARDGATE_*`` variables: ``--shards`` shards against the fake,
+``allow_fast_identify``, a 20 ms identify spacing), and the minimal handler of the
+forwarding mode (this script, ``--role handler``, on :mod:`_minimal_handler`: answers
+every POST with 200 / acknowledges every websocket batch without parsing the events).
+With 2+ CPUs the gateway is pinned to one CPU and the fake and the handler share another
+(``--no-pin``). Two kinds of run per mode:
+
+- **saturation**: once every shard is READY and its guilds are loaded, the fake sends
+  ``--events`` realistic dispatches (``payloads.mixed_stream`` routed by guild over the
+  shards), compressed with each connection's own zlib-stream (level ``--level``) and
+  framed before the clock starts, then written to all shards at once as fast as the
+  sockets take them. The gateway cannot keep up (its outbox holds the backlog; its size
+  is set above the run's event count), so what the handler receives per second is the
+  pipeline's capacity. Reported: delivered events/s (first send to last receipt),
+  gateway CPU seconds per 100k delivered events (``/proc/<pid>/stat`` utime+stime from
+  just before the first send to the handler's last receipt), and events per gateway
+  CPU-second: the rate the gateway would reach with one core to itself (the number the
+  targets are about: with 2 cores and 3 processes, wall-clock events/s is only the
+  same when the gateway's CPU share is ~1.0).
+- **paced**: the same stream at ``--paced-fraction`` (default 0.5) of that mode's median
+  saturation rate for ``--paced-seconds``. Each event is built when it is sent: its ``d``
+  carries ``"bench_ns":"<time.monotonic_ns()>"`` (CLOCK_MONOTONIC, one clock for every
+  process on the machine) written just before the event is compressed and written, and
+  the handler records receipt time minus stamp. Reported: p50/p90/p99/max latency.
+  Compression level ``--paced-level`` (default 1: level 6 costs the Python fake ~12 us
+  per event, too much to pace 100k events/s on a shared core; the gateway's inflate cost
+  barely depends on the level).
+
+Every run checks for loss: ``lost = sent - filtered - received`` where ``filtered`` is
+the unfurl MESSAGE_UPDATEs the gateway's edit filter dropped (its status endpoint), checked
+against the fake's own count of unfurls in what it sent; ``lost`` must be 0. Medians of
+``--runs`` runs per kind and mode; ratios against the targets of issue 4 (websocket >=
+150,000 events/s and HTTP >= 15,000 events/s at one core; p99 < 50 ms below saturation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import pstats
+import signal
+import socket
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import uvloop
+
+import _procs
+from _minimal_handler import start_minimal
+from fake_process import say, ws_frame
+from shardgate.testing import payloads
+from shardgate.testing.fake_discord import FakeDiscord, FakeDiscordConfig, FakeSession
+from shardgate.testing.fake_gateway import GatewayConnection
+
+TOKEN = "fake-bot-token"
+SECRET = "bench-e2e-secret"
+INTENTS = "Guilds|GuildMembers|GuildPresences|GuildMessages|GuildMessageTyping|MessageContent"
+MARK = b'"bench_ns":"'
+STAMP_DIGITS = 19
+ZERO_STAMP = b"0" * STAMP_DIGITS
+CHUNK_BYTES = 256 * 1024
+HEARTBEAT_MS = 600_000
+TARGETS = {"websocket": 150_000.0, "http": 15_000.0}
+P99_TARGET_MS = 50.0
+
+
+# -- the handler role (child process) ---------------------------------------------------
+
+
+@dataclass
+class Receipts:
+    """What the handler saw; ``stream`` counts the fake's benchmark events (they carry MARK)."""
+
+    latency: bool
+    stream: int = 0
+    other: int = 0
+    first_ns: int = 0
+    last_ns: int = 0
+    expect: int = -1
+    lat_ns: array.array[int] = field(default_factory=lambda: array.array("q"))
+
+    def seen(self, count: int, now: int) -> None:
+        if not self.first_ns:
+            self.first_ns = now
+        self.last_ns = now
+        before = self.stream
+        self.stream += count
+        if before < self.expect <= self.stream:
+            say("DONE", self.report())
+
+    def report(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "stream": self.stream,
+            "other": self.other,
+            "first_ns": self.first_ns,
+            "last_ns": self.last_ns,
+        }
+        if self.lat_ns:
+            ordered = sorted(self.lat_ns)
+            n = len(ordered)
+            for name, q in (("p50", 0.50), ("p90", 0.90), ("p99", 0.99)):
+                out[f"{name}_ms"] = ordered[min(n - 1, int(q * n))] / 1e6
+            out["max_ms"] = ordered[-1] / 1e6
+            out["samples"] = n
+        return out
+
+
+def handler_role(args: argparse.Namespace) -> None:
+    rec = Receipts(latency=args.latency)
+    lat = rec.lat_ns
+    width = len(MARK)
+
+    def on_body(body: bytes, now: int) -> None:
+        at = body.find(MARK)
+        if at < 0:
+            rec.other += 1
+            return
+        if rec.latency:
+            lat.append(now - int(body[at + width : at + width + STAMP_DIGITS]))
+        rec.seen(1, now)
+
+    def on_batch(frame: bytes, events: int, now: int) -> None:
+        marked = frame.count(MARK)
+        rec.other += events - marked
+        if not marked:
+            return
+        if rec.latency:
+            at = frame.find(MARK)
+            while at >= 0:
+                lat.append(now - int(frame[at + width : at + width + STAMP_DIGITS]))
+                at = frame.find(MARK, at + width + STAMP_DIGITS)
+        rec.seen(marked, now)
+
+    async def main() -> None:
+        kind = "minimal-ws" if args.kind == "websocket" else "minimal-http"
+        server = await start_minimal(kind, 0, SECRET, on_body=on_body, on_batch=on_batch)
+        say("READY", {"port": server.sockets[0].getsockname()[1]})
+        async for line in stdin_lines():
+            if line.startswith("EXPECT "):
+                rec.expect = int(line.split()[1])
+                if rec.stream >= rec.expect:
+                    say("DONE", rec.report())
+            elif line == "REPORT":
+                say("REPORT", rec.report())
+
+    uvloop.run(main())
+
+
+async def stdin_lines() -> Any:
+    """The orchestrator's commands, one per line, until it closes our stdin (or dies)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while line := await reader.readline():
+        yield line.decode().strip()
+
+
+# -- the fake Discord role (child process) ----------------------------------------------
+
+
+class Pool:
+    """The run's events, generated once per fake process: ``(shard, t, d_json)`` in order,
+    ``d_json`` starting with the stamp placeholder, and how many of the first ``i`` events
+    are unfurls (what the gateway's edit filter drops: a MESSAGE_UPDATE whose ``content``
+    and ``edited_timestamp`` equal those last seen for that message)."""
+
+    def __init__(self, n: int, shards: int, guilds: list[int], seed: int) -> None:
+        self.events: list[tuple[int, str, bytes]] = []
+        self.unfurls_before = array.array("q", [0])
+        last: dict[str, tuple[Any, Any]] = {}
+        unfurls = 0
+        head = b'{"bench_ns":"' + ZERO_STAMP + b'",'
+        for t, d in payloads.mixed_stream(seed, n, guilds, guild_create_rate=0.0):
+            shard = (int(d["guild_id"]) >> 22) % shards
+            self.events.append((shard, t, head + orjson.dumps(d)[1:]))
+            if t in ("MESSAGE_CREATE", "MESSAGE_UPDATE"):
+                seen = (d.get("content"), d.get("edited_timestamp"))
+                if t == "MESSAGE_UPDATE" and last.get(d["id"]) == seen:
+                    unfurls += 1
+                last[d["id"]] = seen
+            elif t == "MESSAGE_DELETE":
+                last.pop(d["id"], None)
+            self.unfurls_before.append(unfurls)
+
+
+async def fresh_sessions(
+    fake: FakeDiscord, shards: int, used: set[str], within_s: float
+) -> list[FakeSession]:
+    """One READY, attached session per shard that no earlier run used (a new gateway's)."""
+    found: list[FakeSession] = []
+
+    def ready() -> bool:
+        by_shard: dict[int, FakeSession] = {}
+        for session in fake.live_sessions(num_shards=shards):
+            if session.connection is not None and session.session_id not in used:
+                by_shard[session.shard_id] = session
+        found[:] = [by_shard[i] for i in range(shards) if i in by_shard]
+        return len(found) == shards
+
+    await fake.wait_for(ready, timeout_s=within_s, interval_s=0.02)
+    used.update(s.session_id for s in found)
+    return found
+
+
+def stamp_offset(message: bytes) -> int:
+    return message.index(MARK) + len(MARK)
+
+
+async def blast(
+    sessions: list[FakeSession], pool: Pool, n: int, go: asyncio.Future[None], drain_s: float
+) -> dict[str, Any]:
+    """Prepare frames for every shard (compressed, framed, chunked), then on ``go`` write
+    them to all shards at once, each as fast as its socket takes them."""
+    started = time.perf_counter()
+    conns: list[GatewayConnection] = []
+    for session in sessions:
+        conn = session.connection
+        assert conn is not None and conn.transport is not None
+        conn.hold = []  # nothing else may use the compression streams meanwhile
+        conns.append(conn)
+    pending: list[list[bytes]] = [[] for _ in sessions]
+    pending_bytes = [0] * len(sessions)
+    chunks: list[list[tuple[bytes, int]]] = [[] for _ in sessions]
+    for shard, t, d_json in pool.events[:n]:
+        frame = ws_frame(conns[shard].compress(sessions[shard].add(t, d_json, 0, None)))
+        pending[shard].append(frame)
+        pending_bytes[shard] += len(frame)
+        if pending_bytes[shard] >= CHUNK_BYTES:
+            chunks[shard].append((b"".join(pending[shard]), len(pending[shard])))
+            pending[shard], pending_bytes[shard] = [], 0
+    for shard, frames in enumerate(pending):
+        if frames:
+            chunks[shard].append((b"".join(frames), len(frames)))
+    prepared = time.perf_counter()
+    say("PREPARED", prepared_info(pool, n, prepared - started, len(sessions)))
+    await go
+
+    async def write_all(conn: GatewayConnection, shard_chunks: list[tuple[bytes, int]]) -> int:
+        underlying = conn.transport.underlying_transport  # type: ignore[union-attr]
+        sent = 0
+        for chunk, count in shard_chunks:
+            if not conn.writable.is_set():
+                await conn.writable.wait()
+            if conn.closing:
+                break
+            underlying.write(chunk)
+            sent += count
+        async with asyncio.timeout(drain_s):
+            while not conn.closing and underlying.get_write_buffer_size() > 0:  # noqa: ASYNC110
+                await asyncio.sleep(0.0005)
+        return sent
+
+    first_ns = time.monotonic_ns()
+    try:
+        writers = (write_all(c, ch) for c, ch in zip(conns, chunks, strict=True))
+        sent = await asyncio.gather(*writers)
+    finally:
+        for conn in conns:
+            held, conn.hold = conn.hold, None
+            for message in held or ():
+                conn.send_message(message)
+    return {"sent": sum(sent), "first_ns": first_ns, "last_ns": time.monotonic_ns()}
+
+
+async def paced(
+    sessions: list[FakeSession], pool: Pool, n: int, rate: float, go: asyncio.Future[None]
+) -> dict[str, Any]:
+    """Number the events ahead, then on ``go`` send them at ``rate``: each is stamped,
+    compressed and framed when its turn comes; one write per shard per loop tick."""
+    started = time.perf_counter()
+    conns = [s.connection for s in sessions]
+    items: list[tuple[int, bytes, int]] = []
+    for shard, t, d_json in pool.events[:n]:
+        message = sessions[shard].add(t, d_json, 0, None)
+        items.append((shard, message, stamp_offset(message)))
+    say("PREPARED", prepared_info(pool, n, time.perf_counter() - started, len(sessions)))
+    await go
+    loop = asyncio.get_running_loop()
+    writes = [c.transport.underlying_transport.write for c in conns]  # type: ignore[union-attr]
+    compress = [c.compress for c in conns]  # type: ignore[union-attr]
+    out: list[list[bytes]] = [[] for _ in conns]
+    clock = time.monotonic_ns
+    start = loop.time()
+    first_ns = clock()
+    sent = 0
+    max_backlog = 0
+    while sent < n:
+        due = min(n, int((loop.time() - start) * rate) + 1)
+        max_backlog = max(max_backlog, due - sent)
+        for shard, message, at in items[sent:due]:
+            stamped = b"%b%019d%b" % (message[:at], clock(), message[at + STAMP_DIGITS :])
+            out[shard].append(ws_frame(compress[shard](stamped)))
+        sent = due
+        for shard, frames in enumerate(out):
+            if frames:
+                writes[shard](b"".join(frames))
+                frames.clear()
+        next_at = start + sent / rate
+        await asyncio.sleep(max(0.0, next_at - loop.time()))
+    return {
+        "sent": sent,
+        "first_ns": first_ns,
+        "last_ns": clock(),
+        "max_burst": max_backlog,
+    }
+
+
+def prepared_info(pool: Pool, n: int, prepare_s: float, shards: int) -> dict[str, Any]:
+    per_shard = [0] * shards
+    for shard, _, _ in pool.events[:n]:
+        per_shard[shard] += 1
+    return {
+        "events": n,
+        "unfurls": pool.unfurls_before[n],
+        "per_shard": per_shard,
+        "prepare_s": prepare_s,
+    }
+
+
+def fake_role(args: argparse.Namespace) -> None:
+    shards = args.shards
+    config = FakeDiscordConfig(
+        token=TOKEN,
+        shards=shards,
+        guilds=shards * args.guilds_per_shard,
+        heartbeat_interval_ms=HEARTBEAT_MS,
+        identify_window_s=0.001,
+        max_concurrency=shards,
+        session_start_total=100_000,
+        replay_buffer_size=1_000,
+        record_dispatches=False,
+        guild_create_bytes=args.guild_create_bytes,
+        compression_level=args.level,
+    )
+
+    async def main() -> None:
+        async with FakeDiscord(config) as fake:
+            pool = Pool(args.pool, shards, list(fake.guild_ids), args.seed)
+            say("READY", {"rest_url": fake.rest_url, "gateway_url": fake.gateway_url})
+            used: set[str] = set()
+            loop = asyncio.get_running_loop()
+            work: asyncio.Task[dict[str, Any]] | None = None
+            go: asyncio.Future[None] = loop.create_future()
+            async for line in stdin_lines():
+                command = json.loads(line)
+                if command["cmd"] == "prepare":
+                    sessions = await fresh_sessions(fake, shards, used, args.timeout)
+                    go = loop.create_future()
+                    n = min(command["events"], len(pool.events))
+                    if command["kind"] == "blast":
+                        work = loop.create_task(blast(sessions, pool, n, go, args.timeout))
+                    else:
+                        work = loop.create_task(paced(sessions, pool, n, command["rate"], go))
+                elif command["cmd"] == "go" and work is not None:
+                    go.set_result(None)
+                    say("SENT", await work)
+                    work = None
+
+    uvloop.run(main())
+
+
+# -- the orchestrator -------------------------------------------------------------------
+
+
+def proc_cpu_s(pid: int) -> float:
+    """utime + stime of a process (all its threads), from ``/proc/<pid>/stat``."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def gateway_status(port: int) -> dict[str, Any]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/status", headers={"Authorization": SECRET}
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        result: dict[str, Any] = json.loads(response.read())
+        return result
+
+
+def wait_loaded(gateway: _procs.Child, port: int, shards: int, timeout: float) -> dict[str, Any]:
+    """Poll the gateway's status until every shard is READY, loaded, and the queue empty."""
+    deadline = time.monotonic() + timeout
+    last: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        if gateway.proc.poll() is not None:
+            raise RuntimeError(f"gateway exited: {gateway.stderr_tail()}")
+        with contextlib.suppress(OSError, ValueError):
+            last = gateway_status(port)
+            if last["ready"] == shards and last["all_loaded"] and last["queue"]["depth"] == 0:
+                return last
+        time.sleep(0.1)
+    raise TimeoutError(f"gateway not loaded within {timeout} s: {last}")
+
+
+@dataclass
+class Series:
+    """One fake process serving every run of one (mode, kind)."""
+
+    mode: str
+    kind: str
+    fake: _procs.Child
+    urls: dict[str, Any]
+
+
+def start_fake(args: argparse.Namespace, kind: str, pool: int, cpu: int | None) -> Series:
+    level = args.level if kind == "saturation" else args.paced_level
+    cmd = [
+        _procs.MAIN_PYTHON, __file__, "--role", "fake", "--shards", str(args.shards),
+        "--guilds-per-shard", str(args.guilds_per_shard), "--pool", str(pool),
+        "--level", str(level), "--seed", str(args.seed), "--timeout", str(args.timeout),
+        "--guild-create-bytes", str(args.guild_create_bytes),
+    ]  # fmt: skip
+    fake = _procs.spawn("fake", cmd, cpu, stdin=True)
+    urls = fake.reader.tagged("READY", timeout=300)
+    return Series("", kind, fake, urls)
+
+
+def send(child: _procs.Child, line: str) -> None:
+    assert child.proc.stdin is not None
+    child.proc.stdin.write(line + "\n")
+    child.proc.stdin.flush()
+
+
+def gateway_env(
+    args: argparse.Namespace,
+    mode: str,
+    series: Series,
+    handler_port: int,
+    control_port: int,
+    queue: int,
+) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDGATE_")}
+    env.update(
+        SHARDGATE_TOKEN=TOKEN,
+        SHARDGATE_INTENTS=INTENTS,
+        SHARDGATE_REST_URL=series.urls["rest_url"],
+        SHARDGATE_EVENT_HANDLER_URL=f"http://127.0.0.1:{handler_port}/",
+        SHARDGATE_EVENT_HANDLER_SECRET=SECRET,
+        SHARDGATE_FORWARD_MODE=mode,
+        SHARDGATE_SPAWN_SHARD_DELAY="20",
+        SHARDGATE_ALLOW_FAST_IDENTIFY="true",
+        SHARDGATE_QUEUE_MAX_SIZE=str(queue),
+        SHARDGATE_CONTROL_PORT=str(control_port),
+        SHARDGATE_LOG_LEVEL="WARNING",
+    )
+    return env
+
+
+def run_one(
+    args: argparse.Namespace,
+    mode: str,
+    series: Series,
+    events: int,
+    rate: float | None,
+    cpus: tuple[int | None, int | None],
+    profile_to: str | None = None,
+) -> dict[str, Any]:
+    """One run: fresh handler and gateway processes against the series' fake."""
+    cpu_side, cpu_gateway = cpus
+    record: dict[str, Any] = {"mode": mode, "kind": series.kind, "load_before": _procs.loadavg()}
+    handler_cmd = [_procs.MAIN_PYTHON, __file__, "--role", "handler", "--kind", mode]
+    if rate is not None:
+        handler_cmd.append("--latency")
+    handler = _procs.spawn("handler", handler_cmd, cpu_side, stdin=True)
+    gateway: _procs.Child | None = None
+    try:
+        handler_port = handler.reader.tagged("READY", timeout=30)["port"]
+        control_port = free_port()
+        env = gateway_env(args, mode, series, handler_port, control_port, 2 * events + 100_000)
+        gateway_cmd = [_procs.MAIN_PYTHON]
+        if profile_to is not None:
+            gateway_cmd += ["-m", "cProfile", "-o", profile_to]
+        gateway_cmd += ["-m", "shardgate.cli", "run"]
+        gateway = _procs.spawn("gateway", gateway_cmd, cpu_gateway, env=env)
+        kind = "blast" if rate is None else "paced"
+        command = {"cmd": "prepare", "kind": kind, "events": events, "rate": rate}
+        send(series.fake, json.dumps(command))
+        prepared = series.fake.reader.tagged("PREPARED", timeout=args.timeout)
+        before = wait_loaded(gateway, control_port, args.shards, args.timeout)
+        expected = prepared["events"] - prepared["unfurls"]
+        send(handler, f"EXPECT {expected}")
+        cpu0 = proc_cpu_s(gateway.pid)
+        send(series.fake, json.dumps({"cmd": "go"}))
+        budget = args.timeout if rate is None else events / rate + args.timeout
+        done: dict[str, Any] | None = None
+        try:
+            done = handler.reader.tagged("DONE", timeout=budget)
+        except TimeoutError:
+            record["note"] = f"handler did not receive {expected} events within {budget:.0f} s"
+        cpu1 = proc_cpu_s(gateway.pid)
+        sent = series.fake.reader.tagged("SENT", timeout=args.timeout)
+        time.sleep(0.3)  # let anything beyond the expected count arrive (it would be counted)
+        after = gateway_status(control_port)
+        send(handler, "REPORT")
+        final = handler.reader.tagged("REPORT", timeout=10)
+    finally:
+        if gateway is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(gateway.pid, signal.SIGTERM)
+            gateway.wait(30)
+        handler.close_stdin()
+        handler.wait(10)
+    filtered = sum(s["dropped"] for s in after["shards"]) - sum(
+        s["dropped"] for s in before["shards"]
+    )
+    delivered = final["stream"]
+    last_ns = (done or final)["last_ns"]
+    wall = (last_ns - sent["first_ns"]) / 1e9
+    cpu = cpu1 - cpu0
+    record.update(
+        sent=sent["sent"],
+        fake_unfurls=prepared["unfurls"],
+        filtered=filtered,
+        delivered=delivered,
+        lost=sent["sent"] - filtered - delivered,
+        other_events=final["other"],
+        retries=after["delivery"].get("retries", 0) - before["delivery"].get("retries", 0),
+        queue_dropped=after["queue"]["dropped"],
+        wall_s=wall,
+        events_per_s=delivered / wall if wall > 0 else 0.0,
+        gateway_cpu_s=cpu,
+        cpu_s_per_100k=cpu * 100_000 / delivered if delivered else float("nan"),
+        events_per_cpu_s=delivered / cpu if cpu > 0 else float("nan"),
+        cpu_share=cpu / wall if wall > 0 else float("nan"),
+        send_s=(sent["last_ns"] - sent["first_ns"]) / 1e9,
+        load_after=_procs.loadavg(),
+    )
+    if rate is not None:
+        record["rate"] = rate
+        record["achieved_send_rate"] = sent["sent"] / max(record["send_s"], 1e-9)
+        for key in ("p50_ms", "p90_ms", "p99_ms", "max_ms", "samples"):
+            record[key] = (done or final).get(key)
+    if filtered != prepared["unfurls"]:
+        record["note"] = (
+            record.get("note", "")
+            + f" gateway filtered {filtered}, fake counted {prepared['unfurls']} unfurls"
+        ).strip()
+    return record
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+    keys = ["events_per_s", "cpu_s_per_100k", "events_per_cpu_s", "cpu_share", "wall_s"]
+    keys += ["p50_ms", "p90_ms", "p99_ms", "max_ms", "rate", "achieved_send_rate"]
+    out: dict[str, Any] = {"runs": len(records), "lost": sum(r["lost"] for r in records)}
+    for key in keys:
+        values = [r[key] for r in records if r.get(key) is not None]
+        if values:
+            out[key] = _procs.median(values)
+    return out
+
+
+def series_runs(
+    args: argparse.Namespace,
+    mode: str,
+    kind: str,
+    events: int,
+    rate: float | None,
+    cpus: tuple[int | None, int | None],
+) -> list[dict[str, Any]]:
+    series = start_fake(args, kind, events, cpus[0])
+    series.mode = mode
+    records = []
+    try:
+        for run in range(args.runs):
+            record = run_one(args, mode, series, events, rate, cpus)
+            records.append(record)
+            print(format_run(run, record), flush=True)
+    finally:
+        series.fake.close_stdin()
+        series.fake.wait(30)
+    return records
+
+
+def format_run(run: int, r: dict[str, Any]) -> str:
+    text = (
+        f"  {r['mode']:<9} {r['kind']:<10} run {run + 1}: {r['events_per_s']:>9,.0f} ev/s  "
+        f"{r['events_per_cpu_s']:>9,.0f} ev/CPU-s  {r['cpu_s_per_100k']:.3f} CPU s/100k  "
+        f"share {r['cpu_share']:.2f}  lost: {r['lost']}  (sent {r['sent']}, filtered "
+        f"{r['filtered']}, delivered {r['delivered']}, retries {r['retries']})"
+    )
+    if r.get("p99_ms") is not None:
+        text += (
+            f"  p50 {r['p50_ms']:.2f} ms p99 {r['p99_ms']:.2f} ms max {r['max_ms']:.1f} ms"
+            f" at {r['rate']:,.0f}/s"
+        )
+    text += f"  load {r['load_before'][0]:.2f}"
+    if r.get("note"):
+        text += f"  NOTE: {r['note']}"
+    return text
+
+
+def print_table(results: dict[str, Any]) -> None:
+    meta = results["meta"]
+    print()
+    print(
+        f"end to end: fake Discord -> shardgate run -> minimal handler; {meta['shards']} shards, "
+        f"zlib-stream; CPUs {meta['cpus']}, gateway on {meta['cpu_gateway']}, fake+handler on "
+        f"{meta['cpu_side']}; medians of {meta['runs']} runs; load {meta['load_start'][0]:.2f}"
+        f" -> {meta['load_end'][0]:.2f}"
+    )
+    header = (
+        f"{'mode':<10}{'kind':<11}{'events/s':>10}{'ev/CPU-s':>10}{'CPU s/100k':>11}"
+        f"{'share':>7}{'p50 ms':>8}{'p99 ms':>8}{'max ms':>8}{'lost':>6}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, s in results["summary"].items():
+        mode, kind = name.split("/")
+
+        def ms(key: str, s: dict[str, Any] = s) -> str:
+            return f"{s[key]:>8.2f}" if key in s else f"{'-':>8}"
+
+        print(
+            f"{mode:<10}{kind:<11}{s['events_per_s']:>10,.0f}{s['events_per_cpu_s']:>10,.0f}"
+            f"{s['cpu_s_per_100k']:>11.3f}{s['cpu_share']:>7.2f}{ms('p50_ms')}{ms('p99_ms')}"
+            f"{ms('max_ms')}{s['lost']:>6}"
+        )
+    for mode, ratio in results["ratios"].items():
+        print(
+            f"{mode}: {ratio['events_per_cpu_s']:,.0f} events per gateway CPU-second = "
+            f"{ratio['vs_target']:.2f}x the {TARGETS[mode]:,.0f}/s target at one core"
+            + (
+                f"; paced at {ratio['paced_rate']:,.0f}/s: p99 {ratio['p99_ms']:.2f} ms "
+                f"= {ratio['p99_vs_target']:.2f}x the {P99_TARGET_MS:.0f} ms bound"
+                if "p99_ms" in ratio
+                else ""
+            )
+        )
+    print(f"lost: {sum(s['lost'] for s in results['summary'].values())}")
+
+
+def profile_run(args: argparse.Namespace, mode: str, cpus: tuple[int | None, int | None]) -> None:
+    """One saturation run with the gateway under cProfile (slower; not in the results)."""
+    events = args.ws_events if mode == "websocket" else args.http_events
+    series = start_fake(args, "saturation", events, cpus[0])
+    series.mode = mode
+    with tempfile.NamedTemporaryFile(suffix=".prof", delete=False) as f:
+        path = f.name
+    try:
+        record = run_one(args, mode, series, events, None, cpus, profile_to=path)
+        print(
+            f"\nprofile of the gateway process, {mode} saturation (cProfile, slower than "
+            f"normal): {record['delivered']} events, {record['gateway_cpu_s']:.2f} CPU s "
+            f"(whole process lifetime below, start-up included), lost: {record['lost']}"
+        )
+        stats = pstats.Stats(path)
+        stats.sort_stats("tottime").print_stats(args.profile_top)
+    finally:
+        series.fake.close_stdin()
+        series.fake.wait(30)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def orchestrate(args: argparse.Namespace) -> None:
+    _procs.check_pythons(need_bench=False)
+    cpu_side, cpu_gateway = _procs.pin_plan(not args.no_pin)
+    cpus = (cpu_side, cpu_gateway)
+    modes = args.modes.split(",")
+    meta = {
+        "python": platform.python_version(),
+        "cpus": len(_procs.cpus()),
+        "cpu_side": cpu_side,
+        "cpu_gateway": cpu_gateway,
+        "shards": args.shards,
+        "runs": args.runs,
+        "ws_events": args.ws_events,
+        "http_events": args.http_events,
+        "paced_seconds": args.paced_seconds,
+        "paced_fraction": args.paced_fraction,
+        "level": args.level,
+        "paced_level": args.paced_level,
+        "load_start": _procs.loadavg(),
+    }
+    records: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {}
+    ratios: dict[str, Any] = {}
+    print(
+        f"e2e bench: modes {modes}, {args.shards} shards, {args.runs} runs per kind; "
+        f"load {meta['load_start'][0]:.2f}",
+        flush=True,
+    )
+    for mode in modes:
+        events = args.ws_events if mode == "websocket" else args.http_events
+        sat = series_runs(args, mode, "saturation", events, None, cpus)
+        records += sat
+        summary[f"{mode}/saturation"] = s = summarize(sat)
+        ratios[mode] = {
+            "events_per_cpu_s": s["events_per_cpu_s"],
+            "vs_target": s["events_per_cpu_s"] / TARGETS[mode],
+            "events_per_s": s["events_per_s"],
+        }
+        if args.paced_fraction > 0:
+            rate = args.paced_fraction * s["events_per_s"]
+            n = max(1000, int(rate * args.paced_seconds))
+            paced_records = series_runs(args, mode, "paced", n, rate, cpus)
+            records += paced_records
+            summary[f"{mode}/paced"] = p = summarize(paced_records)
+            ratios[mode].update(
+                paced_rate=rate, p99_ms=p["p99_ms"], p99_vs_target=p["p99_ms"] / P99_TARGET_MS
+            )
+    meta["load_end"] = _procs.loadavg()
+    results = {"meta": meta, "summary": summary, "ratios": ratios, "runs": records}
+    print_table(results)
+    if args.profile:
+        for mode in modes:
+            profile_run(args, mode, cpus)
+    if args.json:
+        text = json.dumps(results, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as f:
+                f.write(text)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--modes", default="websocket,http", help="comma-separated: websocket,http")
+    p.add_argument("--runs", type=int, default=5, help="runs per mode and kind (default 5)")
+    p.add_argument("--shards", type=int, default=8, help="shards of the bot (default 8)")
+    p.add_argument("--guilds-per-shard", type=int, default=4)
+    p.add_argument("--guild-create-bytes", type=int, default=10_000)
+    p.add_argument("--ws-events", type=int, default=400_000, help="saturation events, websocket")
+    p.add_argument("--http-events", type=int, default=100_000, help="saturation events, http")
+    p.add_argument(
+        "--paced-fraction",
+        type=float,
+        default=0.5,
+        help="paced rate as a fraction of the saturation median (0: no paced runs)",
+    )
+    p.add_argument("--paced-seconds", type=float, default=4.0)
+    p.add_argument("--level", type=int, default=6, help="zlib level, saturation runs")
+    p.add_argument("--paced-level", type=int, default=1, help="zlib level, paced runs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
+    p.add_argument("--json", metavar="PATH", help="write all results as JSON ('-': stdout)")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="then one saturation run per mode with the gateway under cProfile",
+    )
+    p.add_argument("--profile-top", type=int, default=30)
+    # child roles
+    p.add_argument("--role", choices=["fake", "handler"], help=argparse.SUPPRESS)
+    p.add_argument("--kind", help=argparse.SUPPRESS)
+    p.add_argument("--latency", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--pool", type=int, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parsed = parse_args()
+    if parsed.role == "handler":
+        handler_role(parsed)
+    elif parsed.role == "fake":
+        fake_role(parsed)
+    else:
+        orchestrate(parsed)

@@ -377,10 +377,9 @@ impl<'a> Parser<'a> {
         Ok(v)
     }
 
-    /// A snowflake: a JSON string of a u64 (a bare integer is accepted too).
-    fn snowflake(&mut self) -> Result<u64> {
-        let at = self.i;
-        let bad = || Error::payload(at, "a snowflake (a string of digits)");
+    /// A snowflake: a JSON string of a u64 (a bare integer is accepted too); `None` (with
+    /// the position unspecified) for anything else.
+    fn snowflake(&mut self) -> Option<u64> {
         let quoted = self.peek() == Some(b'"');
         if quoted {
             self.i += 1;
@@ -388,51 +387,47 @@ impl<'a> Parser<'a> {
         let digits = self.i;
         let mut v: u64 = 0;
         while let Some(c @ b'0'..=b'9') = self.peek() {
-            v = v
-                .checked_mul(10)
-                .and_then(|v| v.checked_add(u64::from(c - b'0')))
-                .ok_or_else(bad)?;
+            v = v.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
             self.i += 1;
         }
         if self.i == digits {
-            return Err(bad());
+            return None;
         }
         if quoted {
             if self.peek() != Some(b'"') {
-                return Err(bad());
+                return None;
             }
             self.i += 1;
         } else if matches!(self.peek(), Some(b'.' | b'e' | b'E')) {
-            return Err(bad());
+            return None;
         }
-        Ok(v)
+        Some(v)
     }
 
-    fn boolean(&mut self, what: &'static str) -> Result<bool> {
+    /// `true` or `false`; `None` (position unchanged) for anything else.
+    fn boolean(&mut self) -> Option<bool> {
         if self.b[self.i..].starts_with(b"true") {
             self.i += 4;
-            Ok(true)
+            Some(true)
         } else if self.b[self.i..].starts_with(b"false") {
             self.i += 5;
-            Ok(false)
+            Some(false)
         } else {
-            Err(Error::payload(self.i, what))
+            None
         }
     }
 
-    /// A string value, unescaped.
-    fn text(&mut self, what: &'static str) -> Result<String> {
+    /// A string value, unescaped; `None` for a non-string or a bad escape.
+    fn text(&mut self) -> Option<String> {
         if self.peek() != Some(b'"') {
-            return Err(Error::payload(self.i, what));
+            return None;
         }
-        let (span, escaped) = self.string()?;
+        let (span, escaped) = self.string().ok()?;
         let raw = &self.b[span.clone()];
         if escaped {
-            unescape(raw, span.start)
+            unescape(raw, span.start).ok()
         } else {
-            std::str::from_utf8(raw)
-                .map(str::to_owned)
-                .map_err(|e| Error::payload(span.start + e.valid_up_to(), "valid UTF-8"))
+            std::str::from_utf8(raw).ok().map(str::to_owned)
         }
     }
 
@@ -624,20 +619,26 @@ impl<'a> Parser<'a> {
     }
 
     /// Reads the fields `need` asks for from `d`, consuming it.
+    ///
+    /// A field of the wrong type (or `d` itself of the wrong type) is left absent
+    /// (`None`) instead of failing the message: the event must still be forwarded. The
+    /// structural check of the whole value is the same either way.
     fn d_fields(&mut self, need: Need, out: &mut Scan) -> Result<()> {
-        let what = match need {
+        match need {
             Need::Nothing => return self.skip_value(),
             Need::InvalidSession => {
-                out.resumable = Some(self.boolean("true or false for 'd' of INVALID_SESSION")?);
+                let at = self.i;
+                out.resumable = self.boolean();
+                if out.resumable.is_none() {
+                    self.i = at;
+                    self.skip_value()?;
+                }
                 return Ok(());
             }
-            Need::Hello => "an object for 'd' of HELLO",
-            Need::Ready => "an object for 'd' of READY",
-            Need::Guild => "an object for 'd' of a guild event",
-            Need::Message => "an object for 'd' of a message event",
-        };
+            _ => {}
+        }
         if self.peek() != Some(b'{') {
-            return Err(Error::payload(self.i, what));
+            return self.skip_value();
         }
         let b = self.b;
         let lens = |keys: &[&[u8]]| keys.iter().fold(0u64, |m, k| m | 1u64 << k.len());
@@ -649,37 +650,23 @@ impl<'a> Parser<'a> {
         };
         self.walk::<true>(key_lens, &mut |key, at| {
             let mut p = Parser { b, i: at };
+            // `walk` checks the structure of every value itself: a value the callback
+            // cannot read is simply not extracted.
             match (need, key) {
                 (Need::Hello, b"heartbeat_interval") => {
-                    let v = p.int()?;
-                    out.heartbeat_interval = Some(
-                        u64::try_from(v)
-                            .map_err(|_| Error::payload(at, "a positive heartbeat_interval"))?,
-                    );
+                    out.heartbeat_interval = p.int().ok().and_then(|v| u64::try_from(v).ok());
                 }
-                (Need::Ready, b"session_id") => {
-                    out.session_id = Some(p.text("a string for 'session_id'")?);
-                }
-                (Need::Ready, b"resume_gateway_url") => {
-                    out.resume_gateway_url = Some(p.text("a string for 'resume_gateway_url'")?);
-                }
-                (Need::Ready, b"guilds") => out.guild_ids = Some(p.guild_list()?),
-                (Need::Guild, b"id") => out.guild_id = Some(p.snowflake()?),
-                (Need::Guild, b"unavailable") => {
-                    out.unavailable = if p.null() {
-                        None
-                    } else {
-                        Some(p.boolean("true or false for 'unavailable'")?)
-                    };
-                }
-                (Need::Message, b"id") => out.message_id = Some(p.snowflake()?),
+                (Need::Ready, b"session_id") => out.session_id = p.text(),
+                (Need::Ready, b"resume_gateway_url") => out.resume_gateway_url = p.text(),
+                (Need::Ready, b"guilds") => out.guild_ids = p.guild_list(),
+                (Need::Guild, b"id") => out.guild_id = p.snowflake(),
+                (Need::Guild, b"unavailable") => out.unavailable = p.boolean(),
+                (Need::Message, b"id") => out.message_id = p.snowflake(),
                 (Need::Message, b"content") => {
-                    p.skip_value()?;
-                    out.content = Some(at..p.i);
+                    out.content = p.skip_value().ok().map(|()| at..p.i);
                 }
                 (Need::Message, b"edited_timestamp") => {
-                    p.skip_value()?;
-                    out.edited_timestamp = Some(at..p.i);
+                    out.edited_timestamp = p.skip_value().ok().map(|()| at..p.i);
                 }
                 _ => {}
             }
@@ -687,35 +674,47 @@ impl<'a> Parser<'a> {
         })
     }
 
-    /// READY's `guilds`: an array of objects with an `id` each.
-    fn guild_list(&mut self) -> Result<Vec<u64>> {
+    /// READY's `guilds`: the ids of an array of objects. An element without a valid
+    /// `id` is skipped; `None` when `guilds` is not an array of that shape.
+    fn guild_list(&mut self) -> Option<Vec<u64>> {
+        if self.peek() != Some(b'[') {
+            return None;
+        }
+        self.i += 1;
         let mut ids = Vec::new();
-        self.expect(b'[', "an array for 'guilds'")?;
         self.ws();
         if self.peek() == Some(b']') {
-            self.i += 1;
-            return Ok(ids);
+            return Some(ids);
         }
         loop {
             self.ws();
-            let mut id = None;
-            self.object("an object in 'guilds'", |k, p| {
-                if k == b"id" {
-                    id = Some(p.snowflake()?);
+            if self.peek() == Some(b'{') {
+                let mut id = None;
+                self.object("an object in 'guilds'", |k, p| {
+                    if k != b"id" {
+                        return p.skip_value();
+                    }
+                    let at = p.i;
+                    id = p.snowflake();
+                    if id.is_none() {
+                        p.i = at;
+                        p.skip_value()?;
+                    }
                     Ok(())
-                } else {
-                    p.skip_value()
-                }
-            })?;
-            ids.push(id.ok_or_else(|| Error::payload(self.i, "an 'id' in each guild of READY"))?);
+                })
+                .ok()?;
+                ids.extend(id);
+            } else {
+                self.skip_value().ok()?;
+            }
             self.ws();
             match self.peek() {
                 Some(b',') => self.i += 1,
                 Some(b']') => {
                     self.i += 1;
-                    return Ok(ids);
+                    return Some(ids);
                 }
-                _ => return Err(Error::payload(self.i, "',' or ']' in 'guilds'")),
+                _ => return None,
             }
         }
     }

@@ -3,12 +3,15 @@
 Envelopes come in any key order, with unknown keys, with ``d`` first, with nested decoys
 (``"op"``, ``"id"``, ``"t"`` keys inside ``d``, strings that look like JSON keys), with
 escaped strings and with the whitespace other serializers emit. The codec must read the
-top-level values, never a nested look-alike.
+top-level values, never a nested look-alike. Now and then a field the codec extracts (or
+``d`` itself) has the wrong type: that field must come back ``None`` and the message must
+still be delivered.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import orjson
@@ -29,8 +32,8 @@ KINDS = {
     "MESSAGE_DELETE": n.KIND_MESSAGE_DELETE,
 }
 
-# Keys of ``d`` the scanner reads for some kind: only ever generated with valid values
-# (Discord never sends ``"unavailable":"x"``; such a message is a PayloadError, rightly).
+# Keys of ``d`` the scanner reads for some kind: only placed by ``payload_d`` (which may
+# mistype them), never as decoy extras.
 SCANNED_KEYS = frozenset(
     {
         "id",
@@ -64,35 +67,48 @@ def with_decoys(draw: st.DrawFn, fields: dict[str, Any]) -> dict[str, Any]:
     return dict(items)
 
 
+def mistyped(draw: st.DrawFn, value: Any) -> Any:
+    """``value``, or once in a while any JSON value (Discord never does that)."""
+    return draw(JSON_VALUES) if draw(st.integers(0, 7)) == 0 else value
+
+
 @st.composite
 def payload_d(draw: st.DrawFn, op: int, t: str | None) -> Any:
-    """A ``d`` of the right shape for ``op``/``t``, with decoys around the real fields."""
+    """A ``d`` for ``op``/``t``: usually the right shape, with decoys around the real
+    fields; sometimes a field or the whole ``d`` of another type."""
+    if (op != 0 or t in KINDS) and draw(st.integers(0, 15)) == 0:
+        return draw(JSON_VALUES)
     if op == 10:
-        return draw(with_decoys({"heartbeat_interval": draw(st.integers(1, 2**53))}))
+        interval = mistyped(draw, draw(st.integers(1, 2**53)))
+        return draw(with_decoys({"heartbeat_interval": interval}))
     if op == 9:
         return draw(st.booleans())
     if op != 0:
         return draw(JSON_VALUES)
     if t == "READY":
         guilds = [
-            draw(with_decoys({"id": str(g), "unavailable": True}))
+            mistyped(draw, draw(with_decoys({"id": mistyped(draw, str(g)), "unavailable": True})))
             for g in draw(st.lists(SNOWFLAKES, max_size=5))
         ]
         fields = {
             "v": 10,
-            "session_id": draw(TEXT),
-            "resume_gateway_url": draw(TEXT),
-            "guilds": guilds,
+            "session_id": mistyped(draw, draw(TEXT)),
+            "resume_gateway_url": mistyped(draw, draw(TEXT)),
+            "guilds": mistyped(draw, guilds),
         }
         return draw(with_decoys(fields))
     if t in ("GUILD_CREATE", "GUILD_DELETE"):
-        fields = {"id": str(draw(SNOWFLAKES))}
+        fields = {"id": mistyped(draw, str(draw(SNOWFLAKES)))}
         unavailable = draw(st.sampled_from(["absent", None, True, False]))
         if unavailable != "absent":
-            fields["unavailable"] = unavailable
+            fields["unavailable"] = mistyped(draw, unavailable)
         return draw(with_decoys(fields))
     if t in ("MESSAGE_CREATE", "MESSAGE_UPDATE", "MESSAGE_DELETE"):
-        fields = {"id": str(draw(SNOWFLAKES)), "content": draw(TEXT), "edited_timestamp": None}
+        fields = {
+            "id": mistyped(draw, str(draw(SNOWFLAKES))),
+            "content": mistyped(draw, draw(TEXT)),
+            "edited_timestamp": None,
+        }
         return draw(with_decoys(fields))
     return draw(JSON_VALUES)
 
@@ -151,9 +167,26 @@ def envelopes(draw: st.DrawFn) -> bytes:
     return b"{" + sep.join(parts) + b"}"
 
 
+def snowflake(value: Any) -> int | None:
+    """What the codec makes of an ``id``: a string of digits or a bare integer, in u64."""
+    if isinstance(value, str) and re.fullmatch("[0-9]+", value):
+        number = int(value)
+    elif type(value) is int:
+        number = value
+    else:
+        return None
+    return number if 0 <= number < 2**64 else None
+
+
+def typed(value: Any, kind: type) -> Any:
+    """``value`` if it is exactly of JSON type ``kind`` (a bool is no int), else None."""
+    return value if type(value) is kind else None
+
+
 def expected(payload: bytes) -> dict[str, Any]:
     obj = orjson.loads(payload)
     op, t, d = obj["op"], obj.get("t"), obj.get("d")
+    fields_of: dict[str, Any] = d if isinstance(d, dict) else {}
     kind = KINDS.get(t, n.KIND_OTHER) if op == 0 else n.KIND_OTHER
     out: dict[str, Any] = {"op": op, "seq": obj.get("s"), "t": t, "kind": kind}
     fields = dict.fromkeys(
@@ -169,18 +202,22 @@ def expected(payload: bytes) -> dict[str, Any]:
         )
     )
     if op == 10:
-        fields["heartbeat_interval"] = d["heartbeat_interval"]
+        interval = typed(fields_of.get("heartbeat_interval"), int)
+        fields["heartbeat_interval"] = interval if interval is not None and interval >= 0 else None
     elif op == 9:
-        fields["resumable"] = d
+        fields["resumable"] = typed(d, bool)
     elif kind == n.KIND_READY:
-        fields["session_id"] = d["session_id"]
-        fields["resume_gateway_url"] = d["resume_gateway_url"]
-        fields["guild_ids"] = [int(g["id"]) for g in d["guilds"]]
+        fields["session_id"] = typed(fields_of.get("session_id"), str)
+        fields["resume_gateway_url"] = typed(fields_of.get("resume_gateway_url"), str)
+        guilds = fields_of.get("guilds")
+        if isinstance(guilds, list):
+            ids = [snowflake(g.get("id")) for g in guilds if isinstance(g, dict)]
+            fields["guild_ids"] = [i for i in ids if i is not None]
     elif kind in (n.KIND_GUILD_CREATE, n.KIND_GUILD_DELETE):
-        fields["guild_id"] = int(d["id"])
-        fields["unavailable"] = d.get("unavailable")
+        fields["guild_id"] = snowflake(fields_of.get("id"))
+        fields["unavailable"] = typed(fields_of.get("unavailable"), bool)
     elif kind in (n.KIND_MESSAGE_CREATE, n.KIND_MESSAGE_UPDATE, n.KIND_MESSAGE_DELETE):
-        fields["message_id"] = int(d["id"])
+        fields["message_id"] = snowflake(fields_of.get("id"))
     out.update(fields)
     return out
 

@@ -272,33 +272,6 @@ fn structural_errors_say_where_and_what() {
         (br#"{"op":0,"d":tru}"#, 12, "true, false or null"),
         (br#"{"op":0,"d":-}"#, 12, "a number"),
         (br#"{"op":0,"d":+1}"#, 12, "a JSON value"),
-        (br#"{"op":9,"d":null}"#, 12, "true or false"),
-        (br#"{"op":10,"d":[]}"#, 13, "object for 'd' of HELLO"),
-        (
-            br#"{"op":10,"d":{"heartbeat_interval":-5}}"#,
-            35,
-            "positive heartbeat_interval",
-        ),
-        (
-            br#"{"op":0,"t":"MESSAGE_CREATE","d":{"id":"12a"}}"#,
-            39,
-            "snowflake",
-        ),
-        (
-            br#"{"op":0,"t":"MESSAGE_CREATE","d":{"id":"99999999999999999999"}}"#,
-            39,
-            "snowflake",
-        ),
-        (
-            br#"{"op":0,"t":"READY","d":{"session_id":5}}"#,
-            38,
-            "string for 'session_id'",
-        ),
-        (
-            br#"{"op":0,"t":"READY","d":{"guilds":[{"unavailable":true}]}}"#,
-            55,
-            "'id' in each guild",
-        ),
     ];
     for &(msg, offset, what) in cases {
         let (got_offset, expected) = payload_err(msg);
@@ -359,5 +332,71 @@ fn long_strings_and_escape_runs_across_block_boundaries() {
             assert!(res.is_ok(), "pad {pad} run {run}: {msg} -> {res:?}");
             assert_eq!(res.unwrap().d.unwrap().end, msg.len() - 1);
         }
+    }
+}
+
+#[test]
+fn a_sub_field_of_the_wrong_type_is_absent_not_an_error() {
+    // The event must still be forwarded: only the extracted field is lost.
+    let s =
+        scan(br#"{"op":0,"t":"GUILD_CREATE","s":4,"d":{"unavailable":"yes","id":"81"}}"#).unwrap();
+    assert_eq!(
+        (s.kind(), s.seq, s.guild_id, s.unavailable),
+        (Kind::GuildCreate, Some(4), Some(81), None)
+    );
+    let s = scan(br#"{"op":0,"t":"GUILD_DELETE","d":{"unavailable":1,"id":81}}"#).unwrap();
+    assert_eq!((s.guild_id, s.unavailable), (Some(81), None));
+    let s = scan(br#"{"op":0,"t":"GUILD_DELETE","d":{"id":{"x":1},"unavailable":true}}"#).unwrap();
+    assert_eq!((s.guild_id, s.unavailable), (None, Some(true)));
+    let s = scan(br#"{"op":0,"t":"GUILD_CREATE","d":[1,2]}"#).unwrap();
+    assert_eq!(
+        (s.kind(), s.guild_id, s.d),
+        (Kind::GuildCreate, None, Some(31..36))
+    );
+    let s = scan(br#"{"op":0,"t":"MESSAGE_CREATE","d":{"id":"12a","content":"x"}}"#).unwrap();
+    assert_eq!((s.message_id, s.content), (None, Some(55..58)));
+    let s = scan(br#"{"op":0,"t":"MESSAGE_CREATE","d":{"id":"99999999999999999999"}}"#).unwrap();
+    assert_eq!(s.message_id, None);
+    let s = scan(br#"{"op":0,"t":"READY","d":{"session_id":5,"resume_gateway_url":"wss:\/\/x","guilds":{}}}"#)
+        .unwrap();
+    assert_eq!(
+        (s.session_id, s.resume_gateway_url.as_deref(), s.guild_ids),
+        (None, Some("wss://x"), None)
+    );
+    let s = scan(
+        br#"{"op":0,"t":"READY","d":{"guilds":[{"unavailable":true},{"id":"7"},3,{"id":null}]}}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        s.guild_ids,
+        Some(vec![7]),
+        "guilds without a valid id are skipped"
+    );
+    let s = scan(br#"{"op":9,"d":null}"#).unwrap();
+    assert_eq!((s.op, s.resumable), (9, None));
+    let s = scan(br#"{"d":"x","op":9}"#).unwrap();
+    assert_eq!((s.op, s.resumable), (9, None));
+    let s = scan(br#"{"op":10,"d":[]}"#).unwrap();
+    assert_eq!((s.op, s.heartbeat_interval), (10, None));
+    let s = scan(br#"{"op":10,"d":{"heartbeat_interval":-5}}"#).unwrap();
+    assert_eq!(s.heartbeat_interval, None);
+    let s = scan(br#"{"op":10,"d":{"heartbeat_interval":4.5}}"#).unwrap();
+    assert_eq!(s.heartbeat_interval, None);
+}
+
+#[test]
+fn a_mistyped_sub_field_still_gets_the_structural_check() {
+    for msg in [
+        &br#"{"op":0,"t":"GUILD_CREATE","d":{"unavailable":[1,"id":"8"}}"#[..],
+        br#"{"op":0,"t":"MESSAGE_CREATE","d":{"id":"12","content":"x}}"#,
+        br#"{"op":0,"t":"READY","d":{"guilds":[{"id":"1"},{"id":"2"]}}"#,
+        br#"{"op":9,"d":nul}"#,
+        br#"{"op":10,"d":[}"#,
+    ] {
+        assert!(
+            matches!(scan(msg), Err(Error::Payload { .. })),
+            "{}",
+            String::from_utf8_lossy(msg)
+        );
     }
 }

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import signal
@@ -49,7 +50,13 @@ from typing import Any
 
 import orjson
 
-from shardgate._native import KIND_GUILD_CREATE, KIND_GUILD_DELETE, KIND_READY, Message
+from shardgate._native import (
+    KIND_GUILD_CREATE,
+    KIND_GUILD_DELETE,
+    KIND_READY,
+    EditFilter,
+    Message,
+)
 from shardgate.cache import GuildCache, GuildState
 from shardgate.config import Config
 from shardgate.control import ControlServer
@@ -69,6 +76,8 @@ ALL_LOADED_EVENT = "SHARDGATE_ALL_LOADED"
 LARGE_BOT_SHARDS = 100
 """From this many shards (about 100k guilds, as the guide says) large-bot sharding rounds the
 count up to a multiple of ``max_concurrency`` (16 when Discord reports 1)."""
+SHARED_EDIT_FILTER = 65536
+"""Entries of the edit filter the shards of a process share (24 bytes each: 1.5 MiB)."""
 _GUILD_KINDS = frozenset((KIND_READY, KIND_GUILD_CREATE, KIND_GUILD_DELETE))
 
 
@@ -145,11 +154,16 @@ class GatewayManager:
         identify_window_s: float | None = None,
     ) -> None:
         self.config = config
-        self.shard_options = shard_options or ShardOptions(
+        options = shard_options or ShardOptions(
             compression=None if config.compression == "none" else config.compression,
             large_threshold=config.large_threshold,
             edit_filter=config.edit_filter,
         )
+        if options.edit_filter is True:
+            # Message ids are global: one table serves every shard of the process
+            # (65536 entries, 1.5 MiB once used) instead of one per shard.
+            options = dataclasses.replace(options, edit_filter=EditFilter(SHARED_EDIT_FILTER))
+        self.shard_options = options
         self.identify_window_s = (
             identify_window_s if identify_window_s is not None else config.spawn_shard_delay / 1000
         )

@@ -39,6 +39,7 @@ from shardgate._native import (
     KIND_RESUMED,
     CompressionError,
     DecodeError,
+    EditFilter,
     Message,
     PayloadError,
     ShardCodec,
@@ -136,8 +137,10 @@ class ShardOptions:
     send_limit: int = 120
     send_window_s: float = 60.0
     max_message_size: int = 64 * 1024 * 1024
-    edit_filter: bool = True
-    edit_filter_capacity: int = 16384
+    #: An ``EditFilter`` shared by the shards of a process (the manager passes one), True
+    #: for a private table of ``edit_filter_capacity`` entries, False for none.
+    edit_filter: bool | EditFilter = True
+    edit_filter_capacity: int = 1024
     read_buffer_size: int = 4 * 1024
     dispatch_dropped: bool = False
 
@@ -229,8 +232,8 @@ class _Connection(WSListener):
             )
         shard = self.shard
         try:
-            # picows' fin is an int at runtime (its stub says bool); the codec wants a bool.
-            message = self.feed(frame.get_payload_as_memoryview(), frame.fin != 0)
+            # picows' fin is an int at runtime: the codec takes it by truthiness.
+            message = self.feed(frame.get_payload_as_memoryview(), frame.fin)
         except DecodeError as exc:
             shard._on_decode_error(self, exc)
             return

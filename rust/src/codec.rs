@@ -1,24 +1,33 @@
 //! `ShardCodec`, `Message` and `Inflater`: the Python-facing classes, over a pure-Rust
 //! [`CodecCore`] that does inflate + scan + filter + body in one pass per message.
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::time::Instant;
+use std::sync::Arc;
 
 use pyo3::buffer::PyBuffer;
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyString};
+use pyo3::types::{PyBool, PyBytes, PyDict, PyString};
 
 use crate::body;
 use crate::errors::{Error, Result};
-use crate::filter::{hash64, EditFilter, Verdict};
+use crate::filter::{hash64, EditFilter, SharedFilter, Verdict};
 use crate::inflate::{Compression, Transport};
 use crate::scan::{self, Kind, Scan};
 
 /// Output buffers above this capacity are shrunk back after a message.
 const KEEP_CAPACITY: usize = 1 << 20;
+/// The process-wide work buffers (see [`Bufs`]) keep at most this much between calls.
+const SHARED_KEEP: usize = 256 << 10;
 /// Largest edit filter (24 bytes an entry: 384 MiB).
 const MAX_FILTER_CAPACITY: usize = 1 << 24;
+/// Capacity of a codec's private edit filter (`edit_filter=True`): 24 KiB once used.
+const PRIVATE_FILTER_CAPACITY: usize = 1024;
+/// Capacity of an `EditFilter()` (shared by a process's shards): 1.5 MiB once used.
+const SHARED_FILTER_CAPACITY: usize = 65536;
+/// Default `max_age_ms` of both.
+const FILTER_MAX_AGE_MS: u64 = 900_000;
 /// Distinct `t` strings cached as Python objects per codec.
 const T_CACHE_MAX: usize = 128;
 
@@ -65,15 +74,21 @@ pub struct Decoded {
 }
 
 /// Everything per connection except Python objects.
+///
+/// The output buffer can be lent in and taken back around each call
+/// ([`CodecCore::lend`], [`CodecCore::reclaim`]), so that the codecs of a process share
+/// one work buffer and an idle codec holds none; a codec keeps a buffer only while a
+/// message is split across calls.
 pub struct CodecCore {
     transport: Transport,
-    /// `prefix ++ payload ++ '}'` once a message is complete.
+    /// The forward-body prefix for this shard.
+    prefix: Box<[u8]>,
+    /// `prefix ++ payload ++ '}'` once a message is complete; may be empty (no prefix
+    /// either) between messages, then the prefix is written at the next feed.
     buf: Vec<u8>,
-    base: usize,
     /// A complete body is in `buf`; cleared at the next feed.
     done: bool,
-    filter: Option<EditFilter>,
-    clock: Instant,
+    filter: Option<Arc<SharedFilter>>,
     last: Scan,
     /// Counters.
     pub stats: Stats,
@@ -85,17 +100,14 @@ impl CodecCore {
         shard_id: u64,
         compression: Compression,
         max_message_size: usize,
-        filter: Option<EditFilter>,
+        filter: Option<Arc<SharedFilter>>,
     ) -> Result<Self> {
-        let buf = body::prefix(shard_id);
-        let base = buf.len();
         Ok(Self {
             transport: Transport::new(compression, max_message_size)?,
-            buf,
-            base,
+            prefix: body::prefix(shard_id).into_boxed_slice(),
+            buf: Vec::new(),
             done: false,
             filter,
-            clock: Instant::now(),
             last: Scan::default(),
             stats: Stats::default(),
         })
@@ -122,11 +134,12 @@ impl CodecCore {
         fin: bool,
         now_ms: Option<u64>,
     ) -> Result<Option<Decoded>> {
-        if self.done {
-            self.buf.truncate(self.base);
+        if self.done || self.buf.len() < self.prefix.len() {
+            self.buf.clear();
             if self.buf.capacity() > KEEP_CAPACITY {
                 self.buf.shrink_to(KEEP_CAPACITY / 4);
             }
+            self.buf.extend_from_slice(&self.prefix);
             self.done = false;
         }
         self.stats.frames += 1;
@@ -134,31 +147,73 @@ impl CodecCore {
         let res = self.decode(frame, fin, now_ms);
         if res.is_err() {
             self.stats.errors += 1;
-            self.buf.truncate(self.base);
+            self.buf.truncate(self.prefix.len());
         }
         res
     }
 
+    /// True while a message is split across calls (its output so far is in the buffer).
+    fn in_progress(&self) -> bool {
+        !self.done && self.buf.len() > self.prefix.len()
+    }
+
+    /// Offers `buf` as the output buffer for the next feed. Returns it unused when this
+    /// codec is in the middle of a message (it keeps its own buffer then).
+    pub fn lend(&mut self, buf: Vec<u8>) -> Option<Vec<u8>> {
+        if self.in_progress() {
+            return Some(buf);
+        }
+        self.buf = buf;
+        self.buf.clear();
+        self.done = false;
+        None
+    }
+
+    /// Takes the output buffer back (leaving none) unless a message is in progress; the
+    /// last message's body and payload are gone afterwards.
+    pub fn reclaim(&mut self) -> Option<Vec<u8>> {
+        if self.in_progress() {
+            return None;
+        }
+        self.done = false;
+        Some(std::mem::take(&mut self.buf))
+    }
+
+    /// Capacity of the output buffer this codec holds.
+    pub fn buffer_capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
     fn decode(&mut self, frame: &[u8], fin: bool, now_ms: Option<u64>) -> Result<Option<Decoded>> {
-        if !self.transport.feed(frame, fin, &mut self.buf, self.base)? {
+        if !self
+            .transport
+            .feed(frame, fin, &mut self.buf, self.prefix.len())?
+        {
             return Ok(None);
         }
-        let payload = &self.buf[self.base..];
+        let payload = &self.buf[self.prefix.len()..];
         self.last = scan::scan(payload)?;
         let scan = &self.last;
-        // The clock is read only for the messages the filter stores.
-        let clock = &self.clock;
-        let now = || now_ms.unwrap_or_else(|| clock.elapsed().as_millis() as u64);
-        let drop = match (&mut self.filter, scan.kind(), scan.message_id) {
+        // The clock is read only for the messages the filter stores; a busy table
+        // (never expected: see SharedFilter) passes.
+        let drop = match (&self.filter, scan.kind(), scan.message_id) {
             (Some(f), Kind::MessageCreate, Some(id)) => {
-                f.remember(id, field_hash(payload, scan), now());
+                let (hash, now) = (
+                    field_hash(payload, scan),
+                    now_ms.unwrap_or_else(|| f.now_ms()),
+                );
+                f.with(|t| t.remember(id, hash, now));
                 false
             }
             (Some(f), Kind::MessageUpdate, Some(id)) => {
-                f.update(id, field_hash(payload, scan), now()) == Verdict::Drop
+                let (hash, now) = (
+                    field_hash(payload, scan),
+                    now_ms.unwrap_or_else(|| f.now_ms()),
+                );
+                f.with(|t| t.update(id, hash, now)) == Some(Verdict::Drop)
             }
             (Some(f), Kind::MessageDelete, Some(id)) => {
-                f.forget(id);
+                f.with(|t| t.forget(id));
                 false
             }
             _ => false,
@@ -189,21 +244,22 @@ impl CodecCore {
 
     /// The payload of the last decoded message (valid after a `Some` from feed).
     pub fn payload(&self) -> &[u8] {
+        let base = self.prefix.len().min(self.buf.len());
         if self.done {
-            &self.buf[self.base..self.buf.len() - 1]
+            &self.buf[base..self.buf.len() - 1]
         } else {
-            &self.buf[self.base..]
+            &self.buf[base..]
         }
     }
 
     /// Offset of the payload in the body.
     pub fn base(&self) -> usize {
-        self.base
+        self.prefix.len()
     }
 
     /// A fresh decompression context; the edit filter and counters are kept.
     pub fn reset(&mut self) -> Result<()> {
-        self.buf.truncate(self.base);
+        self.buf.clear();
         self.done = false;
         self.transport.reset()
     }
@@ -214,6 +270,59 @@ fn field_hash(payload: &[u8], scan: &Scan) -> u64 {
         scan.content.clone().map(|r| &payload[r]),
         scan.edited_timestamp.clone().map(|r| &payload[r]),
     )
+}
+
+/// The work buffers the codecs of one thread share: the output buffer a message is
+/// inflated into (lent to the codec for the call, see [`CodecCore::lend`]) and the copy of
+/// a non-`bytes` frame. Taken out of the thread-local for the call and put back after, so
+/// a re-entrant call (a finaliser run by an allocation, feeding another codec) just finds
+/// none and allocates its own; nothing is ever borrowed across Python code.
+#[derive(Default)]
+struct Bufs {
+    work: Vec<u8>,
+    scratch: Vec<u8>,
+}
+
+thread_local! {
+    static BUFS: Cell<Bufs> = const {
+        Cell::new(Bufs {
+            work: Vec::new(),
+            scratch: Vec::new(),
+        })
+    };
+}
+
+impl Bufs {
+    fn take() -> Self {
+        BUFS.with(Cell::take)
+    }
+
+    /// Puts the buffers back for the next call, shrunk to [`SHARED_KEEP`] after a big
+    /// message.
+    fn give_back(mut self) {
+        for b in [&mut self.work, &mut self.scratch] {
+            if b.capacity() > SHARED_KEEP {
+                b.clear();
+                b.shrink_to(SHARED_KEEP);
+            }
+        }
+        BUFS.with(|c| c.set(self));
+    }
+}
+
+/// A `fin` argument: any object, by truthiness (picows' `frame.fin` is an int).
+#[derive(Clone, Copy)]
+pub struct Truthy(bool);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for Truthy {
+    type Error = PyErr;
+
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        if let Ok(b) = obj.cast::<PyBool>() {
+            return Ok(Self(b.is_true()));
+        }
+        obj.is_truthy().map(Self)
+    }
 }
 
 /// Runs `f` on the bytes of a `bytes`, `bytearray` or `memoryview` (any C-contiguous
@@ -318,12 +427,100 @@ impl Message {
     }
 }
 
+/// The edit filter's table as a Python object, to share one among the codecs of a
+/// process (message ids are global snowflakes).
+#[pyclass(name = "EditFilter", frozen, module = "shardgate._native")]
+pub struct PyEditFilter {
+    inner: Arc<SharedFilter>,
+}
+
+fn check_capacity(capacity: usize) -> PyResult<usize> {
+    if (1..=MAX_FILTER_CAPACITY).contains(&capacity) {
+        Ok(capacity)
+    } else {
+        Err(PyValueError::new_err(format!(
+            "edit filter capacity must be in 1..={MAX_FILTER_CAPACITY}"
+        )))
+    }
+}
+
+#[pymethods]
+impl PyEditFilter {
+    #[new]
+    #[pyo3(signature = (capacity = SHARED_FILTER_CAPACITY, max_age_ms = FILTER_MAX_AGE_MS))]
+    #[pyo3(text_signature = "(capacity=65536, max_age_ms=900000)")]
+    fn new(capacity: usize, max_age_ms: u64) -> PyResult<Self> {
+        Ok(Self {
+            inner: Arc::new(SharedFilter::new(check_capacity(capacity)?, max_age_ms)),
+        })
+    }
+
+    /// Entries the table holds (``capacity`` rounded up to whole 8-way sets).
+    #[getter]
+    fn capacity(&self) -> usize {
+        self.inner.with(|t| t.capacity()).unwrap_or(0)
+    }
+
+    #[getter]
+    fn max_age_ms(&self) -> u64 {
+        self.inner.with(|t| t.max_age_ms()).unwrap_or(0)
+    }
+
+    /// Counters and size (walks the table: not for the hot path).
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let now = self.inner.now_ms();
+        let (entries, capacity, allocated, updates, drops) = self
+            .inner
+            .with(|t| {
+                (
+                    t.len(now),
+                    t.capacity(),
+                    t.allocated_bytes(),
+                    t.updates,
+                    t.drops,
+                )
+            })
+            .unwrap_or_default();
+        let d = PyDict::new(py);
+        d.set_item("entries", entries)?;
+        d.set_item("capacity", capacity)?;
+        d.set_item("allocated_bytes", allocated)?;
+        d.set_item("updates", updates)?;
+        d.set_item("drops", drops)?;
+        Ok(d)
+    }
+}
+
+/// `ShardCodec(edit_filter=...)`: a shared [`PyEditFilter`], or a bool for a private
+/// table (`True`) or none (`False`).
+pub enum FilterArg {
+    /// Use this shared table.
+    Shared(Arc<SharedFilter>),
+    /// A private table or none.
+    Private(bool),
+}
+
+impl<'a, 'py> FromPyObject<'a, 'py> for FilterArg {
+    type Error = PyErr;
+
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        if let Ok(b) = obj.cast::<PyBool>() {
+            return Ok(Self::Private(b.is_true()));
+        }
+        match obj.cast::<PyEditFilter>() {
+            Ok(f) => Ok(Self::Shared(f.get().inner.clone())),
+            Err(_) => Err(PyTypeError::new_err(
+                "edit_filter must be a bool or an EditFilter",
+            )),
+        }
+    }
+}
+
 /// Per-connection decoder: feed every websocket frame, get a Message when one completes.
 #[pyclass(module = "shardgate._native")]
 pub struct ShardCodec {
     core: CodecCore,
     shard_id: u64,
-    scratch: Vec<u8>,
     t_cache: TCache,
 }
 
@@ -335,34 +532,34 @@ impl ShardCodec {
         compression = Some("zlib-stream"),
         *,
         max_message_size = 64 * 1024 * 1024,
-        edit_filter = true,
-        edit_filter_capacity = 16384,
-        edit_filter_max_age_ms = 900_000,
+        edit_filter = FilterArg::Private(true),
+        edit_filter_capacity = PRIVATE_FILTER_CAPACITY,
+        edit_filter_max_age_ms = FILTER_MAX_AGE_MS,
     ))]
     #[pyo3(text_signature = "(shard_id, compression='zlib-stream', *, \
-        max_message_size=67108864, edit_filter=True, edit_filter_capacity=16384, \
+        max_message_size=67108864, edit_filter=True, edit_filter_capacity=1024, \
         edit_filter_max_age_ms=900000)")]
     fn new(
         shard_id: u64,
         compression: Option<&str>,
         max_message_size: usize,
-        edit_filter: bool,
+        edit_filter: FilterArg,
         edit_filter_capacity: usize,
         edit_filter_max_age_ms: u64,
     ) -> PyResult<Self> {
         let compression = parse_compression(compression)?;
         let max_message_size = check_size(max_message_size)?;
-        if edit_filter && !(1..=MAX_FILTER_CAPACITY).contains(&edit_filter_capacity) {
-            return Err(PyValueError::new_err(format!(
-                "edit_filter_capacity must be in 1..={MAX_FILTER_CAPACITY}"
-            )));
-        }
-        let filter =
-            edit_filter.then(|| EditFilter::new(edit_filter_capacity, edit_filter_max_age_ms));
+        let filter = match edit_filter {
+            FilterArg::Shared(f) => Some(f),
+            FilterArg::Private(false) => None,
+            FilterArg::Private(true) => Some(Arc::new(SharedFilter::new(
+                check_capacity(edit_filter_capacity)?,
+                edit_filter_max_age_ms,
+            ))),
+        };
         Ok(Self {
             core: CodecCore::new(shard_id, compression, max_message_size, filter)?,
             shard_id,
-            scratch: Vec::new(),
             t_cache: TCache::default(),
         })
     }
@@ -378,11 +575,52 @@ impl ShardCodec {
     }
 
     /// Consume one websocket frame; returns a Message when it completes one.
-    #[pyo3(signature = (frame, fin = true))]
-    fn feed(&mut self, frame: &Bound<'_, PyAny>, fin: bool) -> PyResult<Option<Message>> {
+    #[pyo3(signature = (frame, fin = Truthy(true)))]
+    #[pyo3(text_signature = "(self, /, frame, fin=True)")]
+    fn feed(&mut self, frame: &Bound<'_, PyAny>, fin: Truthy) -> PyResult<Option<Message>> {
+        let mut bufs = Bufs::take();
+        if let Some(work) = self.core.lend(std::mem::take(&mut bufs.work)) {
+            bufs.work = work;
+        }
+        let res = self.feed_lent(frame, fin.0, &mut bufs.scratch);
+        if let Some(work) = self.core.reclaim() {
+            bufs.work = work;
+        }
+        bufs.give_back();
+        res
+    }
+
+    /// Start a fresh decompression context; the edit filter is kept.
+    fn reset(&mut self) -> PyResult<()> {
+        Ok(self.core.reset()?)
+    }
+
+    /// Counters (not for the hot path).
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.core.stats;
+        let d = PyDict::new(py);
+        d.set_item("messages", s.messages)?;
+        d.set_item("frames", s.frames)?;
+        d.set_item("bytes_in", s.bytes_in)?;
+        d.set_item("bytes_out", s.bytes_out)?;
+        d.set_item("edits_dropped", s.edits_dropped)?;
+        d.set_item("errors", s.errors)?;
+        d.set_item("buffer_capacity", self.core.buffer_capacity())?;
+        Ok(d)
+    }
+}
+
+impl ShardCodec {
+    /// [`ShardCodec::feed`] once the work buffer is lent to the core.
+    fn feed_lent(
+        &mut self,
+        frame: &Bound<'_, PyAny>,
+        fin: bool,
+        scratch: &mut Vec<u8>,
+    ) -> PyResult<Option<Message>> {
         let py = frame.py();
         let core = &mut self.core;
-        let decoded = with_bytes(frame, &mut self.scratch, |b| core.feed(b, fin))??;
+        let decoded = with_bytes(frame, scratch, |b| core.feed(b, fin))??;
         let Some(Decoded { drop }) = decoded else {
             return Ok(None);
         };
@@ -418,24 +656,6 @@ impl ShardCodec {
             resumable: scan.resumable,
             message_id: scan.message_id,
         }))
-    }
-
-    /// Start a fresh decompression context; the edit filter is kept.
-    fn reset(&mut self) -> PyResult<()> {
-        Ok(self.core.reset()?)
-    }
-
-    /// Counters (not for the hot path).
-    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let s = self.core.stats;
-        let d = PyDict::new(py);
-        d.set_item("messages", s.messages)?;
-        d.set_item("frames", s.frames)?;
-        d.set_item("bytes_in", s.bytes_in)?;
-        d.set_item("bytes_out", s.bytes_out)?;
-        d.set_item("edits_dropped", s.edits_dropped)?;
-        d.set_item("errors", s.errors)?;
-        Ok(d)
     }
 }
 
@@ -490,13 +710,15 @@ impl Inflater {
     }
 
     /// Consume one frame; returns the decompressed message when it completes one.
-    #[pyo3(signature = (frame, fin = true))]
+    #[pyo3(signature = (frame, fin = Truthy(true)))]
+    #[pyo3(text_signature = "(self, /, frame, fin=True)")]
     fn feed<'py>(
         &mut self,
         frame: &Bound<'py, PyAny>,
-        fin: bool,
+        fin: Truthy,
     ) -> PyResult<Option<Bound<'py, PyBytes>>> {
         let py = frame.py();
+        let fin = fin.0;
         let transport = &mut self.transport;
         let buf = &mut self.buf;
         let done = with_bytes(frame, &mut self.scratch, |b| transport.feed(b, fin, buf, 0))?;

@@ -12,6 +12,9 @@
 //! the stored one. A missing key is "unknown" and never matches, a forgotten message
 //! passes, and every passed update overwrites the stored hash.
 
+use std::sync::{Mutex, TryLockError};
+use std::time::Instant;
+
 /// Ways per set: 8 entries of 24 bytes, three cache lines.
 const WAYS: usize = 8;
 
@@ -28,12 +31,19 @@ struct Slot {
     stamp: u64,
 }
 
+/// Bytes of one table entry.
+pub const ENTRY_BYTES: usize = std::mem::size_of::<Slot>();
+
 /// The edit filter's table.
 pub struct EditFilter {
     slots: Vec<Slot>,
     set_bits: u32,
     capacity: usize,
     max_age_ms: u64,
+    /// `MESSAGE_UPDATE`s decided.
+    pub updates: u64,
+    /// `MESSAGE_UPDATE`s dropped.
+    pub drops: u64,
 }
 
 /// What the filter decided for a `MESSAGE_UPDATE`.
@@ -55,7 +65,19 @@ impl EditFilter {
             set_bits: sets.trailing_zeros(),
             capacity: sets * WAYS,
             max_age_ms,
+            updates: 0,
+            drops: 0,
         }
+    }
+
+    /// How long an entry counts as known.
+    pub fn max_age_ms(&self) -> u64 {
+        self.max_age_ms
+    }
+
+    /// Bytes allocated for the table (0 until the first message event).
+    pub fn allocated_bytes(&self) -> usize {
+        self.slots.capacity() * ENTRY_BYTES
     }
 
     /// Entries the table holds once allocated.
@@ -130,6 +152,13 @@ impl EditFilter {
 
     /// Decides a `MESSAGE_UPDATE`; remembers it when it passes.
     pub fn update(&mut self, id: u64, hash: u64, now: u64) -> Verdict {
+        self.updates += 1;
+        let verdict = self.decide(id, hash, now);
+        self.drops += u64::from(verdict == Verdict::Drop);
+        verdict
+    }
+
+    fn decide(&mut self, id: u64, hash: u64, now: u64) -> Verdict {
         if id == 0 {
             return Verdict::Pass;
         }
@@ -167,6 +196,40 @@ impl EditFilter {
     /// True when no entry is live.
     pub fn is_empty(&self, now: u64) -> bool {
         self.len(now) == 0
+    }
+}
+
+/// An [`EditFilter`] that several codecs share (message ids are global snowflakes, so
+/// one table per process serves every shard), with the clock its entries are stamped by.
+///
+/// Codecs of one process are fed from one thread under the GIL, so the lock is never
+/// contended; it is only tried, never waited for, and a busy or poisoned table counts
+/// as "pass" (the safe answer) instead of blocking or panicking.
+pub struct SharedFilter {
+    table: Mutex<EditFilter>,
+    epoch: Instant,
+}
+
+impl SharedFilter {
+    /// A table of about `capacity` entries (allocated on first use).
+    pub fn new(capacity: usize, max_age_ms: u64) -> Self {
+        Self {
+            table: Mutex::new(EditFilter::new(capacity, max_age_ms)),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// Milliseconds since this filter was created (the stamp clock).
+    pub fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Runs `f` on the table; `None` when it is busy (a re-entrant use) or poisoned.
+    pub fn with<T>(&self, f: impl FnOnce(&mut EditFilter) -> T) -> Option<T> {
+        match self.table.try_lock() {
+            Ok(mut table) => Some(f(&mut table)),
+            Err(TryLockError::WouldBlock | TryLockError::Poisoned(_)) => None,
+        }
     }
 }
 

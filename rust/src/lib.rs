@@ -21,6 +21,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<codec::ShardCodec>()?;
+    m.add_class::<codec::PyEditFilter>()?;
     m.add_class::<codec::Message>()?;
     m.add_class::<codec::Inflater>()?;
     m.add_class::<codec::StreamCompressor>()?;

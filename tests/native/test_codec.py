@@ -232,6 +232,43 @@ def test_buffer_reused_between_fragments(compression: str | None) -> None:
 
 
 @pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_fin_is_taken_by_truthiness(compression: str | None) -> None:
+    # picows' frame.fin is an int at runtime: the shard passes it as is.
+    payload = pl.dispatch("GUILD_CREATE", 1, pl.PayloadGenerator(3).guild_create(GUILDS[1], 5_000))
+    [frame] = compress_all(compression, [payload])
+    pieces = split(frame, 3)
+    for codec_or_inflater in (ShardCodec(0, compression), Inflater(compression)):  # type: ignore[arg-type]
+        assert codec_or_inflater.feed(pieces[0], 0) is None
+        assert codec_or_inflater.feed(pieces[1], False) is None
+        done = codec_or_inflater.feed(pieces[2], 1)
+        assert done is not None
+        assert (done if isinstance(done, bytes) else done.payload) == payload
+
+
+def test_idle_codecs_hold_no_message_buffer() -> None:
+    # Codecs share one work buffer: after a big GUILD_CREATE nothing stays per codec, and
+    # a message split across calls stays intact while other codecs decode in between.
+    gen = pl.PayloadGenerator(5)
+    big = pl.dispatch("GUILD_CREATE", 1, gen.guild_create(GUILDS[0], 300_000))
+    small = pl.dispatch("TYPING_START", 2, gen.typing_start(GUILDS[0]))
+    streams = [StreamCompressor("zlib-stream") for _ in range(3)]
+    codecs = [ShardCodec(i) for i in range(3)]
+    pieces = split(streams[0].compress(big), 4)
+    for p in pieces[:-1]:
+        assert codecs[0].feed(memoryview(bytearray(p)), False) is None
+        for comp, codec in zip(streams[1:], codecs[1:], strict=True):
+            msg = codec.feed(memoryview(comp.compress(big)))
+            assert msg is not None and msg.payload == big
+            assert codec.stats()["buffer_capacity"] == 0
+    assert codecs[0].stats()["buffer_capacity"] > 0
+    msg = codecs[0].feed(pieces[-1])
+    assert msg is not None and msg.payload == big and msg.body.startswith(b'{"shardId":0,')
+    msg = codecs[0].feed(streams[0].compress(small))
+    assert msg is not None and msg.payload == small
+    assert [c.stats()["buffer_capacity"] for c in codecs] == [0, 0, 0]
+
+
+@pytest.mark.parametrize("compression", COMPRESSIONS)
 def test_reset_starts_a_new_connection(compression: str | None) -> None:
     first = compress_all(compression, [pl.HEARTBEAT_ACK, pl.dispatch("RESUMED", 5, pl.resumed())])
     codec = ShardCodec(0, compression)
@@ -370,6 +407,28 @@ def test_guild_create_and_delete_fields() -> None:
     assert_only(outage, guild_id=gid, unavailable=True)
     left = decode_one(pl.dispatch("GUILD_DELETE", 10, {"id": str(gid)}))
     assert_only(left, guild_id=gid)
+
+
+def test_mistyped_extracted_fields_are_none_and_the_event_is_delivered() -> None:
+    # Discord never sends these, but a type change inside ``d`` must not lose the event.
+    gen = pl.PayloadGenerator(9)
+    gid = GUILDS[3]
+    odd = {**gen.guild_create(gid, 2_000), "unavailable": "no"}
+    payload = pl.dispatch("GUILD_CREATE", 7, odd)
+    msg = decode_one(payload, compression="zlib-stream")
+    assert (msg.seq, msg.kind, msg.payload) == (7, n.KIND_GUILD_CREATE, payload)
+    assert_only(msg, guild_id=gid)
+    msg = decode_one(pl.dispatch("GUILD_DELETE", 8, {"id": 12.5, "unavailable": 1}))
+    assert_only(msg)
+    msg = decode_one(pl.dispatch("MESSAGE_CREATE", 9, {"id": None, "content": "x"}))
+    assert (msg.kind, msg.message_id) == (n.KIND_MESSAGE_CREATE, None)
+    msg = decode_one(orjson.dumps({"op": 9, "d": "yes", "s": None, "t": None}))
+    assert (msg.op, msg.resumable) == (9, None)
+    msg = decode_one(orjson.dumps({"op": 10, "d": {"heartbeat_interval": "41250"}}))
+    assert (msg.op, msg.heartbeat_interval) == (10, None)
+    # A broken structure is still an error.
+    with pytest.raises(PayloadError):
+        decode_one(b'{"op":0,"s":1,"t":"GUILD_CREATE","d":{"unavailable":[}}')
 
 
 def test_message_event_fields() -> None:
@@ -531,6 +590,12 @@ def test_payload_errors_keep_the_stream(compression: str | None, bad: str) -> No
 def test_invalid_constructor_arguments() -> None:
     with pytest.raises(ValueError):
         ShardCodec(0, "gzip")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        ShardCodec(0, edit_filter=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        ShardCodec(0, edit_filter_capacity=0)
+    with pytest.raises(ValueError):
+        n.EditFilter(capacity=0)
     with pytest.raises(ValueError):
         Inflater("deflate")  # type: ignore[arg-type]
 
@@ -628,6 +693,33 @@ def test_filter_max_age() -> None:
     assert conn.send("MESSAGE_UPDATE", gen.message_unfurl(fresh)).drop
 
 
+def test_shared_filter_serves_every_codec() -> None:
+    # Message ids are global: a MESSAGE_CREATE seen by one shard and its unfurl by another
+    # (a thread moved, a resharded guild) are still matched through the shared table.
+    gen = pl.PayloadGenerator(27)
+    shared = n.EditFilter(capacity=4096, max_age_ms=60_000)
+    assert (shared.capacity, shared.max_age_ms) == (4096, 60_000)
+    assert shared.stats()["allocated_bytes"] == 0, "allocated on first use"
+    a, b = Conn(ShardCodec(0, edit_filter=shared)), Conn(ShardCodec(1, edit_filter=shared))
+    created = gen.message_create(GUILDS[0], link=True)
+    a.send("MESSAGE_CREATE", created)
+    assert b.send("MESSAGE_UPDATE", gen.message_unfurl(created)).drop
+    b.send("MESSAGE_DELETE", gen.message_delete(created))
+    assert not a.send("MESSAGE_UPDATE", gen.message_unfurl(created)).drop
+    stats = shared.stats()
+    assert stats == {
+        "entries": 1,  # the passed update after the delete is stored again
+        "capacity": 4096,
+        "allocated_bytes": 4096 * 24,
+        "updates": 2,
+        "drops": 1,
+    }
+    assert (a.codec.stats()["edits_dropped"], b.codec.stats()["edits_dropped"]) == (0, 1)
+    # A private table is not shared.
+    c = Conn(ShardCodec(2))
+    assert not c.send("MESSAGE_UPDATE", gen.message_unfurl(created)).drop
+
+
 def test_filter_disabled_never_drops() -> None:
     gen = pl.PayloadGenerator(25)
     conn = Conn(ShardCodec(0, edit_filter=False))
@@ -673,6 +765,7 @@ def test_stats_count() -> None:
         "bytes_out": 0,
         "edits_dropped": 0,
         "errors": 0,
+        "buffer_capacity": 0,
     }
     gen = pl.PayloadGenerator(30)
     created = gen.message_create(GUILDS[0], link=True)
@@ -685,7 +778,9 @@ def test_stats_count() -> None:
     pieces = split(frames[0], 3)
     for p in pieces[:-1]:
         codec.feed(p, fin=False)
+    assert codec.stats()["buffer_capacity"] > 0, "a split message keeps its output"
     codec.feed(pieces[-1])
+    assert codec.stats()["buffer_capacity"] == 0
     feed_all(codec, frames[1:])
     stats = codec.stats()
     assert stats["messages"] == 3

@@ -5,12 +5,14 @@ use super::fixtures::{
 };
 use crate::codec::CodecCore;
 use crate::errors::Error;
-use crate::filter::EditFilter;
+use std::sync::Arc;
+
+use crate::filter::SharedFilter;
 use crate::inflate::Compression;
 use crate::scan::Kind;
 
 fn codec(kind: Compression, filter: bool) -> CodecCore {
-    let f = filter.then(|| EditFilter::new(16384, 900_000));
+    let f = filter.then(|| Arc::new(SharedFilter::new(16384, 900_000)));
     CodecCore::new(3, kind, 1 << 26, f).unwrap()
 }
 
@@ -97,7 +99,7 @@ fn filter_clock_expires_entries() {
         0,
         Compression::Plain,
         1 << 20,
-        Some(EditFilter::new(64, 1000)),
+        Some(Arc::new(SharedFilter::new(64, 1000))),
     )
     .unwrap();
     c.feed_at(MESSAGE_CREATE, true, 0).unwrap();
@@ -152,11 +154,63 @@ fn too_large_then_reset() {
 }
 
 #[test]
-fn big_buffers_shrink_after_the_message() {
-    let big = format!(r#"{{"op":0,"t":"X","s":1,"d":"{}"}}"#, "x".repeat(3 << 20));
-    let mut c = codec(Compression::Plain, false);
-    c.feed(big.as_bytes(), true).unwrap().unwrap();
-    c.feed(ACK, true).unwrap().unwrap();
+fn an_idle_codec_gives_its_buffer_back() {
+    let big = format!(r#"{{"op":0,"t":"X","s":1,"d":"{}"}}"#, "x".repeat(300_000));
+    let frames = compress_all(Compression::Zlib, &[big.as_bytes(), ACK]);
+    let mut c = codec(Compression::Zlib, false);
+    assert_eq!(c.lend(Vec::new()), None);
+    c.feed(&frames[0], true).unwrap().unwrap();
+    assert_eq!(c.payload(), big.as_bytes());
+    let work = c.reclaim().expect("no message in progress");
+    assert!(work.capacity() > 300_000);
+    assert_eq!(c.buffer_capacity(), 0, "the idle codec holds no buffer");
+    // The next message is inflated into whatever buffer is lent, prefix included.
+    assert_eq!(c.lend(work), None);
+    c.feed(&frames[1], true).unwrap().unwrap();
     assert_eq!(c.payload(), ACK);
-    assert!(c.body().len() < 100);
+    assert_eq!(&c.body()[..c.base()], br#"{"shardId":3,"data":"#);
+}
+
+#[test]
+fn a_message_split_across_calls_keeps_its_buffer() {
+    let frames = compress_all(Compression::Zlib, &[GUILD_CREATE, ACK]);
+    let mut c = codec(Compression::Zlib, true);
+    let (first, rest) = frames[0].split_at(frames[0].len() / 2);
+    assert_eq!(c.lend(Vec::with_capacity(64)), None);
+    assert!(c.feed(first, false).unwrap().is_none());
+    assert_eq!(c.reclaim(), None, "mid-message: the output so far stays");
+    let other = Vec::with_capacity(1 << 16);
+    assert_eq!(
+        c.lend(other).map(|v| v.capacity()),
+        Some(1 << 16),
+        "refused"
+    );
+    assert!(c.feed(rest, true).unwrap().is_some());
+    assert_eq!(c.payload(), GUILD_CREATE);
+    assert!(c.reclaim().is_some());
+    // Without a lent buffer the codec allocates its own.
+    assert!(c.feed(&frames[1], true).unwrap().is_some());
+    assert_eq!(c.payload(), ACK);
+}
+
+#[test]
+fn codecs_sharing_a_filter_see_each_others_messages() {
+    let shared = Arc::new(SharedFilter::new(1024, 900_000));
+    let mut a = CodecCore::new(0, Compression::Plain, 1 << 20, Some(shared.clone())).unwrap();
+    let mut b = CodecCore::new(1, Compression::Plain, 1 << 20, Some(shared.clone())).unwrap();
+    a.feed(MESSAGE_CREATE, true).unwrap().unwrap();
+    assert!(b.feed(MESSAGE_UNFURL, true).unwrap().unwrap().drop);
+    b.feed(MESSAGE_DELETE, true).unwrap().unwrap();
+    assert!(!a.feed(MESSAGE_UNFURL, true).unwrap().unwrap().drop);
+    assert_eq!(shared.with(|t| (t.updates, t.drops)), Some((2, 1)));
+}
+
+#[test]
+fn a_busy_shared_filter_passes_instead_of_blocking() {
+    let shared = Arc::new(SharedFilter::new(1024, 900_000));
+    let mut a = CodecCore::new(0, Compression::Plain, 1 << 20, Some(shared.clone())).unwrap();
+    a.feed(MESSAGE_CREATE, true).unwrap().unwrap();
+    let inner = shared.with(|_| a.feed(MESSAGE_UNFURL, true).unwrap().unwrap().drop);
+    assert_eq!(inner, Some(false), "re-entrant use: pass");
+    assert!(a.feed(MESSAGE_UNFURL, true).unwrap().unwrap().drop);
 }

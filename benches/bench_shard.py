@@ -79,6 +79,7 @@ def run_one(
             "--guilds", str(args.guilds),
             "--seed", str(args.seed),
             "--timeout", str(args.timeout),
+            "--writer", args.fake_writer,
         ],
         cpu_fake,
         stdin=True,
@@ -250,6 +251,12 @@ def main() -> None:
     p.add_argument("--guilds", type=int, default=2, help="GUILD_CREATEs before the blast")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+    p.add_argument(
+        "--fake-writer",
+        choices=["coalesced", "fake"],
+        default="coalesced",
+        help="how the fake writes the blast: 256 KiB chunks, or FakeDiscord.blast()",
+    )
     p.add_argument("--no-pin", action="store_true", help="do not pin fake and contender to CPUs")
     p.add_argument("--timeout", type=float, default=120.0, help="per run")
     p.add_argument(

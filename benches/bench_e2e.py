@@ -53,10 +53,12 @@ import platform
 import pstats
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +80,7 @@ STAMP_DIGITS = 19
 ZERO_STAMP = b"0" * STAMP_DIGITS
 CHUNK_BYTES = 256 * 1024
 HEARTBEAT_MS = 600_000
+TICK_S = 0.001
 TARGETS = {"websocket": 150_000.0, "http": 15_000.0}
 P99_TARGET_MS = 50.0
 
@@ -284,7 +287,7 @@ async def paced(
     sessions: list[FakeSession], pool: Pool, n: int, rate: float, go: asyncio.Future[None]
 ) -> dict[str, Any]:
     """Number the events ahead, then on ``go`` send them at ``rate``: each is stamped,
-    compressed and framed when its turn comes; one write per shard per loop tick."""
+    compressed and framed when its turn comes; one write per shard per tick (>= 1 ms)."""
     started = time.perf_counter()
     conns = [s.connection for s in sessions]
     items: list[tuple[int, bytes, int]] = []
@@ -313,8 +316,10 @@ async def paced(
             if frames:
                 writes[shard](b"".join(frames))
                 frames.clear()
+        # Ticks of at least 1 ms (the loop's timer resolution): shorter sleeps would spin,
+        # and the fake would take the CPU it shares with the handler.
         next_at = start + sent / rate
-        await asyncio.sleep(max(0.0, next_at - loop.time()))
+        await asyncio.sleep(max(TICK_S, next_at - loop.time()))
     return {
         "sent": sent,
         "first_ns": first_ns,
@@ -479,8 +484,13 @@ def run_one(
     rate: float | None,
     cpus: tuple[int | None, int | None],
     profile_to: str | None = None,
+    py_spy: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
-    """One run: fresh handler and gateway processes against the series' fake."""
+    """One run: fresh handler and gateway processes against the series' fake.
+
+    ``profile_to``: run the gateway under cProfile, stats to that path. ``py_spy``:
+    ``(py-spy binary, output path)``, sample the gateway during the measured window.
+    """
     cpu_side, cpu_gateway = cpus
     record: dict[str, Any] = {"mode": mode, "kind": series.kind, "load_before": _procs.loadavg()}
     handler_cmd = [_procs.MAIN_PYTHON, __file__, "--role", "handler", "--kind", mode]
@@ -488,6 +498,7 @@ def run_one(
         handler_cmd.append("--latency")
     handler = _procs.spawn("handler", handler_cmd, cpu_side, stdin=True)
     gateway: _procs.Child | None = None
+    sampler: subprocess.Popen[bytes] | None = None
     try:
         handler_port = handler.reader.tagged("READY", timeout=30)["port"]
         control_port = free_port()
@@ -504,7 +515,17 @@ def run_one(
         before = wait_loaded(gateway, control_port, args.shards, args.timeout)
         expected = prepared["events"] - prepared["unfurls"]
         send(handler, f"EXPECT {expected}")
+        if py_spy is not None:
+            spy_bin, spy_out = py_spy
+            spy_cmd = [spy_bin, "record", "-p", str(gateway.pid), "-r", "250", "--native"]
+            sampler = subprocess.Popen(
+                [*spy_cmd, "-f", "raw", "-o", spy_out],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(1.0)  # attached before the clock starts
         cpu0 = proc_cpu_s(gateway.pid)
+        side0 = proc_cpu_s(series.fake.pid), proc_cpu_s(handler.pid)
         send(series.fake, json.dumps({"cmd": "go"}))
         budget = args.timeout if rate is None else events / rate + args.timeout
         done: dict[str, Any] | None = None
@@ -513,12 +534,19 @@ def run_one(
         except TimeoutError:
             record["note"] = f"handler did not receive {expected} events within {budget:.0f} s"
         cpu1 = proc_cpu_s(gateway.pid)
+        if sampler is not None:
+            sampler.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+            sampler.wait(30)
+        side1 = proc_cpu_s(series.fake.pid), proc_cpu_s(handler.pid)
         sent = series.fake.reader.tagged("SENT", timeout=args.timeout)
         time.sleep(0.3)  # let anything beyond the expected count arrive (it would be counted)
         after = gateway_status(control_port)
         send(handler, "REPORT")
         final = handler.reader.tagged("REPORT", timeout=10)
     finally:
+        if sampler is not None and sampler.poll() is None:
+            sampler.kill()
+            sampler.wait(10)
         if gateway is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(gateway.pid, signal.SIGTERM)
@@ -547,6 +575,8 @@ def run_one(
         cpu_s_per_100k=cpu * 100_000 / delivered if delivered else float("nan"),
         events_per_cpu_s=delivered / cpu if cpu > 0 else float("nan"),
         cpu_share=cpu / wall if wall > 0 else float("nan"),
+        fake_cpu_share=(side1[0] - side0[0]) / wall if wall > 0 else float("nan"),
+        handler_cpu_share=(side1[1] - side0[1]) / wall if wall > 0 else float("nan"),
         send_s=(sent["last_ns"] - sent["first_ns"]) / 1e9,
         load_after=_procs.loadavg(),
     )
@@ -565,6 +595,7 @@ def run_one(
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     keys = ["events_per_s", "cpu_s_per_100k", "events_per_cpu_s", "cpu_share", "wall_s"]
+    keys += ["fake_cpu_share", "handler_cpu_share"]
     keys += ["p50_ms", "p90_ms", "p99_ms", "max_ms", "rate", "achieved_send_rate"]
     out: dict[str, Any] = {"runs": len(records), "lost": sum(r["lost"] for r in records)}
     for key in keys:
@@ -600,12 +631,14 @@ def format_run(run: int, r: dict[str, Any]) -> str:
     text = (
         f"  {r['mode']:<9} {r['kind']:<10} run {run + 1}: {r['events_per_s']:>9,.0f} ev/s  "
         f"{r['events_per_cpu_s']:>9,.0f} ev/CPU-s  {r['cpu_s_per_100k']:.3f} CPU s/100k  "
-        f"share {r['cpu_share']:.2f}  lost: {r['lost']}  (sent {r['sent']}, filtered "
+        f"share {r['cpu_share']:.2f} (fake {r['fake_cpu_share']:.2f}, handler "
+        f"{r['handler_cpu_share']:.2f})  lost: {r['lost']}  (sent {r['sent']}, filtered "
         f"{r['filtered']}, delivered {r['delivered']}, retries {r['retries']})"
     )
     if r.get("p99_ms") is not None:
         text += (
-            f"  p50 {r['p50_ms']:.2f} ms p99 {r['p99_ms']:.2f} ms max {r['max_ms']:.1f} ms"
+            f"  p50 {r['p50_ms']:.2f} ms p90 {r['p90_ms']:.2f} ms p99 {r['p99_ms']:.2f} ms"
+            f" max {r['max_ms']:.1f} ms"
             f" at {r['rate']:,.0f}/s"
         )
     text += f"  load {r['load_before'][0]:.2f}"
@@ -655,26 +688,83 @@ def print_table(results: dict[str, Any]) -> None:
 
 
 def profile_run(args: argparse.Namespace, mode: str, cpus: tuple[int | None, int | None]) -> None:
-    """One saturation run with the gateway under cProfile (slower; not in the results)."""
+    """One saturation run with the gateway profiled (not in the results): sampled by
+    py-spy during the measured window when ``--py-spy`` is given, else under cProfile
+    (which slows the gateway's Python code and covers its whole lifetime)."""
     events = args.ws_events if mode == "websocket" else args.http_events
     series = start_fake(args, "saturation", events, cpus[0])
     series.mode = mode
     with tempfile.NamedTemporaryFile(suffix=".prof", delete=False) as f:
         path = f.name
     try:
-        record = run_one(args, mode, series, events, None, cpus, profile_to=path)
-        print(
-            f"\nprofile of the gateway process, {mode} saturation (cProfile, slower than "
-            f"normal): {record['delivered']} events, {record['gateway_cpu_s']:.2f} CPU s "
-            f"(whole process lifetime below, start-up included), lost: {record['lost']}"
-        )
-        stats = pstats.Stats(path)
-        stats.sort_stats("tottime").print_stats(args.profile_top)
+        if args.py_spy:
+            record = run_one(args, mode, series, events, None, cpus, py_spy=(args.py_spy, path))
+            print(
+                f"\ngateway process, {mode} saturation, sampled by py-spy (250 Hz, native "
+                f"frames) during the measured window: {record['events_per_cpu_s']:,.0f} "
+                f"events per CPU-second, lost: {record['lost']}"
+            )
+            print_samples(path, args.profile_top)
+        else:
+            record = run_one(args, mode, series, events, None, cpus, profile_to=path)
+            print(
+                f"\ngateway process, {mode} saturation, under cProfile (slower than normal; "
+                f"whole lifetime, start-up and idle waits included): {record['delivered']} "
+                f"events, lost: {record['lost']}"
+            )
+            pstats.Stats(path).sort_stats("tottime").print_stats(args.profile_top)
     finally:
         series.fake.close_stdin()
         series.fake.wait(30)
         with contextlib.suppress(OSError):
             os.unlink(path)
+
+
+def print_samples(path: str, top: int) -> None:
+    """Self and inclusive shares per function from py-spy's raw (collapsed stack) output."""
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = idle = 0
+    with open(path) as f:
+        for line in f:
+            stack, _, count = line.rstrip("\n").rpartition(" ")
+            if not count.isdigit():
+                continue
+            n = int(count)
+            total += n
+            frames = [frame_name(frame) for frame in stack.split(";")]
+            if frames[-1].startswith(IDLE_LEAVES):
+                idle += n
+                continue
+            own[frames[-1]] += n
+            for name in set(frames):
+                inclusive[name] += n
+    if not total:
+        print("  (no samples)")
+        return
+    print(
+        f"  {total} samples on CPU ({idle} more waiting in epoll, left out); "
+        "self time (where the CPU was):"
+    )
+    for name, n in own.most_common(top):
+        print(f"  {100 * n / total:6.1f}%  {name}")
+    print("  inclusive (shardgate functions):")
+    ours = [(name, n) for name, n in inclusive.most_common() if "shardgate" in name]
+    for name, n in ours[:top]:
+        print(f"  {100 * n / total:6.1f}%  {name}")
+
+
+IDLE_LEAVES = ("epoll_wait", "epoll_pwait")
+"""Leaf frames of a loop waiting for I/O: py-spy's --native mode samples them as running."""
+
+
+def frame_name(frame: str) -> str:
+    """``func (path/to/file.py:12)`` -> ``func (shardgate/file.py)``: lines merged."""
+    func, sep, where = frame.partition(" (")
+    if not sep:
+        return frame
+    parts = where.rstrip(")").split(":")[0].split("/")
+    return f"{func} ({'/'.join(parts[-2:])})"
 
 
 def orchestrate(args: argparse.Namespace) -> None:
@@ -767,6 +857,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="then one saturation run per mode with the gateway under cProfile",
     )
     p.add_argument("--profile-top", type=int, default=30)
+    p.add_argument(
+        "--py-spy",
+        metavar="BIN",
+        help="profile with this py-spy binary (sampling) instead of cProfile",
+    )
     # child roles
     p.add_argument("--role", choices=["fake", "handler"], help=argparse.SUPPRESS)
     p.add_argument("--kind", help=argparse.SUPPRESS)

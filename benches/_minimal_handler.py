@@ -63,7 +63,7 @@ class MiniHttp(asyncio.Protocol):
             self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n" * answers)
 
 
-class WsAcker(WSListener):  # type: ignore[misc]
+class WsAcker(WSListener):
     """Acknowledges each batch frame with its id and event count; reads only ``ids``."""
 
     def __init__(self, on_batch: BatchHook | None = None) -> None:

@@ -806,7 +806,8 @@ def orchestrate(args: argparse.Namespace) -> None:
             "events_per_s": s["events_per_s"],
         }
         if args.paced_fraction > 0:
-            rate = args.paced_fraction * s["events_per_s"]
+            fixed = args.ws_rate if mode == "websocket" else args.http_rate
+            rate = fixed or args.paced_fraction * s["events_per_s"]
             n = max(1000, int(rate * args.paced_seconds))
             paced_records = series_runs(args, mode, "paced", n, rate, cpus)
             records += paced_records
@@ -845,6 +846,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="paced rate as a fraction of the saturation median (0: no paced runs)",
     )
     p.add_argument("--paced-seconds", type=float, default=4.0)
+    p.add_argument("--ws-rate", type=float, help="paced rate for websocket (overrides fraction)")
+    p.add_argument("--http-rate", type=float, help="paced rate for http (overrides fraction)")
     p.add_argument("--level", type=int, default=6, help="zlib level, saturation runs")
     p.add_argument("--paced-level", type=int, default=1, help="zlib level, paced runs")
     p.add_argument("--seed", type=int, default=0)

@@ -179,6 +179,24 @@ impl CodecCore {
         Some(std::mem::take(&mut self.buf))
     }
 
+    /// Puts an idle zlib context away (see [`crate::inflate::Transport::hibernate`]);
+    /// refused in the middle of a message. `scratch` is working space.
+    pub fn hibernate(&mut self, scratch: &mut Vec<u8>) -> Result<bool> {
+        if self.in_progress() {
+            return Ok(false);
+        }
+        let res = self.transport.hibernate(scratch);
+        if res.is_err() {
+            self.stats.errors += 1;
+        }
+        res
+    }
+
+    /// True while the zlib context is put away.
+    pub fn asleep(&self) -> bool {
+        self.transport.asleep()
+    }
+
     /// Capacity of the output buffer this codec holds.
     pub fn buffer_capacity(&self) -> usize {
         self.buf.capacity()
@@ -595,6 +613,14 @@ impl ShardCodec {
         Ok(self.core.reset()?)
     }
 
+    /// Put an idle zlib context away until the next frame (frees about 45 KiB).
+    fn hibernate(&mut self) -> PyResult<bool> {
+        let mut bufs = Bufs::take();
+        let res = self.core.hibernate(&mut bufs.scratch);
+        bufs.give_back();
+        Ok(res?)
+    }
+
     /// Counters (not for the hot path).
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = self.core.stats;
@@ -606,6 +632,7 @@ impl ShardCodec {
         d.set_item("edits_dropped", s.edits_dropped)?;
         d.set_item("errors", s.errors)?;
         d.set_item("buffer_capacity", self.core.buffer_capacity())?;
+        d.set_item("asleep", i64::from(self.core.asleep()))?;
         Ok(d)
     }
 }

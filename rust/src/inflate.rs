@@ -4,7 +4,9 @@
 //! already holds the forward-body prefix), so compressed bytes are never buffered and
 //! the size limit is enforced while inflating: a decompression bomb stops within one
 //! allocation step of `max_message_size`.
-use flate2::{Decompress, FlushDecompress, Status};
+use std::cell::Cell;
+
+use flate2::{Compress, Decompress, FlushCompress, FlushDecompress, Status};
 use zstd::stream::raw::{Decoder as ZstdDecoder, InBuffer, Operation, OutBuffer};
 
 use crate::errors::{Error, Result};
@@ -47,8 +49,14 @@ impl Compression {
     }
 }
 
+/// The deflate window: back-references reach at most this far.
+const WINDOW: usize = 32 * 1024;
+
 enum Context {
     Zlib(Box<Decompress>),
+    /// A zlib context put away between messages ([`Transport::hibernate`]): its window,
+    /// deflated on its own and sync-flushed (empty when nothing was inflated yet).
+    ZlibAsleep(Box<[u8]>),
     Zstd(Box<ZstdDecoder<'static>>),
     Plain,
 }
@@ -108,6 +116,7 @@ impl Transport {
     pub fn reset(&mut self) -> Result<()> {
         match &mut self.ctx {
             Context::Zlib(d) => d.reset(false),
+            Context::ZlibAsleep(_) => self.ctx = Context::Zlib(Box::new(Decompress::new(false))),
             Context::Zstd(d) => d.reinit().map_err(|e| Error::compression(e.to_string()))?,
             Context::Plain => {}
         }
@@ -151,6 +160,9 @@ impl Transport {
         base: usize,
     ) -> Result<bool> {
         let limit = self.max_message_size;
+        if let Context::ZlibAsleep(compact) = &self.ctx {
+            self.ctx = Context::Zlib(wake(compact, out)?);
+        }
         match &mut self.ctx {
             Context::Plain => {
                 if out.len() - base + frame.len() > limit {
@@ -163,6 +175,7 @@ impl Transport {
                 zstd_feed(d, frame, out, base, limit)?;
                 Ok(fin)
             }
+            Context::ZlibAsleep(_) => Err(Error::compression("zlib context still asleep")),
             Context::Zlib(d) => {
                 let mut data = frame;
                 while self.header_left > 0 {
@@ -210,6 +223,221 @@ impl Transport {
             }
         }
     }
+}
+
+impl Transport {
+    /// True when a zlib context is put away (see [`Transport::hibernate`]).
+    pub fn asleep(&self) -> bool {
+        matches!(self.ctx, Context::ZlibAsleep(_))
+    }
+
+    /// Puts an idle zlib context away: its 32 KiB window is kept deflated (a few KiB for
+    /// gateway JSON) and the inflate state (about 45 KiB) is freed; the next frame
+    /// rebuilds it, which costs about as much as inflating 32 KiB. Only between
+    /// messages; `scratch` is working space. Returns whether the context was put away
+    /// (not for zstd, plain, a broken stream, or in the middle of a message).
+    ///
+    /// The window is read back from the live context by inflating one crafted deflate
+    /// block that copies the last `W` bytes (`W` = what was inflated, at most 32 KiB)
+    /// from distance `W`, then an empty stored block: the output is exactly the window
+    /// and the context is left as it was (same window, between blocks, byte-aligned).
+    /// Re-inflating the deflated window into a fresh context restores that state.
+    pub fn hibernate(&mut self, scratch: &mut Vec<u8>) -> Result<bool> {
+        let Context::Zlib(d) = &mut self.ctx else {
+            return Ok(false);
+        };
+        if self.broken || self.ended || self.tail_len != 0 {
+            return Ok(false);
+        }
+        if self.header_left == 2 && d.total_in() == 0 {
+            self.ctx = Context::ZlibAsleep(Box::default());
+            return Ok(true);
+        }
+        let w = usize::try_from(d.total_out()).unwrap_or(WINDOW).min(WINDOW);
+        if self.header_left != 0 || w < 3 {
+            return Ok(false);
+        }
+        let res = read_window(d, w, scratch).and_then(|()| deflate_window(scratch));
+        match res {
+            Ok(compact) => {
+                self.ctx = Context::ZlibAsleep(compact.into_boxed_slice());
+                Ok(true)
+            }
+            Err(e) => {
+                // The crafted block was (partly) inflated: the stream cannot be trusted.
+                self.broken = true;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Inflates the crafted "copy the window" block into `scratch` (cleared first).
+fn read_window(d: &mut Decompress, w: usize, scratch: &mut Vec<u8>) -> Result<()> {
+    let block = window_copy_block(w);
+    scratch.clear();
+    scratch.reserve_exact(w + 1);
+    let (in0, out0) = (d.total_in(), d.total_out());
+    d.decompress_vec(&block, scratch, FlushDecompress::None)
+        .map_err(|e| Error::compression(e.to_string()))?;
+    if d.total_in() - in0 != block.len() as u64 || d.total_out() - out0 != w as u64 {
+        return Err(Error::compression("could not read the zlib window back"));
+    }
+    Ok(())
+}
+
+thread_local! {
+    /// The deflate context [`deflate_window`] reuses (about 270 KiB, one per thread that
+    /// hibernates): allocating and freeing one per call would leave holes in the heap.
+    static WINDOW_DEFLATE: Cell<Option<Box<Compress>>> = const { Cell::new(None) };
+}
+
+/// Deflates a window on its own, sync-flushed (so it ends byte-aligned between blocks).
+fn deflate_window(window: &[u8]) -> Result<Vec<u8>> {
+    let mut c = WINDOW_DEFLATE
+        .with(Cell::take)
+        .unwrap_or_else(|| Box::new(Compress::new(flate2::Compression::new(6), false)));
+    c.reset();
+    let mut out = Vec::with_capacity(window.len() / 4 + 64);
+    let res = loop {
+        let consumed = c.total_in() as usize;
+        if let Err(e) = c.compress_vec(&window[consumed..], &mut out, FlushCompress::Sync) {
+            break Err(Error::compression(e.to_string()));
+        }
+        if c.total_in() as usize == window.len() && out.len() < out.capacity() {
+            out.shrink_to_fit();
+            break Ok(out);
+        }
+        out.reserve(out.capacity().max(1024));
+    };
+    WINDOW_DEFLATE.with(|cell| cell.set(Some(c)));
+    res
+}
+
+/// A fresh context whose window is the one [`deflate_window`] saved; `out` is working
+/// space past its current length (restored before returning).
+fn wake(compact: &[u8], out: &mut Vec<u8>) -> Result<Box<Decompress>> {
+    let mut d = Box::new(Decompress::new(false));
+    let len = out.len();
+    let res = (|| {
+        while (d.total_in() as usize) < compact.len() {
+            out.reserve(WINDOW + 64);
+            let before = (d.total_in(), d.total_out());
+            d.decompress_vec(
+                &compact[d.total_in() as usize..],
+                out,
+                FlushDecompress::None,
+            )
+            .map_err(|e| Error::compression(e.to_string()))?;
+            if (d.total_in(), d.total_out()) == before {
+                return Err(Error::compression("could not restore the zlib window"));
+            }
+        }
+        Ok(())
+    })();
+    out.truncate(len);
+    res.map(|()| d)
+}
+
+/// Little-endian bit packer for a deflate block.
+struct Bits {
+    out: Vec<u8>,
+    acc: u64,
+    n: u32,
+}
+
+impl Bits {
+    /// Appends the low `n` bits of `v`, least significant first.
+    fn put(&mut self, v: u32, n: u32) {
+        self.acc |= u64::from(v) << self.n;
+        self.n += n;
+        while self.n >= 8 {
+            self.out.push(self.acc as u8);
+            self.acc >>= 8;
+            self.n -= 8;
+        }
+    }
+
+    /// Appends a Huffman code (sent most significant bit first).
+    fn code(&mut self, code: u32, n: u32) {
+        self.put(code.reverse_bits() >> (32 - n), n);
+    }
+
+    /// A fixed-Huffman length/literal symbol (RFC 1951 3.2.6).
+    fn fixed(&mut self, sym: u32) {
+        match sym {
+            0..=143 => self.code(0x30 + sym, 8),
+            144..=255 => self.code(0x190 + sym - 144, 9),
+            256..=279 => self.code(sym - 256, 7),
+            _ => self.code(0xc0 + sym - 280, 8),
+        }
+    }
+
+    /// A match of `len` (3..=258) bytes at distance `dist` (1..=32768).
+    fn copy(&mut self, len: usize, dist: usize) {
+        const LEN_BASE: [u16; 29] = [
+            3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 15, 17, 19, 23, 27, 31, 35, 43, 51, 59, 67, 83, 99,
+            115, 131, 163, 195, 227, 258,
+        ];
+        const LEN_EXTRA: [u8; 29] = [
+            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 0,
+        ];
+        const DIST_BASE: [u16; 30] = [
+            1, 2, 3, 4, 5, 7, 9, 13, 17, 25, 33, 49, 65, 97, 129, 193, 257, 385, 513, 769, 1025,
+            1537, 2049, 3073, 4097, 6145, 8193, 12289, 16385, 24577,
+        ];
+        const DIST_EXTRA: [u8; 30] = [
+            0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12,
+            12, 13, 13,
+        ];
+        let l = LEN_BASE
+            .iter()
+            .rposition(|&b| usize::from(b) <= len)
+            .unwrap_or(0);
+        self.fixed(257 + l as u32);
+        self.put(
+            (len - usize::from(LEN_BASE[l])) as u32,
+            u32::from(LEN_EXTRA[l]),
+        );
+        let c = DIST_BASE
+            .iter()
+            .rposition(|&b| usize::from(b) <= dist)
+            .unwrap_or(0);
+        self.code(c as u32, 5);
+        self.put(
+            (dist - usize::from(DIST_BASE[c])) as u32,
+            u32::from(DIST_EXTRA[c]),
+        );
+    }
+}
+
+/// A fixed-Huffman block copying `w` (3..=32768) bytes from distance `w` (which outputs
+/// the last `w` bytes inflated, in order), then an empty stored block (byte alignment).
+pub fn window_copy_block(w: usize) -> Vec<u8> {
+    let mut b = Bits {
+        out: Vec::with_capacity(w / 258 * 2 + 16),
+        acc: 0,
+        n: 0,
+    };
+    b.put(0b010, 3); // BFINAL 0, BTYPE 01 (fixed)
+    let mut left = w;
+    while left > 0 {
+        // Lengths are 3..=258: never leave a remainder of 1 or 2.
+        let len = match left {
+            0..=258 => left,
+            259 | 260 => left - 3,
+            _ => 258,
+        };
+        b.copy(len, w);
+        left -= len;
+    }
+    b.fixed(256); // end of block
+    b.put(0, 3); // BFINAL 0, BTYPE 00 (stored)
+    if b.n > 0 {
+        b.put(0, 8 - b.n);
+    }
+    b.out.extend_from_slice(&[0x00, 0x00, 0xff, 0xff]);
+    b.out
 }
 
 #[cold]

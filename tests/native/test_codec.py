@@ -268,6 +268,45 @@ def test_idle_codecs_hold_no_message_buffer() -> None:
     assert [c.stats()["buffer_capacity"] for c in codecs] == [0, 0, 0]
 
 
+def test_hibernate_between_messages_is_invisible() -> None:
+    # A quiet shard puts its zlib context away; the stream then decodes exactly as before,
+    # including back-references into the window that was put away.
+    gen = pl.PayloadGenerator(6)
+    guild = pl.dispatch("GUILD_CREATE", 1, gen.guild_create(GUILDS[0], 20_000))
+    big = pl.dispatch("GUILD_CREATE", 2, gen.guild_create(GUILDS[1], 60_000))
+    stream = [guild, guild, pl.HEARTBEAT_ACK, big, guild[:-1] + b" }", big, pl.HEARTBEAT_ACK]
+    frames = stock_zlib(stream)
+    codec = ShardCodec(0)
+    assert codec.hibernate(), "a fresh context has nothing to keep"
+    out = []
+    for i, frame in enumerate(frames):
+        msg = codec.feed(frame)
+        assert msg is not None
+        out.append(msg.payload)
+        assert codec.stats()["asleep"] == 0
+        if i % 2 == 0:
+            assert codec.hibernate()
+            assert codec.stats()["asleep"] == 1
+            assert not codec.hibernate(), "already asleep"
+    assert out == stream
+    # The repeat (within the 32 KiB window) is a few back-references into what was put away.
+    assert len(guild) < 32 * 1024 and len(frames[1]) < len(frames[0]) // 20
+    # Mid-message, zstd and plain: refused, nothing changes.
+    pieces = split(stock_zlib([guild])[0], 2)
+    codec = ShardCodec(0)
+    assert codec.feed(pieces[0], False) is None
+    assert not codec.hibernate()
+    msg = codec.feed(pieces[1])
+    assert msg is not None and msg.payload == guild
+    assert not ShardCodec(0, "zstd-stream").hibernate()
+    assert not ShardCodec(0, None).hibernate()
+    # reset() while asleep starts a fresh stream.
+    codec.hibernate()
+    codec.reset()
+    msg = codec.feed(stock_zlib([pl.HEARTBEAT_ACK])[0])
+    assert msg is not None and msg.op == 11
+
+
 @pytest.mark.parametrize("compression", COMPRESSIONS)
 def test_reset_starts_a_new_connection(compression: str | None) -> None:
     first = compress_all(compression, [pl.HEARTBEAT_ACK, pl.dispatch("RESUMED", 5, pl.resumed())])
@@ -766,6 +805,7 @@ def test_stats_count() -> None:
         "edits_dropped": 0,
         "errors": 0,
         "buffer_capacity": 0,
+        "asleep": 0,
     }
     gen = pl.PayloadGenerator(30)
     created = gen.message_create(GUILDS[0], link=True)

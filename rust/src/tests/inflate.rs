@@ -269,3 +269,106 @@ fn an_ended_zlib_stream_accepts_its_trailer_then_nothing() {
     let err = t.feed(b"x", true, &mut out, 0).unwrap_err();
     assert!(err.to_string().contains("after the end"), "{err}");
 }
+
+/// Messages whose back-references reach far: repeats of earlier messages at every size,
+/// so a wrongly restored window shows up as corrupt output.
+fn window_heavy_messages() -> Vec<Vec<u8>> {
+    let mut msgs: Vec<Vec<u8>> = Vec::new();
+    let mut seed = 0x1234_5678_u64;
+    for n in [5usize, 40, 700, 5_000, 20_000, 40_000, 100, 33_000, 3] {
+        let mut m = Vec::with_capacity(n);
+        while m.len() < n {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            if seed >> 60 < 9 && !msgs.is_empty() {
+                // Copy a slice of an earlier message: a long-distance match.
+                let prev = &msgs[(seed >> 8) as usize % msgs.len()];
+                let at = (seed >> 20) as usize % prev.len();
+                m.extend_from_slice(&prev[at..prev.len().min(at + 300)]);
+            } else {
+                m.extend_from_slice(
+                    format!("{{\"k{}\":\"{}\"}}", seed % 97, seed >> 40).as_bytes(),
+                );
+            }
+        }
+        m.truncate(n);
+        msgs.push(m);
+    }
+    msgs
+}
+
+#[test]
+fn the_window_copy_block_inflates_to_the_window() {
+    use flate2::{Decompress, FlushDecompress};
+    for w in [
+        3, 4, 257, 258, 259, 260, 261, 516, 517, 518, 1000, 32_767, 32_768,
+    ] {
+        // A stream with exactly `w` bytes (w <= 32 KiB) of known output before the block.
+        let data: Vec<u8> = (0..w).map(|i| (i * 7 % 251) as u8).collect();
+        let frame = compress_all(Compression::Zlib, &[&data])[0].clone();
+        let mut d = Decompress::new(false);
+        let mut out = Vec::with_capacity(2 * w + 64);
+        d.decompress_vec(&frame[2..], &mut out, FlushDecompress::None)
+            .unwrap();
+        assert_eq!(out, data);
+        out.clear();
+        let block = crate::inflate::window_copy_block(w);
+        d.decompress_vec(&block, &mut out, FlushDecompress::None)
+            .unwrap();
+        assert_eq!(out, data, "w = {w}");
+    }
+}
+
+#[test]
+fn hibernating_between_messages_changes_nothing_but_memory() {
+    let msgs = window_heavy_messages();
+    let refs: Vec<&[u8]> = msgs.iter().map(Vec::as_slice).collect();
+    let frames = compress_all(Compression::Zlib, &refs);
+    // Put the context away before every message, after every message, or never.
+    for every in [1, 2, 3] {
+        let mut t = Transport::new(Compression::Zlib, BIG).unwrap();
+        let mut scratch = Vec::new();
+        for (i, (frame, msg)) in frames.iter().zip(&msgs).enumerate() {
+            if i % every == 0 {
+                assert!(t.hibernate(&mut scratch).unwrap(), "message {i}");
+                assert!(t.asleep());
+                assert!(!t.hibernate(&mut scratch).unwrap(), "already asleep");
+            }
+            let mut out = b"prefix".to_vec();
+            assert!(t.feed(frame, true, &mut out, 6).unwrap());
+            assert!(!t.asleep());
+            assert_eq!(&out[..6], b"prefix");
+            assert_eq!(&out[6..], &msg[..], "message {i}, every {every}");
+        }
+    }
+}
+
+#[test]
+fn hibernate_refuses_mid_message_and_other_transports() {
+    let frames = compress_all(Compression::Zlib, &[READY, GUILD_CREATE]);
+    let mut t = Transport::new(Compression::Zlib, BIG).unwrap();
+    let mut scratch = Vec::new();
+    let mut out = Vec::new();
+    assert!(t.feed(&frames[0], true, &mut out, 0).unwrap());
+    let (a, b) = frames[1].split_at(frames[1].len() / 2);
+    assert!(!t.feed(a, false, &mut out, 0).unwrap());
+    assert!(!t.hibernate(&mut scratch).unwrap(), "mid-message");
+    assert!(t.feed(b, true, &mut out, 0).unwrap());
+    assert!(out.ends_with(GUILD_CREATE));
+    for kind in [Compression::Zstd, Compression::Plain] {
+        assert!(!Transport::new(kind, BIG)
+            .unwrap()
+            .hibernate(&mut scratch)
+            .unwrap());
+    }
+    // A broken stream stays broken; reset wakes a context with a fresh one.
+    let mut t = Transport::new(Compression::Zlib, BIG).unwrap();
+    assert!(t.feed(b"\x78\x9cgarbage", true, &mut out, 0).is_err());
+    assert!(!t.hibernate(&mut scratch).unwrap());
+    t.reset().unwrap();
+    assert!(t.hibernate(&mut scratch).unwrap(), "fresh: nothing to keep");
+    t.reset().unwrap();
+    assert!(!t.asleep());
+    out.clear();
+    assert!(t.feed(&frames[0], true, &mut out, 0).unwrap());
+    assert_eq!(out, READY);
+}

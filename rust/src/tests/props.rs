@@ -278,3 +278,45 @@ fn reference_skip(b: &[u8], at: usize) -> Option<usize> {
     }
     None
 }
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn hibernating_at_any_message_boundary_is_invisible(
+        msgs in vec(vec(any::<u8>(), 0..12_000), 1..6),
+        repeat in vec((any::<u16>(), any::<u16>()), 6),
+        sleeps in vec(any::<bool>(), 6),
+    ) {
+        // Messages repeat slices of earlier ones, so the window matters.
+        let mut stream: Vec<Vec<u8>> = Vec::new();
+        for (i, m) in msgs.iter().enumerate() {
+            let mut m = m.clone();
+            if let Some(prev) = stream.last() {
+                if !prev.is_empty() {
+                    let at = usize::from(repeat[i].0) % prev.len();
+                    let len = usize::from(repeat[i].1) % (prev.len() - at + 1);
+                    m.extend_from_slice(&prev[at..at + len]);
+                }
+            }
+            stream.push(m);
+        }
+        let mut comp = Compressor::new(Compression::Zlib, 6).unwrap();
+        let mut t = Transport::new(Compression::Zlib, 1 << 20).unwrap();
+        let mut scratch = Vec::new();
+        let mut inflated: Option<usize> = None; // None: nothing fed yet
+        for (msg, &sleep) in stream.iter().zip(&sleeps) {
+            if sleep {
+                // Refused only when fewer than 3 bytes were ever inflated (no window).
+                let expect = inflated.map_or(true, |n| n >= 3);
+                prop_assert_eq!(t.hibernate(&mut scratch).unwrap(), expect);
+                prop_assert_eq!(t.asleep(), expect);
+            }
+            *inflated.get_or_insert(0) += msg.len();
+            let frame = comp.compress(msg).unwrap();
+            let mut out = Vec::new();
+            prop_assert!(t.feed(&frame, true, &mut out, 0).unwrap());
+            prop_assert_eq!(&out, msg);
+        }
+    }
+}

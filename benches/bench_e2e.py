@@ -10,8 +10,10 @@ configured through ``SHARDGATE_*`` variables: ``--shards`` shards against the fa
 ``allow_fast_identify``, a 20 ms identify spacing), and the minimal handler of the
 forwarding mode (this script, ``--role handler``, on :mod:`_minimal_handler`: answers
 every POST with 200 / acknowledges every websocket batch without parsing the events).
-With 2+ CPUs the gateway is pinned to one CPU and the fake and the handler share another
-(``--no-pin``). Two kinds of run per mode:
+Processes are not pinned unless ``--pin`` (gateway on one CPU, fake and handler on
+another): on a machine shared with other jobs, a pinned handler stuck behind someone
+else's build slowed HTTP round trips enough to push a paced run into backlog. Two kinds
+of run per mode:
 
 - **saturation**: once every shard is READY and its guilds are loaded, the fake sends
   ``--events`` realistic dispatches (``payloads.mixed_stream`` routed by guild over the
@@ -769,7 +771,7 @@ def frame_name(frame: str) -> str:
 
 def orchestrate(args: argparse.Namespace) -> None:
     _procs.check_pythons(need_bench=False)
-    cpu_side, cpu_gateway = _procs.pin_plan(not args.no_pin)
+    cpu_side, cpu_gateway = _procs.pin_plan(args.pin)
     cpus = (cpu_side, cpu_gateway)
     modes = args.modes.split(",")
     meta = {
@@ -852,7 +854,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--paced-level", type=int, default=1, help="zlib level, paced runs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=120.0)
-    p.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
+    p.add_argument(
+        "--pin",
+        action="store_true",
+        help="pin the gateway to one CPU, fake and handler to another (off by default: on a "
+        "machine shared with other jobs a pinned process cannot escape a busy CPU)",
+    )
     p.add_argument("--json", metavar="PATH", help="write all results as JSON ('-': stdout)")
     p.add_argument(
         "--profile",

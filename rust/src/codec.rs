@@ -73,6 +73,17 @@ pub struct Decoded {
     pub drop: bool,
 }
 
+/// When to hibernate on its own (see [`CodecCore::set_sleep_when_idle`]).
+#[derive(Debug, Default, Clone, Copy)]
+struct IdleWatch {
+    /// Hibernate after a heartbeat ACK that follows a whole beat without a dispatch.
+    enabled: bool,
+    /// A dispatch was decoded since the last heartbeat ACK.
+    dispatched: bool,
+    /// The last message was such an ACK: the caller should call `hibernate`.
+    due: bool,
+}
+
 /// Everything per connection except Python objects.
 ///
 /// The output buffer can be lent in and taken back around each call
@@ -90,6 +101,7 @@ pub struct CodecCore {
     done: bool,
     filter: Option<Arc<SharedFilter>>,
     last: Scan,
+    idle: IdleWatch,
     /// Counters.
     pub stats: Stats,
 }
@@ -109,6 +121,7 @@ impl CodecCore {
             done: false,
             filter,
             last: Scan::default(),
+            idle: IdleWatch::default(),
             stats: Stats::default(),
         })
     }
@@ -144,6 +157,7 @@ impl CodecCore {
         }
         self.stats.frames += 1;
         self.stats.bytes_in += frame.len() as u64;
+        self.idle.due = false;
         let res = self.decode(frame, fin, now_ms);
         if res.is_err() {
             self.stats.errors += 1;
@@ -179,9 +193,22 @@ impl CodecCore {
         Some(std::mem::take(&mut self.buf))
     }
 
+    /// Hibernate on its own after a heartbeat ACK when no dispatch arrived since the
+    /// previous ACK (a whole heartbeat interval): [`CodecCore::sleep_due`] says when.
+    pub fn set_sleep_when_idle(&mut self, on: bool) {
+        self.idle.enabled = on;
+    }
+
+    /// The last message was a heartbeat ACK after an idle beat (see
+    /// [`CodecCore::set_sleep_when_idle`]); cleared by the next feed or hibernate.
+    pub fn sleep_due(&self) -> bool {
+        self.idle.due
+    }
+
     /// Puts an idle zlib context away (see [`crate::inflate::Transport::hibernate`]);
     /// refused in the middle of a message. `scratch` is working space.
     pub fn hibernate(&mut self, scratch: &mut Vec<u8>) -> Result<bool> {
+        self.idle.due = false;
         if self.in_progress() {
             return Ok(false);
         }
@@ -236,6 +263,14 @@ impl CodecCore {
             }
             _ => false,
         };
+        match self.last.op {
+            scan::OP_DISPATCH => self.idle.dispatched = true,
+            scan::OP_HEARTBEAT_ACK => {
+                self.idle.due = self.idle.enabled && !self.idle.dispatched;
+                self.idle.dispatched = false;
+            }
+            _ => {}
+        }
         self.stats.messages += 1;
         self.stats.bytes_out += payload.len() as u64;
         self.stats.edits_dropped += u64::from(drop);
@@ -279,6 +314,8 @@ impl CodecCore {
     pub fn reset(&mut self) -> Result<()> {
         self.buf.clear();
         self.done = false;
+        self.idle.dispatched = false;
+        self.idle.due = false;
         self.transport.reset()
     }
 }
@@ -553,10 +590,11 @@ impl ShardCodec {
         edit_filter = FilterArg::Private(true),
         edit_filter_capacity = PRIVATE_FILTER_CAPACITY,
         edit_filter_max_age_ms = FILTER_MAX_AGE_MS,
+        hibernate_when_idle = false,
     ))]
     #[pyo3(text_signature = "(shard_id, compression='zlib-stream', *, \
         max_message_size=67108864, edit_filter=True, edit_filter_capacity=1024, \
-        edit_filter_max_age_ms=900000)")]
+        edit_filter_max_age_ms=900000, hibernate_when_idle=False)")]
     fn new(
         shard_id: u64,
         compression: Option<&str>,
@@ -564,6 +602,7 @@ impl ShardCodec {
         edit_filter: FilterArg,
         edit_filter_capacity: usize,
         edit_filter_max_age_ms: u64,
+        hibernate_when_idle: bool,
     ) -> PyResult<Self> {
         let compression = parse_compression(compression)?;
         let max_message_size = check_size(max_message_size)?;
@@ -575,8 +614,10 @@ impl ShardCodec {
                 edit_filter_max_age_ms,
             ))),
         };
+        let mut core = CodecCore::new(shard_id, compression, max_message_size, filter)?;
+        core.set_sleep_when_idle(hibernate_when_idle);
         Ok(Self {
-            core: CodecCore::new(shard_id, compression, max_message_size, filter)?,
+            core,
             shard_id,
             t_cache: TCache::default(),
         })
@@ -603,6 +644,13 @@ impl ShardCodec {
         let res = self.feed_lent(frame, fin.0, &mut bufs.scratch);
         if let Some(work) = self.core.reclaim() {
             bufs.work = work;
+        }
+        if self.core.sleep_due() {
+            // Rare (an idle shard, once per heartbeat). A failure (never expected) breaks
+            // the stream, so the next feed raises CompressionError; this message is fine.
+            if let Ok(true) = self.core.hibernate(&mut bufs.scratch) {
+                crate::heap::trim_soon();
+            }
         }
         bufs.give_back();
         res

@@ -10,6 +10,7 @@ pub mod codec;
 pub mod compress;
 pub mod errors;
 pub mod filter;
+pub mod heap;
 pub mod inflate;
 pub mod scan;
 

@@ -58,6 +58,8 @@ pub const OP_DISPATCH: i64 = 0;
 pub const OP_INVALID_SESSION: i64 = 9;
 /// Opcode of HELLO.
 pub const OP_HELLO: i64 = 10;
+/// Opcode of `HEARTBEAT_ACK`.
+pub const OP_HEARTBEAT_ACK: i64 = 11;
 
 /// What was learned from one message. Spans index the scanned payload.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

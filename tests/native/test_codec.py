@@ -307,6 +307,24 @@ def test_hibernate_between_messages_is_invisible() -> None:
     assert msg is not None and msg.op == 11
 
 
+def test_hibernate_when_idle_after_a_quiet_heartbeat() -> None:
+    # The codec sleeps by itself after an ACK that ends a beat without a dispatch, and the
+    # next frame wakes it; a busy shard never sleeps.
+    gen = pl.PayloadGenerator(7)
+    guild = pl.dispatch("GUILD_CREATE", 1, gen.guild_create(GUILDS[0], 40_000))
+    typing = pl.dispatch("TYPING_START", 2, gen.typing_start(GUILDS[0]))
+    ack = pl.HEARTBEAT_ACK
+    stream = [guild, ack, ack, ack, typing, ack, ack]
+    for auto, want in ((False, [0] * 7), (True, [0, 0, 1, 1, 0, 0, 1])):
+        codec = ShardCodec(0, hibernate_when_idle=auto)
+        asleep = []
+        for payload, frame in zip(stream, stock_zlib(stream), strict=True):
+            msg = codec.feed(frame)
+            assert msg is not None and msg.payload == payload
+            asleep.append(codec.stats()["asleep"])
+        assert asleep == want
+
+
 @pytest.mark.parametrize("compression", COMPRESSIONS)
 def test_reset_starts_a_new_connection(compression: str | None) -> None:
     first = compress_all(compression, [pl.HEARTBEAT_ACK, pl.dispatch("RESUMED", 5, pl.resumed())])

@@ -214,3 +214,31 @@ fn a_busy_shared_filter_passes_instead_of_blocking() {
     assert_eq!(inner, Some(false), "re-entrant use: pass");
     assert!(a.feed(MESSAGE_UNFURL, true).unwrap().unwrap().drop);
 }
+
+#[test]
+fn sleep_is_due_after_an_ack_that_ends_an_idle_beat() {
+    let msgs = [READY, ACK, ACK, ACK, MESSAGE_CREATE, ACK, ACK];
+    let frames = compress_all(Compression::Zlib, &msgs);
+    let mut c = codec(Compression::Zlib, false);
+    let mut scratch = Vec::new();
+    let mut due = Vec::new();
+    for f in &frames {
+        c.feed(f, true).unwrap().unwrap();
+        due.push(c.sleep_due());
+    }
+    assert_eq!(due, [false; 7], "off unless asked for");
+    let mut c = codec(Compression::Zlib, false);
+    c.set_sleep_when_idle(true);
+    due.clear();
+    for (f, msg) in frames.iter().zip(msgs) {
+        c.feed(f, true).unwrap().unwrap();
+        assert_eq!(c.payload(), msg);
+        due.push(c.sleep_due());
+        if c.sleep_due() {
+            assert!(c.hibernate(&mut scratch).unwrap());
+            assert!(!c.sleep_due() && c.asleep());
+        }
+    }
+    // The first ACK follows READY; each later one follows a beat without a dispatch.
+    assert_eq!(due, [false, false, true, true, false, false, true]);
+}

@@ -49,6 +49,7 @@ import argparse
 import array
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import platform
@@ -83,6 +84,7 @@ ZERO_STAMP = b"0" * STAMP_DIGITS
 CHUNK_BYTES = 256 * 1024
 HEARTBEAT_MS = 600_000
 TICK_S = 0.001
+FLUSH_EVENTS = 64
 TARGETS = {"websocket": 150_000.0, "http": 15_000.0}
 P99_TARGET_MS = 50.0
 
@@ -310,14 +312,17 @@ async def paced(
     while sent < n:
         due = min(n, int((loop.time() - start) * rate) + 1)
         max_backlog = max(max_backlog, due - sent)
-        for shard, message, at in items[sent:due]:
-            stamped = b"%b%019d%b" % (message[:at], clock(), message[at + STAMP_DIGITS :])
-            out[shard].append(ws_frame(compress[shard](stamped)))
-        sent = due
-        for shard, frames in enumerate(out):
-            if frames:
-                writes[shard](b"".join(frames))
-                frames.clear()
+        while sent < due:
+            # Written every FLUSH_EVENTS, so no stamp waits long in this process.
+            upto = min(due, sent + FLUSH_EVENTS)
+            for shard, message, at in items[sent:upto]:
+                stamped = b"%b%019d%b" % (message[:at], clock(), message[at + STAMP_DIGITS :])
+                out[shard].append(ws_frame(compress[shard](stamped)))
+            sent = upto
+            for shard, frames in enumerate(out):
+                if frames:
+                    writes[shard](b"".join(frames))
+                    frames.clear()
         # Ticks of at least 1 ms (the loop's timer resolution): shorter sleeps would spin,
         # and the fake would take the CPU it shares with the handler.
         next_at = start + sent / rate
@@ -326,7 +331,7 @@ async def paced(
         "sent": sent,
         "first_ns": first_ns,
         "last_ns": clock(),
-        "max_burst": max_backlog,
+        "max_burst": max_backlog,  # most events due at once: > rate/1000 means it lagged
     }
 
 
@@ -361,6 +366,10 @@ def fake_role(args: argparse.Namespace) -> None:
     async def main() -> None:
         async with FakeDiscord(config) as fake:
             pool = Pool(args.pool, shards, list(fake.guild_ids), args.seed)
+            # The load generator's own collections stalled paced sends by tens of ms (the
+            # pool is hundreds of thousands of objects); it allocates no cycles worth it.
+            gc.freeze()
+            gc.disable()
             say("READY", {"rest_url": fake.rest_url, "gateway_url": fake.gateway_url})
             used: set[str] = set()
             loop = asyncio.get_running_loop()
@@ -545,6 +554,9 @@ def run_one(
         after = gateway_status(control_port)
         send(handler, "REPORT")
         final = handler.reader.tagged("REPORT", timeout=10)
+    except Exception as exc:
+        tails = [f"{c.name} stderr: {c.stderr_tail(5)!r}" for c in (gateway, handler) if c]
+        raise RuntimeError(f"{type(exc).__name__}: {exc}; " + "; ".join(tails)) from exc
     finally:
         if sampler is not None and sampler.poll() is None:
             sampler.kill()
@@ -585,6 +597,7 @@ def run_one(
     if rate is not None:
         record["rate"] = rate
         record["achieved_send_rate"] = sent["sent"] / max(record["send_s"], 1e-9)
+        record["fake_max_burst"] = sent.get("max_burst")
         for key in ("p50_ms", "p90_ms", "p99_ms", "max_ms", "samples"):
             record[key] = (done or final).get(key)
     if filtered != prepared["unfurls"]:
@@ -607,6 +620,9 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+failures: list[str] = []
+
+
 def series_runs(
     args: argparse.Namespace,
     mode: str,
@@ -620,7 +636,12 @@ def series_runs(
     records = []
     try:
         for run in range(args.runs):
-            record = run_one(args, mode, series, events, rate, cpus)
+            try:
+                record = run_one(args, mode, series, events, rate, cpus)
+            except Exception as exc:  # one broken run must not lose the others
+                print(f"  {mode} {kind} run {run + 1} FAILED: {exc}", flush=True)
+                failures.append(f"{mode}/{kind} run {run + 1}: {exc}")
+                continue
             records.append(record)
             print(format_run(run, record), flush=True)
     finally:
@@ -641,7 +662,7 @@ def format_run(run: int, r: dict[str, Any]) -> str:
         text += (
             f"  p50 {r['p50_ms']:.2f} ms p90 {r['p90_ms']:.2f} ms p99 {r['p99_ms']:.2f} ms"
             f" max {r['max_ms']:.1f} ms"
-            f" at {r['rate']:,.0f}/s"
+            f" at {r['rate']:,.0f}/s (fake's largest burst {r['fake_max_burst']})"
         )
     text += f"  load {r['load_before'][0]:.2f}"
     if r.get("note"):
@@ -801,6 +822,8 @@ def orchestrate(args: argparse.Namespace) -> None:
         events = args.ws_events if mode == "websocket" else args.http_events
         sat = series_runs(args, mode, "saturation", events, None, cpus)
         records += sat
+        if not sat:
+            continue
         summary[f"{mode}/saturation"] = s = summarize(sat)
         ratios[mode] = {
             "events_per_cpu_s": s["events_per_cpu_s"],
@@ -813,13 +836,23 @@ def orchestrate(args: argparse.Namespace) -> None:
             n = max(1000, int(rate * args.paced_seconds))
             paced_records = series_runs(args, mode, "paced", n, rate, cpus)
             records += paced_records
+            if not paced_records:
+                continue
             summary[f"{mode}/paced"] = p = summarize(paced_records)
             ratios[mode].update(
                 paced_rate=rate, p99_ms=p["p99_ms"], p99_vs_target=p["p99_ms"] / P99_TARGET_MS
             )
     meta["load_end"] = _procs.loadavg()
-    results = {"meta": meta, "summary": summary, "ratios": ratios, "runs": records}
+    results = {
+        "meta": meta,
+        "summary": summary,
+        "ratios": ratios,
+        "runs": records,
+        "failures": failures,
+    }
     print_table(results)
+    for failure in failures:
+        print(f"FAILED {failure}")
     if args.profile:
         for mode in modes:
             profile_run(args, mode, cpus)

@@ -139,6 +139,59 @@ pub const MAX_DEPTH: usize = 1024;
 /// # Errors
 /// [`Error::Payload`] with the offset and what was expected there.
 pub fn scan(buf: &[u8]) -> Result<Scan> {
+    if let Some(s) = scan_discord_layout(buf) {
+        return Ok(s);
+    }
+    scan_any_layout(buf)
+}
+
+/// The envelope exactly as Discord lays it out, `{"t":…,"s":…,"op":…,"d":…}` without
+/// whitespace, read without the general key loop; `None` (then [`scan_any_layout`] does
+/// the work, and reports any error) for anything else, an escaped `t` or an error.
+fn scan_discord_layout(buf: &[u8]) -> Option<Scan> {
+    let mut p = Parser {
+        b: buf,
+        i: b"{\"t\":".len(),
+    };
+    let mut out = Scan::default();
+    if !buf.starts_with(b"{\"t\":") {
+        return None;
+    }
+    if !p.null() {
+        if p.peek() != Some(b'"') {
+            return None;
+        }
+        let (span, escaped) = p.short_string().ok()?;
+        if escaped {
+            return None;
+        }
+        out.t = Some(span);
+    }
+    p.literal_key(b",\"s\":")?;
+    if !p.null() {
+        out.seq = Some(p.int().ok()?);
+    }
+    p.literal_key(b",\"op\":")?;
+    let op = p.int().ok()?;
+    p.literal_key(b",\"d\":")?;
+    let start = p.i;
+    let kind = kind_of(buf, op, &out);
+    p.d_fields(Need::of(op, kind), &mut out).ok()?;
+    if p.i + 1 != buf.len() || buf[p.i] != b'}' {
+        return None;
+    }
+    out.op = op;
+    out.kind = Some(kind);
+    out.d = Some(start..p.i);
+    Some(out)
+}
+
+/// [`scan`] without the fast path for Discord's own layout: any valid envelope, keys in
+/// any order, whitespace, unknown keys (public so tests can compare the two).
+///
+/// # Errors
+/// As [`scan`].
+pub fn scan_any_layout(buf: &[u8]) -> Result<Scan> {
     let mut p = Parser { b: buf, i: 0 };
     let mut out = Scan::default();
     let mut op: Option<i64> = None;
@@ -276,6 +329,17 @@ impl<'a> Parser<'a> {
             Ok(())
         } else {
             Err(Error::payload(self.i, what))
+        }
+    }
+
+    /// Consumes `lit` if it is next.
+    #[inline]
+    fn literal_key(&mut self, lit: &[u8]) -> Option<()> {
+        if self.b[self.i..].starts_with(lit) {
+            self.i += lit.len();
+            Some(())
+        } else {
+            None
         }
     }
 

@@ -10,7 +10,7 @@ use super::fixtures::ALL;
 use crate::compress::Compressor;
 use crate::errors::Error;
 use crate::inflate::{Compression, Transport};
-use crate::scan::{scan, skip_value_at, Kind};
+use crate::scan::{scan, scan_any_layout, skip_value_at, Kind};
 
 /// 96 cases per property keeps CI to a few seconds; `PROPTEST_CASES=5000` fuzzes longer.
 fn config() -> ProptestConfig {
@@ -318,5 +318,26 @@ proptest! {
             prop_assert!(t.feed(&frame, true, &mut out, 0).unwrap());
             prop_assert_eq!(&out, msg);
         }
+    }
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn the_discord_layout_fast_path_agrees_with_the_general_scan(
+        (_, text) in message_event(),
+        cut in any::<u16>(),
+        junk in vec(any::<u8>(), 0..40),
+    ) {
+        let msg = text.as_bytes();
+        prop_assert_eq!(scan(msg), scan_any_layout(msg));
+        // Truncated (errors must be the same too) and with arbitrary bytes after the
+        // envelope prefix, where the fast path gives up at every possible point.
+        let cut = usize::from(cut) % (msg.len() + 1);
+        prop_assert_eq!(scan(&msg[..cut]), scan_any_layout(&msg[..cut]));
+        let mut odd = msg[..cut].to_vec();
+        odd.extend_from_slice(&junk);
+        prop_assert_eq!(scan(&odd), scan_any_layout(&odd));
     }
 }

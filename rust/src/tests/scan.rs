@@ -4,7 +4,7 @@ use super::fixtures::{
     MESSAGE_EDIT, PRESENCE_UPDATE, READY, RECONNECT, RESUMED,
 };
 use crate::errors::Error;
-use crate::scan::{scan, unescape, Kind, Scan};
+use crate::scan::{scan, scan_any_layout, unescape, Kind, Scan};
 
 fn t_of<'a>(msg: &'a [u8], s: &Scan) -> Option<&'a [u8]> {
     s.t.clone().map(|r| &msg[r])
@@ -399,4 +399,36 @@ fn a_mistyped_sub_field_still_gets_the_structural_check() {
             String::from_utf8_lossy(msg)
         );
     }
+}
+
+#[test]
+fn discord_layout_and_other_layouts_scan_alike() {
+    for msg in super::fixtures::ALL {
+        assert!(
+            msg.starts_with(br#"{"t":"#),
+            "fixtures are in Discord's layout"
+        );
+        assert_eq!(scan(msg), scan_any_layout(msg));
+    }
+    // Near misses of the layout take the general path and agree with it.
+    for msg in [
+        &br#"{"t":"MESSAGE_CREATE","s":1,"op":0,"d":{"id":"5"}} "#[..],
+        br#"{"t":"MESSAGE_\u0043REATE","s":1,"op":0,"d":{"id":"5"}}"#,
+        br#"{"t":"MESSAGE_CREATE","s":1,"op":0,"d":{"id":"5"},"x":1}"#,
+        br#"{"t":"MESSAGE_CREATE","op":0,"s":1,"d":{"id":"5"}}"#,
+        br#"{"t":null,"s":null,"op":11,"d":null}"#,
+        br#"{"t":"READY","s":1,"op":0,"d":{"guilds":[}}"#,
+        br#"{"t":"READY","s":1,"op":0,"d":{}"#,
+        br#"{"t":"READY","s":1.5,"op":0,"d":{}}"#,
+        br#"{"t":"READY","s":1,"op":0,"d":{}}}"#,
+    ] {
+        assert_eq!(
+            scan(msg),
+            scan_any_layout(msg),
+            "{}",
+            String::from_utf8_lossy(msg)
+        );
+    }
+    let s = scan(br#"{"t":"MESSAGE_\u0043REATE","s":1,"op":0,"d":{"id":"5"}}"#).unwrap();
+    assert_eq!((s.kind(), s.message_id), (Kind::MessageCreate, Some(5)));
 }

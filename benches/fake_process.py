@@ -9,7 +9,7 @@ starts one of these. It prints one line ``READY {json}`` with its URLs, then:
   the default: frames joined into 256 KiB writes, see :func:`coalesced_blast`;
   ``--writer fake``: :meth:`FakeDiscord.blast`, one ``send`` per event), prints
   ``BLAST {json}`` with its own send rate, and exits when the client has gone.
-* ``--mode idle``: serves ``--shards`` sessions (long heartbeat interval, no identify
+* ``--mode idle``: serves ``--shards`` sessions (``--heartbeat-ms``, no identify
   spacing, ``--guilds-per-shard`` GUILD_CREATEs of ``--guild-create-bytes`` each after
   READY) until its stdin closes, printing ``SESSIONS n`` whenever asked with a line on stdin.
 
@@ -34,7 +34,7 @@ from shardgate.testing import payloads
 from shardgate.testing.fake_discord import FakeDiscord, FakeDiscordConfig, FakeSession
 
 TOKEN = "fake-bot-token"
-HEARTBEAT_MS = 600_000  # far longer than any run: idle shards exchange nothing
+HEARTBEAT_MS = 600_000  # blast: far longer than any run, no heartbeat traffic in the window
 CHUNK_BYTES = 256 * 1024
 
 
@@ -72,7 +72,7 @@ def config(args: argparse.Namespace) -> FakeDiscordConfig:
         shards=args.shards,
         guilds=args.shards * args.guilds_per_shard,
         guild_create_bytes=args.guild_create_bytes,
-        heartbeat_interval_ms=HEARTBEAT_MS,
+        heartbeat_interval_ms=args.heartbeat_ms,
         identify_window_s=0.001,
         max_concurrency=max(1, args.shards),
         session_start_total=max(1000, 2 * args.shards),
@@ -224,6 +224,7 @@ if __name__ == "__main__":
     p.add_argument("--guild-create-bytes", type=int, default=10_000)
     p.add_argument("--shards", type=int, default=1000)
     p.add_argument("--guilds-per-shard", type=int, default=1, help="idle mode")
+    p.add_argument("--heartbeat-ms", type=int, default=HEARTBEAT_MS, help="idle mode")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument(

@@ -7,7 +7,8 @@ This is the floor a pure-Python shard on picows can reach.
 ``--client picows-drain``: receives and counts complete messages without inflating anything
 after HELLO: it measures what the fake can deliver, the ceiling of the benchmark.
 
-No heartbeats are sent (the benchmark's heartbeat interval is far longer than a run).
+The zlib clients heartbeat like any client (first beat after ``interval * random()``, then
+every interval, with the last seq); ``picows-drain`` does not (it cannot read ACKs).
 Runs in either venv: it needs picows, aiohttp, orjson and uvloop only.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import time
 import zlib
 from typing import Any
@@ -61,10 +63,20 @@ class PicowsClient(WSListener):  # type: ignore[misc]
         self.inflater = zlib.decompressobj()
         self.buffer = bytearray()
         self.messages = 0
+        self.seq: int | None = None
+        self.interval = 0.0
+        self.timer: asyncio.TimerHandle | None = None
         self.transport: WSTransport | None = None
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
+
+    def beat(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        transport.send(WSMsgType.TEXT, orjson.dumps({"op": 1, "d": self.seq}))
+        self.timer = asyncio.get_running_loop().call_later(self.interval, self.beat)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         if frame.msg_type == WSMsgType.CLOSE:
@@ -85,18 +97,29 @@ class PicowsClient(WSListener):  # type: ignore[misc]
         msg = orjson.loads(self.inflater.decompress(data))
         op = msg["op"]
         if op == 0:
+            self.seq = msg["s"]
             if msg["t"] == "READY":
                 self.ready()
             self.hit()
         elif op == 10:
             transport.send(WSMsgType.TEXT, identify(self.token, self.shard_id, self.shard_count))
+            if not self.drain:
+                self.interval = msg["d"]["heartbeat_interval"] / 1000
+                self.timer = asyncio.get_running_loop().call_later(
+                    self.interval * random.random(), self.beat
+                )
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.transport = None
+        if self.timer is not None:
+            self.timer.cancel()
 
 
-def _op_t(msg: dict[str, Any]) -> tuple[int, str | None]:
-    return msg["op"], msg["t"]
+def _fields(msg: dict[str, Any]) -> tuple[int, str | None, int | None, float]:
+    """op, t, s and (HELLO) the heartbeat interval in seconds."""
+    op = msg["op"]
+    interval = msg["d"]["heartbeat_interval"] / 1000 if op == 10 else 0.0
+    return op, msg["t"], msg["s"], interval
 
 
 async def aiohttp_client(
@@ -110,11 +133,20 @@ async def aiohttp_client(
 ) -> None:
     """The same loop as ``PicowsClient`` on aiohttp's websocket."""
     inflater = zlib.decompressobj()
+    seq: int | None = None
+
+    async def heartbeat(ws: aiohttp.ClientWebSocketResponse, interval: float) -> None:
+        await asyncio.sleep(interval * random.random())
+        while not ws.closed:
+            await ws.send_bytes(orjson.dumps({"op": 1, "d": seq}))
+            await asyncio.sleep(interval)
+
+    beating: asyncio.Task[None] | None = None
     async with session.ws_connect(url, max_msg_size=0, autoclose=False) as ws:
         buffer = bytearray()
         async for message in ws:
             if message.type != aiohttp.WSMsgType.BINARY:
-                return
+                break
             data: bytes = message.data
             if not data.endswith(SYNC_FLUSH):
                 buffer += data
@@ -123,16 +155,20 @@ async def aiohttp_client(
                 buffer += data
                 data = bytes(buffer)
                 buffer.clear()
-            op, t = _op_t(orjson.loads(inflater.decompress(data)))
+            op, t, s, interval = _fields(orjson.loads(inflater.decompress(data)))
             # Drop this message's references before waiting for the next one: an idle
             # connection must not keep its last (possibly 40 KB) payload alive.
             del data, message
             if op == 0:
+                seq = s
                 if t == "READY":
                     ready()
                 hit()
             elif op == 10:
                 await ws.send_bytes(identify(token, shard_id, shard_count))
+                beating = asyncio.create_task(heartbeat(ws, interval))
+    if beating is not None:
+        beating.cancel()
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:

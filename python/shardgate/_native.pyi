@@ -9,7 +9,8 @@ spliced from the raw bytes. Nothing here calls back into Python or logs.
 Validation: the envelope and the top level of ``d`` are parsed with the JSON grammar;
 nested values are skipped structurally (strings terminated, brackets matched by type,
 depth <= 1024), which catches truncated and unbalanced messages but not, say, a bad
-number deep inside ``d``. Keys are matched as raw bytes (Discord never escapes them).
+number deep inside ``d``. Keys are matched as raw bytes (Discord never escapes them);
+once every field a kind needs has been found, later duplicates of those keys are ignored.
 A field the codec extracts from ``d`` (``unavailable``, ``id``, ``session_id``, ...) that
 has the wrong type, or a ``d`` of the wrong type for its kind, is left ``None`` rather than
 failing the message: the event is still delivered. Only a malformed JSON structure or a

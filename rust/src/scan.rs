@@ -533,7 +533,7 @@ impl<'a> Parser<'a> {
     /// Skips an object or array starting at `self.i` (an opening bracket).
     #[inline]
     fn skip_container(&mut self) -> Result<()> {
-        self.walk::<false>(0, &mut |_, _| Ok(()))
+        self.walk::<false>(0, &mut |_, _| Ok(false))
     }
 
     /// Skips an object or array starting at `self.i` (an opening bracket) by matching
@@ -547,15 +547,13 @@ impl<'a> Parser<'a> {
     fn walk<const KEYS: bool>(
         &mut self,
         key_lens: u64,
-        on_key: &mut impl FnMut(&'a [u8], usize) -> Result<()>,
+        on_key: &mut impl FnMut(&'a [u8], usize) -> Result<bool>,
     ) -> Result<()> {
         let b = self.b;
         let mut stack = [0u64; MAX_DEPTH / 64];
-        let mut depth = 0usize;
-        let mut prev_escaped = 0u64;
-        let mut prev_in_string = 0u64;
-        let mut pos = self.i;
-        let mut tail = [b' '; 64];
+        let (mut depth, mut pos) = (0usize, self.i);
+        let (mut prev_escaped, mut prev_in_string) = (0u64, 0u64);
+        let (mut tail, mut keys_on) = ([b' '; 64], KEYS); // keys: until on_key has all
         while pos < b.len() {
             let block: &[u8; 64] = if let Some(full) = b.get(pos..pos + 64) {
                 full.try_into()
@@ -582,7 +580,7 @@ impl<'a> Parser<'a> {
             let mut from = 0u32;
             loop {
                 let next = brackets.trailing_zeros();
-                if KEYS && depth == 1 && stack[0] & 1 != 0 {
+                if keys_on && depth == 1 && stack[0] & 1 != 0 {
                     let all = *colons.get_or_insert_with(|| block_colons(block) & !in_string);
                     let mut keys = all & bits_between(from, next);
                     while keys != 0 {
@@ -598,7 +596,10 @@ impl<'a> Parser<'a> {
                         while matches!(b.get(v), Some(b' ' | b'\n' | b'\r' | b'\t')) {
                             v += 1;
                         }
-                        on_key(key, v)?;
+                        keys_on = !on_key(key, v)?;
+                        if !keys_on {
+                            break;
+                        }
                     }
                 }
                 if next == 64 {
@@ -714,29 +715,57 @@ impl<'a> Parser<'a> {
             Need::Guild => lens(&[b"id", b"unavailable"]),
             _ => lens(&[b"id", b"content", b"edited_timestamp"]),
         };
+        let wanted: u8 = match need {
+            Need::Hello => 0b1,
+            Need::Guild => 0b11,
+            _ => 0b111,
+        };
+        let mut seen = 0u8;
         self.walk::<true>(key_lens, &mut |key, at| {
             let mut p = Parser { b, i: at };
             // `walk` checks the structure of every value itself: a value the callback
-            // cannot read is simply not extracted.
-            match (need, key) {
+            // cannot read is simply not extracted. Once every wanted key has been seen the
+            // walk stops looking at keys (a later duplicate key is ignored).
+            seen |= match (need, key) {
                 (Need::Hello, b"heartbeat_interval") => {
                     out.heartbeat_interval = p.int().ok().and_then(|v| u64::try_from(v).ok());
+                    0b1
                 }
-                (Need::Ready, b"session_id") => out.session_id = p.text(),
-                (Need::Ready, b"resume_gateway_url") => out.resume_gateway_url = p.text(),
-                (Need::Ready, b"guilds") => out.guild_ids = p.guild_list(),
-                (Need::Guild, b"id") => out.guild_id = p.snowflake(),
-                (Need::Guild, b"unavailable") => out.unavailable = p.boolean(),
-                (Need::Message, b"id") => out.message_id = p.snowflake(),
+                (Need::Ready, b"session_id") => {
+                    out.session_id = p.text();
+                    0b1
+                }
+                (Need::Ready, b"resume_gateway_url") => {
+                    out.resume_gateway_url = p.text();
+                    0b10
+                }
+                (Need::Ready, b"guilds") => {
+                    out.guild_ids = p.guild_list();
+                    0b100
+                }
+                (Need::Guild, b"id") => {
+                    out.guild_id = p.snowflake();
+                    0b1
+                }
+                (Need::Guild, b"unavailable") => {
+                    out.unavailable = p.boolean();
+                    0b10
+                }
+                (Need::Message, b"id") => {
+                    out.message_id = p.snowflake();
+                    0b1
+                }
                 (Need::Message, b"content") => {
                     out.content = p.skip_value().ok().map(|()| at..p.i);
+                    0b10
                 }
                 (Need::Message, b"edited_timestamp") => {
                     out.edited_timestamp = p.skip_value().ok().map(|()| at..p.i);
+                    0b100
                 }
-                _ => {}
-            }
-            Ok(())
+                _ => 0,
+            };
+            Ok(seen == wanted)
         })
     }
 

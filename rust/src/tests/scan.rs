@@ -432,3 +432,17 @@ fn discord_layout_and_other_layouts_scan_alike() {
     let s = scan(br#"{"t":"MESSAGE_\u0043REATE","s":1,"op":0,"d":{"id":"5"}}"#).unwrap();
     assert_eq!((s.kind(), s.message_id), (Kind::MessageCreate, Some(5)));
 }
+
+#[test]
+fn keys_stop_being_read_once_all_are_found_but_the_structure_is_still_checked() {
+    let ok = br#"{"t":"MESSAGE_CREATE","s":1,"op":0,"d":{"id":"1","content":"x","edited_timestamp":null,"author":{"id":"2"},"content":"later duplicate"}}"#;
+    let s = scan(ok).unwrap();
+    assert_eq!(
+        (s.message_id, s.content.map(|r| &ok[r])),
+        (Some(1), Some(&b"\"x\""[..]))
+    );
+    let bad = br#"{"t":"MESSAGE_CREATE","s":1,"op":0,"d":{"id":"1","content":"x","edited_timestamp":null,"author":{"a":[}}}"#;
+    assert!(matches!(scan(bad), Err(Error::Payload { .. })));
+    let bad = br#"{"t":"GUILD_CREATE","s":1,"op":0,"d":{"unavailable":false,"id":"1","roles":[{"x":"y"]}}"#;
+    assert!(matches!(scan(bad), Err(Error::Payload { .. })));
+}

@@ -262,6 +262,12 @@ class Outbox:
         q.flight, q.flight_gaps = [], 0
         if self._levels is not None:
             self._move(shard_id, old, q.nwait)
+        # Events that overshot the bound while in flight are waiting again: restore it.
+        while self._size > self.max_size:
+            dropped = self.dropped
+            self._drop_one()
+            if self.dropped == dropped:
+                break
         self._finish(q)
 
     def _finish(self, q: _ShardQueue) -> None:

@@ -63,6 +63,8 @@ def test_never_more_than_limit_in_any_window(limit, reserved, steps):
                 clock.now += wait - 1e-6
                 assert not lim.try_acquire(priority=priority)
                 clock.now += 1e-6
+            else:
+                clock.now += wait
             clock.now += 1e-9
             assert lim.try_acquire(priority=priority)
             sent.append(clock.now)

@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from shardgate._native import EditFilter
 from shardgate.config import Config
 from shardgate.errors import GatewayError
 from shardgate.handler import EventHandlerServer
@@ -131,6 +132,10 @@ async def test_every_dispatch_arrives_in_order_and_unfurls_are_filtered() -> Non
         )
         unfiltered_accounting(fake, manager, received)
         assert dropped > 0, "the stream has unfurls; the filter must drop some"
+        # one table for the whole process, not one per shard
+        shared = manager.shard_options.edit_filter
+        assert isinstance(shared, EditFilter)
+        assert shared.stats()["drops"] == dropped
         # real edits are not filtered: some MESSAGE_UPDATE arrived
         assert any("MESSAGE_UPDATE" in received.names(i) for i in manager.shards)
 

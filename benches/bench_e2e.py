@@ -630,6 +630,9 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         values = [r[key] for r in source if r.get(key) is not None]
         if values:
             out[key] = _procs.median(values)
+    every = [r["p99_ms"] for r in records if r.get("p99_ms") is not None]
+    if every:
+        out["p99_ms_all_runs"] = _procs.median(every)
     return out
 
 
@@ -710,17 +713,24 @@ def print_table(results: dict[str, Any]) -> None:
             f"{ms('max_ms')}{s['lost']:>6}"
         )
     for mode, ratio in results["ratios"].items():
-        print(
+        text = (
             f"{mode}: {ratio['events_per_cpu_s']:,.0f} events per gateway CPU-second = "
             f"{ratio['vs_target']:.2f}x the {TARGETS[mode]:,.0f}/s target at one core"
-            + (
-                f"; paced at {ratio['paced_rate']:,.0f}/s: p99 {ratio['p99_ms']:.2f} ms "
-                f"= {ratio['p99_vs_target']:.2f}x the {P99_TARGET_MS:.0f} ms bound "
-                f"(median of {ratio['latency_runs']} runs the fake kept pace in)"
-                if "p99_ms" in ratio
-                else ""
-            )
         )
+        if "p99_ms" in ratio:
+            text += (
+                f"; paced at {ratio['paced_rate']:,.0f}/s: p99 {ratio['p99_ms']:.2f} ms "
+                f"= {ratio['p99_vs_target']:.2f}x the {P99_TARGET_MS:.0f} ms bound (median "
+                f"of the {ratio['latency_runs']}/{ratio['paced_runs']} runs the fake kept pace in)"
+            )
+        elif "paced_rate" in ratio:
+            text += (
+                f"; paced at {ratio['paced_rate']:,.0f}/s: the fake kept pace in no run "
+                "(CPU-starved: run again on a quieter machine)"
+            )
+        if ratio.get("p99_ms_all_runs") is not None:
+            text += f"; p99 over all paced runs {ratio['p99_ms_all_runs']:.2f} ms"
+        print(text)
     print(f"lost: {sum(s['lost'] for s in results['summary'].values())}")
 
 
@@ -855,6 +865,8 @@ def orchestrate(args: argparse.Namespace) -> None:
             summary[f"{mode}/paced"] = p = summarize(paced_records)
             ratios[mode]["paced_rate"] = rate
             ratios[mode]["latency_runs"] = p.get("latency_runs", p["runs"])
+            ratios[mode]["paced_runs"] = p["runs"]
+            ratios[mode]["p99_ms_all_runs"] = p.get("p99_ms_all_runs")
             if "p99_ms" in p:
                 ratios[mode].update(p99_ms=p["p99_ms"], p99_vs_target=p["p99_ms"] / P99_TARGET_MS)
     meta["load_end"] = _procs.loadavg()

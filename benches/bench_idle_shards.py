@@ -79,10 +79,11 @@ def run_one(name: str, shards: int, args: argparse.Namespace) -> dict[str, Any]:
             None,
             stdin=True,
         )  # fmt: skip
-        urls = fake.reader.tagged("READY", timeout=60)
-        gateway = ["--gateway-url", urls["gateway_url"], "--rest-url", urls["rest_url"],
-                   "--token", urls["token"]]  # fmt: skip
     try:
+        if fake is not None:
+            urls = fake.reader.tagged("READY", timeout=60)
+            gateway = ["--gateway-url", urls["gateway_url"], "--rest-url", urls["rest_url"],
+                       "--token", urls["token"]]  # fmt: skip
         client = _procs.spawn(
             name,
             [

@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: venv build demo test test-rust test-python lint bench bench-codec clean
+.PHONY: venv build demo test test-rust test-python lint bench bench-codec bench-shard bench-e2e clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,10 +39,22 @@ lint: build
 test-python: build
 	$(BIN)/pytest -q
 
-bench: bench-codec
+bench: bench-codec bench-e2e bench-shard
 
 bench-codec: build
 	$(BIN)/python benches/bench_codec.py
 
+bench-e2e: build
+	$(BIN)/python benches/bench_e2e.py
+
+# The peer libraries (hikari, discord.py) live in their own venv, never beside shardgate's.
+.venv-bench/bin/python: benches/peers/requirements.txt
+	$(PYTHON) -m venv .venv-bench
+	.venv-bench/bin/pip install -q -r benches/peers/requirements.txt
+
+bench-shard: build .venv-bench/bin/python
+	$(BIN)/python benches/bench_shard.py
+	$(BIN)/python benches/bench_idle_shards.py
+
 clean:
-	rm -rf $(VENV) target
+	rm -rf $(VENV) .venv-bench target

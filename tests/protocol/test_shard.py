@@ -512,7 +512,10 @@ async def test_burst_of_500_commands_never_trips_4008():
         FAST, rate_limit_count=120, rate_limit_window_s=window, heartbeat_interval_ms=250
     )
     async with FakeDiscord(config) as fake:
-        options = dataclasses.replace(OPTS, send_limit=120, send_window_s=window)
+        # The fake shares this process's event loop, so under load it can read a frame tens
+        # of ms after the shard wrote it; Discord's real window is 60 s, where the shard's
+        # 1 % slack (600 ms) covers network jitter. On a 1 s window keep 10 % instead.
+        options = dataclasses.replace(OPTS, send_limit=120, send_window_s=window * 1.1)
         shard = await running(make_shard(fake, options=options))
         started = time.monotonic()
         await asyncio.gather(
@@ -522,14 +525,21 @@ async def test_burst_of_500_commands_never_trips_4008():
             )
         )
         elapsed = time.monotonic() - started
-        conn = fake.connections[0]
-        await until(lambda: sum(1 for r in conn.received if r.op == 3) == 500)
-        assert conn.close_sent is None  # no 4008
-        assert len(fake.connections) == 1
+
+        def presences() -> int:
+            return sum(1 for c in fake.connections for r in c.received if r.op == 3)
+
+        # A CPU stall on a loaded machine can make the fake time out a 250 ms heartbeat and
+        # the shard resume on a new link; commands then continue there. Count them all.
+        await until(lambda: presences() == 500, timeout_s=15)
+        assert presences() == 500
         assert shard.commands_sent == 500
+        for conn in fake.connections:
+            assert conn.close_sent != 4008
+            # Discord counts per connection: no 121 frames within one window on any link.
+            times = sorted(r.at for r in conn.received)
+            assert all(b - a >= window for a, b in zip(times, times[120:], strict=False))
         # Commands waited for the window instead of being dropped or bunched.
-        times = sorted(r.at for r in conn.received)
-        assert all(b - a >= window for a, b in zip(times, times[120:], strict=False))
         assert elapsed >= 3 * window
         await stopped(shard)
 

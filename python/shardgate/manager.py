@@ -443,6 +443,7 @@ class GatewayManager:
                     "guilds": self.cache.guild_count(shard_id),
                     "loading": self.cache.loading_count(shard_id),
                     "seq": shard.seq,
+                    "error": None if shard.fatal_error is None else str(shard.fatal_error),
                     **shard.stats(),
                 }
             )

@@ -324,3 +324,22 @@ async def test_wrong_rest_secret_is_a_clear_error() -> None:
         with pytest.raises(GatewayError, match="refused \\(401\\)"):
             await manager.start()
         await manager.stop(drain_s=0)
+
+
+async def test_a_fatal_close_stops_one_shard_and_is_reported() -> None:
+    async with gateway() as (fake, manager, _handler, received):
+        await manager.wait_loaded(timeout=10)
+        await fake.close(1, code=4014, reason="Disallowed intent(s).")
+        shard = manager.shards[1]
+        await wait_until(lambda: shard.status.value == "fatal")
+        status = manager.status()
+        by_id = {s["id"]: s for s in status["shards"]}
+        assert by_id[1]["status"] == "fatal"
+        assert "4014" in by_id[1]["error"]
+        assert by_id[0]["status"] == "ready" and by_id[0]["error"] is None
+        # the other shard keeps delivering
+        before = len(received.dispatch_seqs(0))
+        stream = fake.start_stream(rate=500, count=200, seed=9)
+        await stream.wait()
+        await wait_until(lambda: len(received.dispatch_seqs(0)) > before)
+        assert len(fake.live_sessions()) == 1

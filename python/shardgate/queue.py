@@ -107,6 +107,19 @@ def _split_id(event_id: str) -> tuple[str, int] | None:
     return parts[1], int(parts[2])
 
 
+_Waiting = tuple[str, bytes] | GapRecord
+"""A waiting entry. Events wait as plain ``(event_id, body)`` tuples: the cyclic GC stops
+tracking such tuples after one collection, whereas an object per event makes the older
+generations' collections walk the whole backlog (py-spy: 11 % of the gateway's CPU under a
+deep backlog; put + take + ack of a 300k backlog: 283 -> 228 ms). :class:`OutEvent` objects
+exist only for the batch in flight."""
+
+
+def _entry(event: OutEvent) -> _Waiting:
+    """An in-flight event back to its waiting form (release)."""
+    return event if type(event) is GapRecord else (event.event_id, event.body)
+
+
 class _ShardQueue:
     """One shard's events: ``waiting`` (FIFO) and the batch currently in flight."""
 
@@ -114,7 +127,7 @@ class _ShardQueue:
 
     def __init__(self, shard_id: int) -> None:
         self.shard_id = shard_id
-        self.waiting: deque[OutEvent] = deque()
+        self.waiting: deque[_Waiting] = deque()
         self.flight: list[OutEvent] = []
         self.nwait = 0  # real (non-gap) events in waiting
         self.gaps = 0  # gap records in waiting
@@ -162,7 +175,7 @@ class Outbox:
             q = self._queues[shard_id] = _ShardQueue(shard_id)
         if self._size >= self.max_size:
             self._drop_one()
-        q.waiting.append(OutEvent(event_id, body))
+        q.waiting.append((event_id, body))
         q.nwait += 1
         self._size += 1
         if self._levels is not None:
@@ -206,18 +219,24 @@ class Outbox:
         waiting = q.waiting
         n = min(max_n, len(waiting))
         if n == len(waiting):
-            batch = list(waiting)
+            entries = list(waiting)
             waiting.clear()
         else:
             popleft = waiting.popleft
-            batch = [popleft() for _ in range(n)]
+            entries = [popleft() for _ in range(n)]
         gaps = 0
         if q.gaps:
-            for event in batch:
-                if type(event) is GapRecord:
-                    event.seal()
+            batch: list[OutEvent] = []
+            for entry in entries:
+                if type(entry) is GapRecord:
+                    entry.seal()
                     gaps += 1
+                    batch.append(entry)
+                else:
+                    batch.append(OutEvent(*entry))  # type: ignore[misc]
             q.gaps -= gaps
+        else:
+            batch = [OutEvent(event_id, body) for event_id, body in entries]  # type: ignore[misc]
         q.flight = batch
         q.flight_gaps = gaps
         q.busy = True
@@ -255,7 +274,7 @@ class Outbox:
         if q is None or not q.busy:
             return
         flight = q.flight
-        q.waiting.extendleft(reversed(flight))
+        q.waiting.extendleft(_entry(event) for event in reversed(flight))
         old = q.nwait
         q.nwait += len(flight) - q.flight_gaps
         q.gaps += q.flight_gaps
@@ -295,13 +314,15 @@ class Outbox:
         while type(waiting[index]) is GapRecord:
             index += 1
         victim = waiting[index]
+        assert type(victim) is tuple
+        victim_id = victim[0]
         del waiting[index]
         before = waiting[index - 1] if index else None
         if isinstance(before, GapRecord) and not before.sealed:
             before.count += 1
-            before.last_event_id = victim.event_id
+            before.last_event_id = victim_id
         else:
-            waiting.insert(index, GapRecord(shard_id, victim.event_id))
+            waiting.insert(index, GapRecord(shard_id, victim_id))
             q.gaps += 1
             self.gap_records += 1
         q.nwait -= 1
@@ -366,7 +387,8 @@ class Outbox:
         q = self._queues.get(shard_id)
         if q is None:
             return []
-        return [*q.flight, *q.waiting]
+        waiting = [e if type(e) is GapRecord else OutEvent(*e) for e in q.waiting]  # type: ignore[misc]
+        return [*q.flight, *waiting]
 
     def stats(self) -> dict[str, int]:
         return {

@@ -302,9 +302,9 @@ class GatewayManager:
     async def _spawn_bucket(self, bucket_id: int, shard_ids: list[int]) -> None:
         for shard_id in shard_ids:
             worker_id = (shard_id - self.config.first_shard_id) // self.config.shards_per_cluster
+            # The identify gate spaces the IDENTIFYs (spawn_shard_delay); the manager never
+            # sleeps on its own, it only waits for the previous shard's permit.
             await self.tell_cluster_to_identify(worker_id, shard_id, bucket_id)
-            if self.config.spawn_shard_delay and not self.identify_window_s:
-                await asyncio.sleep(self.config.spawn_shard_delay / 1000)
 
     async def tell_cluster_to_identify(self, worker_id: int, shard_id: int, bucket_id: int) -> None:
         """Start ``shard_id``; return once its IDENTIFY permit is granted (or it ended).

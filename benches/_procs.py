@@ -31,6 +31,16 @@ MAIN_PYTHON = str(REPO / ".venv" / "bin" / "python")
 BENCH_PYTHON = str(REPO / ".venv-bench" / "bin" / "python")
 
 
+def write_json(doc: Any, dest: str) -> None:
+    """A benchmark's ``--json`` output: to stdout for ``-``, else to the file ``dest``."""
+    text = json.dumps(doc, indent=2)
+    if dest == "-":
+        print(text)
+    else:
+        with open(dest, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+
+
 def cpus() -> list[int]:
     return sorted(os.sched_getaffinity(0))
 

@@ -884,12 +884,7 @@ def orchestrate(args: argparse.Namespace) -> None:
         for mode in modes:
             profile_run(args, mode, cpus)
     if args.json:
-        text = json.dumps(results, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text)
+        _procs.write_json(results, args.json)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -30,7 +30,6 @@ inflated a 48 KB message.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from typing import Any
@@ -239,12 +238,7 @@ def main() -> None:
             f"on {meta['cpus']} CPUs"
         )
     if args.json:
-        text = json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
+        _procs.write_json({"meta": meta, "summary": summary, "runs": runs}, args.json)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ Medians of ``--runs`` runs; the contender order rotates between runs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -311,12 +310,7 @@ def main() -> None:
         print_table(summary, rat, meta)
     if args.json:
         doc = {"meta": meta, "summary": summary, "ratios": rat, "runs": runs}
-        text = json.dumps(doc, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
+        _procs.write_json(doc, args.json)
 
 
 if __name__ == "__main__":

@@ -604,6 +604,19 @@ class FakeDiscord:
             )
         return found
 
+    def _each(
+        self,
+        shard_id: int | None,
+        num_shards: int | None,
+        session_id: str | None,
+        act: Callable[[GatewayConnection], object],
+    ) -> int:
+        """Apply one scripted fault to every matching live connection; how many there were."""
+        conns = self._targets(shard_id, num_shards, session_id)
+        for conn in conns:
+            act(conn)
+        return len(conns)
+
     async def send_reconnect(
         self,
         shard_id: int | None = None,
@@ -612,11 +625,13 @@ class FakeDiscord:
         session_id: str | None = None,
     ) -> int:
         """Op 7; the fake closes (4000) after ``reconnect_close_delay_s`` if the client stays."""
-        conns = self._targets(shard_id, num_shards, session_id)
-        for conn in conns:
+        delay = self.config.reconnect_close_delay_s
+
+        def reconnect(conn: GatewayConnection) -> None:
             conn.send_control(7)
-            conn.schedule_close(self.config.reconnect_close_delay_s, 4000, "reconnect requested")
-        return len(conns)
+            conn.schedule_close(delay, 4000, "reconnect requested")
+
+        return self._each(shard_id, num_shards, session_id, reconnect)
 
     async def invalidate_session(
         self,
@@ -629,10 +644,7 @@ class FakeDiscord:
         """Op 9 ``d=resumable``; ``False`` ends the session. The connection becomes
         unauthenticated again (it may IDENTIFY/RESUME) and is closed (4000) after
         ``reconnect_close_delay_s`` if the client does nothing."""
-        conns = self._targets(shard_id, num_shards, session_id)
-        for conn in conns:
-            conn.invalidate(resumable)
-        return len(conns)
+        return self._each(shard_id, num_shards, session_id, lambda conn: conn.invalidate(resumable))
 
     async def close(
         self,
@@ -646,10 +658,12 @@ class FakeDiscord:
     ) -> int:
         """Close with ``code``; the session survives unless ``end_session`` (default: only
         for :data:`SESSION_ENDING_CLOSE_CODES`)."""
-        conns = self._targets(shard_id, num_shards, session_id)
-        for conn in conns:
-            conn.close(code, reason, end_session=end_session)
-        return len(conns)
+        return self._each(
+            shard_id,
+            num_shards,
+            session_id,
+            lambda conn: conn.close(code, reason, end_session=end_session),
+        )
 
     async def stop_acking(
         self,
@@ -659,10 +673,11 @@ class FakeDiscord:
         session_id: str | None = None,
     ) -> int:
         """Zombie the connection: heartbeats are no longer ACKed (it stays open)."""
-        conns = self._targets(shard_id, num_shards, session_id)
-        for conn in conns:
+
+        def zombie(conn: GatewayConnection) -> None:
             conn.ack_heartbeats = False
-        return len(conns)
+
+        return self._each(shard_id, num_shards, session_id, zombie)
 
     async def drop(
         self,
@@ -672,10 +687,7 @@ class FakeDiscord:
         session_id: str | None = None,
     ) -> int:
         """Abort the TCP link without a close frame; the session stays resumable."""
-        conns = self._targets(shard_id, num_shards, session_id)
-        for conn in conns:
-            conn.drop()
-        return len(conns)
+        return self._each(shard_id, num_shards, session_id, lambda conn: conn.drop())
 
     async def corrupt(
         self,
@@ -685,10 +697,7 @@ class FakeDiscord:
         session_id: str | None = None,
     ) -> int:
         """Send bytes the client cannot decode (bad deflate/zstd block, or truncated JSON)."""
-        conns = self._targets(shard_id, num_shards, session_id)
-        for conn in conns:
-            conn.send_garbage()
-        return len(conns)
+        return self._each(shard_id, num_shards, session_id, lambda conn: conn.send_garbage())
 
     async def request_heartbeat(
         self,
@@ -698,10 +707,7 @@ class FakeDiscord:
         session_id: str | None = None,
     ) -> int:
         """Op 1 from the server: the client must heartbeat at once."""
-        conns = self._targets(shard_id, num_shards, session_id)
-        for conn in conns:
-            conn.send_control(1)
-        return len(conns)
+        return self._each(shard_id, num_shards, session_id, lambda conn: conn.send_control(1))
 
     def reconnect_before_hello(self, count: int = 1) -> None:
         """The next ``count`` connections get op 7 instead of HELLO (then 4000 if they stay)."""

@@ -5,7 +5,7 @@
 
 For each contender a fresh fake Discord process serves the sessions (no identify spacing,
 ``max_concurrency`` = shard count). The contender process imports its library and sets
-up what its shards share (loop, HTTP session, identify scheduler, logged-in client),
+up what its shards share (loop, HTTP session, identify gate, logged-in client),
 measures its baseline RSS, then connects N shards, waits until every one is READY and has
 received its GUILD_CREATE, idles ``--settle`` seconds and measures RSS again:
 (RSS - baseline) / N is the cost of one idle connected shard. Idle shards heartbeat and

@@ -3,11 +3,11 @@
 The shard is the real one: picows, one ``ShardCodec.feed`` per frame (Rust: inflate, scan,
 edit filter, forward body), its state machine, heartbeats. ``on_dispatch`` is overridden
 to count, without decoding the JSON: that is what the gateway process does with a
-dispatch before it queues the body. ``dispatch_dropped=True`` so unchanged MESSAGE_UPDATE
+dispatch before it queues the body. ``dispatch_filtered=True`` so unchanged MESSAGE_UPDATE
 unfurls, which the edit filter flags, are still handed over and counted like every other
 dispatch (the peers count them too; the filter's work is still done).
 
-Idle mode: ``--shards`` shards in this process share one identify scheduler (as under the
+Idle mode: ``--shards`` shards in this process share one identify gate (as under the
 manager), each with its own connection and codec.
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 import _common
 
 from shardgate._native import Message
-from shardgate.identify import LocalIdentifyScheduler
+from shardgate.identify import LocalIdentifyGate
 from shardgate.shard import Shard, ShardOptions
 
 
@@ -43,7 +43,7 @@ def make_shard(
     hit: Any,
     shard_id: int,
     shard_count: int,
-    gate: LocalIdentifyScheduler,
+    gate: LocalIdentifyGate,
 ) -> CountingShard:
     return CountingShard(
         hit,
@@ -53,14 +53,14 @@ def make_shard(
         gateway_url=args.gateway_url,
         intents=_common.INTENTS,
         identify_gate=gate,
-        options=ShardOptions(compression=args.compression, dispatch_dropped=True),
+        options=ShardOptions(compression=args.compression, dispatch_filtered=True),
     )
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.mode == "throughput":
         meter = _common.Meter(args.skip, args.events)
-        shard = make_shard(args, meter.hit, 0, 1, LocalIdentifyScheduler(1, 0.0))
+        shard = make_shard(args, meter.hit, 0, 1, LocalIdentifyGate(1, 0.0))
         runner = shard.start()
         done = asyncio.create_task(meter.done.wait())
         await asyncio.wait({runner, done}, return_when=asyncio.FIRST_COMPLETED)
@@ -71,7 +71,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         result["shard_stats"] = shard.stats()
         return result
 
-    gate = LocalIdentifyScheduler(max(1, args.shard_count), 0.0)
+    gate = LocalIdentifyGate(max(1, args.shard_count), 0.0)
     baseline = _common.idle_measure_baseline()
     t0 = time.perf_counter()
     shards = [make_shard(args, _noop, i, args.shard_count, gate) for i in range(args.shards)]

@@ -142,7 +142,7 @@ def _progress(elapsed: float, sent: int, bot: SampleBot, manager: GatewayManager
     print(
         f"t={elapsed:5.1f}s  fake injected {sent:7d}  handler got {bot.events:7d}  "
         f"queue {manager.outbox.depth:6d}  filtered edits "
-        f"{sum(s.dropped for s in manager.shards.values()):5d}"
+        f"{sum(s.filtered for s in manager.shards.values()):5d}"
     )
 
 
@@ -151,7 +151,7 @@ def _summary(elapsed: float, fake: FakeDiscord, manager: GatewayManager, bot: Sa
     for shard in manager.shards.values():
         if shard.session_id is not None and shard.session_id in fake.sessions:
             sent += len(fake.sessions[shard.session_id].dispatches)
-        filtered += shard.dropped
+        filtered += shard.filtered
     dispatches = bot.events - sum(n for t, n in bot.by_type.items() if t.startswith("SHARDGATE_"))
     lost = sent - filtered - dispatches
     status = manager.status()

@@ -14,6 +14,7 @@ from shardgate._native import CompressionError, DecodeError, MessageTooLarge, Pa
 __all__ = [
     "CLOSE_CODES",
     "CloseCode",
+    "CommandError",
     "CompressionError",
     "ConfigError",
     "DecodeError",
@@ -23,6 +24,10 @@ __all__ = [
     "GatewayError",
     "MessageTooLarge",
     "PayloadError",
+    "PayloadTooLarge",
+    "RejectedError",
+    "RetryableError",
+    "ShardClosed",
     "ShardgateError",
     "close_code_info",
 ]
@@ -61,8 +66,49 @@ class FatalClose(GatewayClosed):
     """A close code after which reconnecting cannot help (4004, 4010-4014): the shard stops."""
 
 
+class ShardClosed(GatewayError):
+    """The shard was stopped (or stopped fatally) while a caller waited on it."""
+
+
+MAX_PAYLOAD_BYTES: Final = 4096
+"""Discord closes a connection with 4002 on a client payload larger than this."""
+
+
+class CommandError(ShardgateError, ValueError):
+    """A gateway command (presence, voice state, member request, ...) is malformed; the
+    message says which field. The control API answers it with 400."""
+
+
+class PayloadTooLarge(CommandError):
+    """An outgoing payload exceeds Discord's 4096-byte limit (it would be closed with 4002)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(
+            f"gateway payload is {size} bytes; Discord accepts at most {MAX_PAYLOAD_BYTES}"
+        )
+        self.size = size
+
+
 class ForwardError(ShardgateError):
     """An event could not be delivered to the bot's event handler."""
+
+
+class RetryableError(ForwardError):
+    """Delivery failed in a way that may pass later; the first ``delivered`` events did pass."""
+
+    def __init__(self, message: str, delivered: int = 0) -> None:
+        super().__init__(message)
+        self.delivered = delivered
+
+
+class RejectedError(ForwardError):
+    """The handler refused events for good (a 4xx): after the first ``delivered`` events,
+    the next ``rejected`` ones were refused; they leave the outbox, counted."""
+
+    def __init__(self, message: str, delivered: int = 0, rejected: int = 1) -> None:
+        super().__init__(message)
+        self.delivered = delivered
+        self.rejected = rejected
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,9 +33,9 @@ from typing import Protocol
 
 import aiohttp
 
-from shardgate.errors import ForwardError
+from shardgate.errors import RejectedError, RetryableError
 from shardgate.httpclient import HttpConnectionError, HttpPool
-from shardgate.queue import Outbox, OutEvent
+from shardgate.queue import Outbox, OutEvent, shard_of_stream
 
 __all__ = [
     "AiohttpForwarder",
@@ -44,6 +44,7 @@ __all__ = [
     "HttpForwarder",
     "RejectedError",
     "RetryableError",
+    "check_status",
     "create_forwarder",
     "is_retryable_status",
 ]
@@ -51,24 +52,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 EVENT_ID_HEADER = "X-Shardgate-Event-Id"
-
-
-class RetryableError(ForwardError):
-    """Delivery failed in a way that may pass later; the first ``delivered`` events did pass."""
-
-    def __init__(self, message: str, delivered: int = 0) -> None:
-        super().__init__(message)
-        self.delivered = delivered
-
-
-class RejectedError(ForwardError):
-    """The handler refused events for good (a 4xx): after the first ``delivered`` events,
-    the next ``rejected`` ones were refused; they leave the outbox, counted."""
-
-    def __init__(self, message: str, delivered: int = 0, rejected: int = 1) -> None:
-        super().__init__(message)
-        self.delivered = delivered
-        self.rejected = rejected
 
 
 RETRYABLE_4XX = frozenset((401, 403, 408, 429))
@@ -80,6 +63,16 @@ then would be the silent loss the outbox exists to prevent."""
 def is_retryable_status(status: int) -> bool:
     """5xx and :data:`RETRYABLE_4XX` may pass later; other 4xx (a bad event) never will."""
     return status >= 500 or status in RETRYABLE_4XX
+
+
+def check_status(status: int, delivered: int, rejected: int = 1) -> None:
+    """The one HTTP status rule of every forwarder: 2xx passes; otherwise raise
+    :class:`RetryableError` or :class:`RejectedError` after ``delivered`` events."""
+    if 200 <= status < 300:
+        return
+    if is_retryable_status(status):
+        raise RetryableError(f"HTTP {status}", delivered)
+    raise RejectedError(f"HTTP {status}", delivered, rejected)
 
 
 class Forwarder(Protocol):
@@ -174,19 +167,20 @@ class Delivery:
     async def _work(self) -> None:
         outbox = self.outbox
         while True:
-            shard_id = await outbox.next_ready()
+            stream = await outbox.next_ready()
             try:
-                await self._deliver(shard_id)
+                await self._deliver(stream)
             except Exception:  # a bug here must not stop delivery for every shard
-                log.exception("delivery of shard %d failed; its batch goes back", shard_id)
+                log.exception("delivery of stream %d failed; its batch goes back", stream)
                 await asyncio.sleep(self.backoff_max)
             finally:
                 # On cancellation the unacknowledged rest goes back, in order.
-                outbox.release(shard_id)
+                outbox.release(stream)
 
-    async def _deliver(self, shard_id: int) -> None:
+    async def _deliver(self, stream: int) -> None:
         outbox = self.outbox
-        batch: Sequence[OutEvent] = outbox.take(shard_id, self.batch_size)
+        batch: Sequence[OutEvent] = outbox.take(stream, self.batch_size)
+        shard_id = shard_of_stream(stream)
         attempt = 0
         send = self.forwarder.send
         while batch:
@@ -198,7 +192,7 @@ class Delivery:
                 self.delivered += exc.delivered
                 self.rejected += refused
                 self._log_rejection(shard_id, batch[exc.delivered].event_id, refused, exc)
-                outbox.ack(shard_id, done)
+                outbox.ack(stream, done)
                 batch = batch[done:]
                 attempt = 0
                 continue
@@ -208,7 +202,7 @@ class Delivery:
                 delivered = exc.delivered if isinstance(exc, RetryableError) else 0
                 if delivered:
                     self.delivered += delivered
-                    outbox.ack(shard_id, delivered)
+                    outbox.ack(stream, delivered)
                     batch = batch[delivered:]
                     attempt = 0
                 attempt += 1
@@ -217,7 +211,7 @@ class Delivery:
                 await asyncio.sleep(self.backoff(attempt))
                 continue
             self.delivered += len(batch)
-            outbox.ack(shard_id)
+            outbox.ack(stream)
             if self._failing_since is not None:
                 self._note_recovery()
             return
@@ -288,11 +282,7 @@ class HttpForwarder:
                 status = await post(head, event.body)
             except HttpConnectionError as exc:
                 raise RetryableError(str(exc), index) from None
-            if 200 <= status < 300:
-                continue
-            if is_retryable_status(status):
-                raise RetryableError(f"HTTP {status}", index)
-            raise RejectedError(f"HTTP {status}", index)
+            check_status(status, index)
 
     async def close(self) -> None:
         await self._pool.close()
@@ -332,11 +322,7 @@ class AiohttpForwarder:
                     status = response.status
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 raise RetryableError(f"{type(exc).__name__}: {exc}", index) from None
-            if 200 <= status < 300:
-                continue
-            if is_retryable_status(status):
-                raise RetryableError(f"HTTP {status}", index)
-            raise RejectedError(f"HTTP {status}", index)
+            check_status(status, index)
 
     async def close(self) -> None:
         if self._session is not None:

@@ -45,7 +45,8 @@ from picows import (
     ws_connect,
 )
 
-from shardgate.forward import RejectedError, RetryableError, is_retryable_status
+from shardgate.errors import RetryableError
+from shardgate.forward import check_status
 from shardgate.queue import OutEvent
 
 __all__ = ["WebsocketForwarder", "websocket_url"]
@@ -187,9 +188,8 @@ class WebsocketForwarder:
             return await asyncio.shield(connecting)
         except WSHandshakeError as exc:
             status = exc.response.status if exc.response is not None else 0
-            if 400 <= status < 500 and not is_retryable_status(status):
-                message = f"websocket upgrade refused: HTTP {status}"
-                raise RejectedError(message, 0, batch_len) from None
+            if 400 <= status < 500:
+                check_status(status, 0, batch_len)  # 401/403/408/429 retry like HTTP mode
             raise RetryableError(f"websocket upgrade failed: {exc}") from None
         except (OSError, WSError, TimeoutError) as exc:
             raise RetryableError(f"connect to {self.url}: {type(exc).__name__}: {exc}") from None

@@ -3,7 +3,7 @@
 Discord allows one IDENTIFY per bucket (``shard_id % max_concurrency``) per 5 s, and a
 daily budget of session starts (``session_start_limit``). A shard never spaces its own
 IDENTIFYs: it asks its owner's :class:`IdentifyGate` for a permit right before sending one
-and gives it back when the outcome is known. :class:`LocalIdentifyScheduler` is the
+and gives it back when the outcome is known. :class:`LocalIdentifyGate` is the
 in-process implementation; a Redis-backed one (several processes, several machines) can
 replace it without the shard noticing.
 """
@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
-__all__ = ["IdentifyGate", "LocalIdentifyScheduler"]
+__all__ = ["IdentifyGate", "LocalIdentifyGate"]
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class _Bucket:
         self.next_at = 0.0
 
 
-class LocalIdentifyScheduler:
+class LocalIdentifyGate:
     """In-process :class:`IdentifyGate`.
 
     - One IDENTIFY per bucket ``shard_id % max_concurrency`` per ``window_s``; buckets run
@@ -111,7 +111,7 @@ class LocalIdentifyScheduler:
         # discord.js treats reset_after 0 (single-shard bots) as 5 s; do the same.
         self._reset_after_s = reset_after_s if reset_after_s > 0 else 5.0
         self._reset_at = clock() + self._reset_after_s
-        self._held: set[int] = set()
+        self._held: dict[int, int] = {}  # shard id -> permits held (two groups may share ids)
         self.granted = 0
         self.identified = 0
         self.failed = 0
@@ -163,14 +163,18 @@ class LocalIdentifyScheduler:
                 await asyncio.sleep(wait)
             await self._take_budget(shard_id)
             bucket.next_at = self._clock() + self._window + self._margin
-            self._held.add(shard_id)
+            self._held[shard_id] = self._held.get(shard_id, 0) + 1
             self.granted += 1
 
     def release(self, shard_id: int, *, identified: bool) -> None:
-        if shard_id not in self._held:
+        held = self._held.get(shard_id, 0)
+        if not held:
             log.warning("shard %d released an identify permit it did not hold", shard_id)
             return
-        self._held.discard(shard_id)
+        if held == 1:
+            del self._held[shard_id]
+        else:
+            self._held[shard_id] = held - 1
         if identified:
             self.identified += 1
         else:

@@ -1,12 +1,13 @@
 """The gateway process: shards in, events out, nothing lost.
 
-:class:`GatewayManager` asks ``/gateway/bot`` how to shard, spawns shards
-``first_shard_id..last_shard_id`` through the identify scheduler (buckets in parallel, one
-IDENTIFY per bucket per ``spawn_shard_delay``, the daily budget checked before each), keeps
-the gateway cache (:mod:`shardgate.cache`, and the codec's edit filter), and puts every
-dispatch into the :class:`~shardgate.queue.Outbox` from which
-:class:`~shardgate.forward.Delivery` forwards it to the bot. The control API
-(:mod:`shardgate.control`) reaches the shards through it.
+:class:`GatewayManager` holds what the process has once: it asks ``/gateway/bot`` how to
+shard, owns the identify gate (one IDENTIFY per bucket per ``spawn_shard_delay``, the
+daily budget checked before each, shared by every group), the
+:class:`~shardgate.queue.Outbox` from which :class:`~shardgate.forward.Delivery` forwards
+events to the bot, and the control API (:mod:`shardgate.control`). The shards themselves,
+their guild cache and the per-event policy live in a :class:`~shardgate.group.ShardGroup`;
+the manager keeps the *active* one, and a reshard (:mod:`shardgate.reshard`) builds a
+second beside it and switches.
 
 What the bot receives, beside Discord's dispatches as they were sent
 (``{"shardId": N, "data": <payload>}``):
@@ -18,22 +19,18 @@ What the bot receives, beside Discord's dispatches as they were sent
   once every shard of this process has;
 - ``SHARDGATE_GAP`` when the outbox overflowed (see :mod:`shardgate.queue`).
 
-Replaceable behaviours (plain methods: override in a subclass, or assign on an instance,
-e.g. ``manager.handle_dispatch = my_function``); each is called through the instance:
+Replaceable behaviours of the manager (override in a subclass, or assign on an instance):
 
 - ``fetch_gateway_bot()`` -> :class:`~shardgate.rest.GatewayBot`
 - ``compute_shard_count(bot)`` -> int (``max_shards``, large-bot rounding)
-- ``create_identify_scheduler(bot)`` -> :class:`~shardgate.identify.IdentifyGate`
-- ``create_shard(shard_id, shard_count)`` -> :class:`~shardgate.shard.Shard`
+- ``create_identify_gate(bot)`` -> :class:`~shardgate.identify.IdentifyGate`
 - ``create_forwarder()`` -> :class:`~shardgate.forward.Forwarder`
-- ``tell_cluster_to_identify(worker_id, shard_id, bucket_id)``: start one shard
-- ``handle_dispatch(shard, message)``: every dispatch (the guide's ``handleDiscordPayload``)
-- ``classify_guild_create(shard, message)`` -> :class:`~shardgate.cache.GuildState`
-- ``forward(shard_id, event_id, body)``: hand one event to the outbox
-- ``on_shard_loaded(shard)`` / ``on_all_loaded()``: the loading notices
+- ``create_group(shard_count)`` -> :class:`~shardgate.group.ShardGroup` (``group_class``)
 
-Heartbeat, identify and payload handling of a single connection are methods of
-:class:`~shardgate.shard.Shard` (subclass it and return it from ``create_shard``).
+Per-event and spawning behaviours (``handle_dispatch``, ``classify_guild_create``,
+``tell_cluster_to_identify``, ``create_shard``, the loading notices) are methods of
+:class:`~shardgate.group.ShardGroup`; heartbeat, identify and payload handling of one
+connection are methods of :class:`~shardgate.shard.Shard` (``ShardGroup.shard_class``).
 """
 
 from __future__ import annotations
@@ -46,105 +43,46 @@ import math
 import signal
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 
-from shardgate._native import (
-    KIND_GUILD_CREATE,
-    KIND_GUILD_DELETE,
-    KIND_READY,
-    EditFilter,
-    Message,
-)
-from shardgate.cache import GuildCache, GuildState
+from shardgate._native import EditFilter
+from shardgate.cache import GuildCache
 from shardgate.config import Config
 from shardgate.control import ControlServer
 from shardgate.errors import GatewayError
 from shardgate.forward import Delivery, Forwarder, create_forwarder
-from shardgate.identify import IdentifyGate, LocalIdentifyScheduler
+from shardgate.group import (
+    ALL_LOADED_EVENT,
+    SHARD_LOADED_EVENT,
+    IdentifyProgress,
+    ShardGroup,
+    ShardSpec,
+    outbox_sink,
+)
+from shardgate.identify import IdentifyGate, LocalIdentifyGate
 from shardgate.queue import Outbox
 from shardgate.rest import GatewayBot, fetch_gateway_bot
-from shardgate.shard import Shard, ShardOptions, ShardState
+from shardgate.shard import Shard, ShardOptions
 
 __all__ = ["ALL_LOADED_EVENT", "SHARD_LOADED_EVENT", "GatewayManager", "run_gateway"]
 
 log = logging.getLogger(__name__)
 
-SHARD_LOADED_EVENT = "SHARDGATE_SHARD_LOADED"
-ALL_LOADED_EVENT = "SHARDGATE_ALL_LOADED"
 LARGE_BOT_SHARDS = 100
 """From this many shards (about 100k guilds, as the guide says) large-bot sharding rounds the
 count up to a multiple of ``max_concurrency`` (16 when Discord reports 1)."""
 SHARED_EDIT_FILTER = 65536
 """Entries of the edit filter the shards of a process share (24 bytes each: 1.5 MiB)."""
-_GUILD_KINDS = frozenset((KIND_READY, KIND_GUILD_CREATE, KIND_GUILD_DELETE))
-
-
-class IdentifyProgress:
-    """Wraps the identify gate to count grants and READYs and log progress per round.
-
-    The manager's spawner waits on :meth:`wait_granted` so that a bucket's next shard
-    connects while the previous one's window runs, never earlier.
-    """
-
-    def __init__(self, inner: IdentifyGate, total: int, buckets: int, window_s: float) -> None:
-        self.inner = inner
-        self.total = total
-        self.buckets = buckets
-        self.window_s = window_s
-        self.granted = 0
-        self.identified = 0
-        self.failed = 0
-        self.started_at = time.monotonic()
-        self._granted: dict[int, asyncio.Event] = {}
-
-    def _event(self, shard_id: int) -> asyncio.Event:
-        event = self._granted.get(shard_id)
-        if event is None:
-            event = self._granted[shard_id] = asyncio.Event()
-        return event
-
-    async def acquire(self, shard_id: int) -> None:
-        await self.inner.acquire(shard_id)
-        self.granted += 1
-        self._event(shard_id).set()
-
-    def release(self, shard_id: int, *, identified: bool) -> None:
-        self.inner.release(shard_id, identified=identified)
-        if not identified:
-            self.failed += 1
-            return
-        self.identified += 1
-        if self.identified <= self.total and (
-            self.identified % self.buckets == 0 or self.identified == self.total
-        ):
-            log.info(
-                "identified %d/%d shards, ETA %.0f s",
-                min(self.identified, self.total),
-                self.total,
-                self.eta_s(),
-            )
-
-    async def wait_granted(self, shard_id: int) -> None:
-        await self._event(shard_id).wait()
-
-    def eta_s(self) -> float:
-        """Seconds until every shard identified: one window per remaining bucket round."""
-        left = max(0, self.total - self.identified)
-        return math.ceil(left / self.buckets) * self.window_s
-
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            "identified": min(self.identified, self.total),
-            "total": self.total,
-            "failed": self.failed,
-            "eta_s": self.eta_s(),
-        }
 
 
 class GatewayManager:
-    """Owns the shards of this process, the cache, the outbox and the control API."""
+    """The process's services (REST, identify gate, outbox, delivery, control API) and the
+    active :class:`~shardgate.group.ShardGroup`."""
+
+    group_class: ClassVar[type[ShardGroup]] = ShardGroup
+    """The group type every shard set is built from: subclass it for per-event hooks."""
 
     def __init__(
         self,
@@ -167,35 +105,51 @@ class GatewayManager:
         self.identify_window_s = (
             identify_window_s if identify_window_s is not None else config.spawn_shard_delay / 1000
         )
-        self.cache = GuildCache()
         self.outbox = Outbox(config.queue_max_size)
-        self.shards: dict[int, Shard] = {}
         self.gateway_bot: GatewayBot | None = None
-        self.progress: IdentifyProgress | None = None
+        self.identify_gate: IdentifyGate | None = None
+        self.active: ShardGroup | None = None
         self.delivery: Delivery | None = None
         self.control: ControlServer | None = None
-        self._shard_count = 0
-        self._loaded: set[int] = set()
-        self._all_loaded = asyncio.Event()
-        self._spawner: asyncio.Task[None] | None = None
+        self._generation = 0
         self._stop_requested: asyncio.Event | None = None
         self.started_at = 0.0
 
-    # ------------------------------------------------------------------ set-up steps
+    # ------------------------------------------------------------------ the active group
+
+    def _group(self) -> ShardGroup:
+        if self.active is None:
+            raise GatewayError("the gateway has not started")
+        return self.active
 
     @property
     def shard_count(self) -> int:
-        """Total shards of the bot (all processes); routing uses it."""
-        return self._shard_count
+        """Total shards of the bot (all processes) in the active group; routing uses it."""
+        return 0 if self.active is None else self.active.shard_count
 
     @property
-    def shard_ids(self) -> range:
+    def shards(self) -> dict[int, Shard]:
+        """The active group's shards of this process."""
+        return {} if self.active is None else self.active.shards
+
+    @property
+    def cache(self) -> GuildCache:
+        return self._group().cache
+
+    @property
+    def progress(self) -> IdentifyProgress | None:
+        return None if self.active is None else self.active.progress
+
+    def shard_range(self, shard_count: int) -> range:
+        """The shard ids this process runs out of ``shard_count``."""
         last = self.config.last_shard_id
-        last = self._shard_count - 1 if last is None else last
+        last = shard_count - 1 if last is None else last
         return range(self.config.first_shard_id, last + 1)
 
     def owns_shard(self, shard_id: int) -> bool:
         return shard_id in self.shards
+
+    # ------------------------------------------------------------------ set-up steps
 
     async def fetch_gateway_bot(self) -> GatewayBot:
         return await fetch_gateway_bot(self.config)
@@ -208,8 +162,8 @@ class GatewayManager:
             count = math.ceil(count / multiple) * multiple
         return count
 
-    def create_identify_scheduler(self, bot: GatewayBot) -> IdentifyGate:
-        return LocalIdentifyScheduler(
+    def create_identify_gate(self, bot: GatewayBot) -> IdentifyGate:
+        return LocalIdentifyGate(
             bot.max_concurrency,
             self.identify_window_s,
             remaining=bot.remaining,
@@ -217,24 +171,46 @@ class GatewayManager:
             reset_after_s=bot.reset_after_ms / 1000,
         )
 
-    def create_shard(self, shard_id: int, shard_count: int) -> Shard:
-        assert self.gateway_bot is not None and self.progress is not None
-        return Shard(
-            self.config.token,
-            shard_id,
-            shard_count,
-            gateway_url=self.gateway_bot.url,
-            intents=self.config.intents_bits,
-            identify_gate=self.progress,
-            dispatch_handler=self._dispatch,
-            options=self.shard_options,
-        )
-
     def create_forwarder(self) -> Forwarder:
         return create_forwarder(
             self.config.forward_mode,
             self.config.event_handler_url,
             self.config.event_handler_secret,
+        )
+
+    def create_group(self, shard_count: int, *, announce: bool = True) -> ShardGroup:
+        """A new group of ``shard_count`` shards (this process's range of it), not started.
+
+        Raises:
+            GatewayError: this process's range does not fit ``shard_count``.
+        """
+        bot, gate = self.gateway_bot, self.identify_gate
+        assert bot is not None and gate is not None
+        ids = self.shard_range(shard_count)
+        if not ids or ids.stop > shard_count:
+            raise GatewayError(
+                f"shards {self.config.first_shard_id}..{ids.stop - 1} do not fit a bot of "
+                f"{shard_count} shards; check first_shard_id/last_shard_id/max_shards"
+            )
+        spec = ShardSpec(
+            token=self.config.token,
+            gateway_url=bot.url,
+            intents=self.config.intents_bits,
+            options=self.shard_options,
+            first_shard_id=self.config.first_shard_id,
+            shards_per_cluster=self.config.shards_per_cluster,
+        )
+        generation, self._generation = self._generation, self._generation + 1
+        return self.group_class(
+            spec,
+            shard_count=shard_count,
+            shard_ids=ids,
+            gate=gate,
+            max_concurrency=bot.max_concurrency,
+            window_s=self.identify_window_s,
+            sink=outbox_sink(self.outbox, generation),
+            generation=generation,
+            announce=announce,
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -250,13 +226,9 @@ class GatewayManager:
         self.started_at = time.monotonic()
         self._stop_requested = asyncio.Event()
         bot = self.gateway_bot = await self.fetch_gateway_bot()
-        self._shard_count = self.compute_shard_count(bot)
-        ids = self.shard_ids
-        if not ids or ids.stop > self._shard_count:
-            raise GatewayError(
-                f"shards {self.config.first_shard_id}..{ids.stop - 1} do not fit a bot of "
-                f"{self._shard_count} shards; check first_shard_id/last_shard_id/max_shards"
-            )
+        self.identify_gate = self.create_identify_gate(bot)
+        group = self.create_group(self.compute_shard_count(bot))
+        ids = group.shard_ids
         if bot.remaining < len(ids):
             log.warning(
                 "session start budget: %d left, %d shards to start; the rest wait %.0f s",
@@ -264,21 +236,15 @@ class GatewayManager:
                 len(ids),
                 bot.reset_after_ms / 1000,
             )
-        self.progress = IdentifyProgress(
-            self.create_identify_scheduler(bot),
-            len(ids),
-            bot.max_concurrency,
-            self.identify_window_s,
-        )
         log.info(
             "%d shards (ids %d..%d of %d), %d identify buckets, %.1f s apart, ETA %.0f s",
             len(ids),
             ids.start,
             ids.stop - 1,
-            self._shard_count,
+            group.shard_count,
             bot.max_concurrency,
             self.identify_window_s,
-            self.progress.eta_s(),
+            group.progress.eta_s(),
         )
         self.delivery = Delivery(self.outbox, self.create_forwarder())
         self.delivery.start()
@@ -289,49 +255,16 @@ class GatewayManager:
             self.config.control_port,
         )
         await self.control.start()
-        for shard_id in ids:
-            self.shards[shard_id] = self.create_shard(shard_id, self._shard_count)
-        self._spawner = asyncio.get_running_loop().create_task(self._spawn_all(bot))
-
-    async def _spawn_all(self, bot: GatewayBot) -> None:
-        buckets: dict[int, list[int]] = {}
-        for shard_id in self.shard_ids:
-            buckets.setdefault(shard_id % bot.max_concurrency, []).append(shard_id)
-        await asyncio.gather(*(self._spawn_bucket(b, ids) for b, ids in sorted(buckets.items())))
-
-    async def _spawn_bucket(self, bucket_id: int, shard_ids: list[int]) -> None:
-        for shard_id in shard_ids:
-            worker_id = (shard_id - self.config.first_shard_id) // self.config.shards_per_cluster
-            # The identify gate spaces the IDENTIFYs (spawn_shard_delay); the manager never
-            # sleeps on its own, it only waits for the previous shard's permit.
-            await self.tell_cluster_to_identify(worker_id, shard_id, bucket_id)
-
-    async def tell_cluster_to_identify(self, worker_id: int, shard_id: int, bucket_id: int) -> None:
-        """Start ``shard_id``; return once its IDENTIFY permit is granted (or it ended).
-
-        ``worker_id`` is ``(shard_id - first_shard_id) // shards_per_cluster``: the worker
-        that would host it. This implementation runs every shard in this process; override
-        to hand the shard to a worker process instead.
-        """
-        shard = self.shards[shard_id]
-        task = shard.start()
-        assert self.progress is not None
-        granted = asyncio.ensure_future(self.progress.wait_granted(shard_id))
-        await asyncio.wait((granted, task), return_when=asyncio.FIRST_COMPLETED)
-        granted.cancel()
-        if task.done() and shard.fatal_error is not None:
-            log.error("shard %d stopped before identifying: %s", shard_id, shard.fatal_error)
+        self.active = group
+        group.start()
 
     async def wait_all_ready(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
         """Wait until every shard of this process is READY (raises FatalClose of a shard)."""
-        async with asyncio.timeout(timeout):
-            for shard in self.shards.values():
-                await shard.wait_ready()
+        await self._group().wait_all_ready(timeout)
 
     async def wait_loaded(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
         """Wait until every shard received all its guilds (``SHARDGATE_ALL_LOADED`` sent)."""
-        async with asyncio.timeout(timeout):
-            await self._all_loaded.wait()
+        await self._group().wait_loaded(timeout)
 
     def request_shutdown(self) -> None:
         if self._stop_requested is not None:
@@ -344,13 +277,10 @@ class GatewayManager:
     async def stop(self, *, drain_s: float = 5.0) -> None:
         """Close every shard (ending their sessions), then give delivery ``drain_s`` to empty
         the outbox. What is still queued after that is logged with its count."""
-        if self._spawner is not None:
-            self._spawner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._spawner
         if self.control is not None:
             await self.control.stop()
-        await asyncio.gather(*(shard.stop() for shard in self.shards.values()))
+        if self.active is not None:
+            await self.active.stop()
         if self.delivery is not None:
             if not await self.delivery.drain(drain_s):
                 log.warning(
@@ -359,68 +289,6 @@ class GatewayManager:
                 )
             await self.delivery.stop()
             await self.delivery.forwarder.close()
-
-    # ------------------------------------------------------------------ per event
-
-    def _dispatch(self, shard: Shard, message: Message) -> None:
-        """Indirection so that ``handle_dispatch`` can be replaced on the instance."""
-        self.handle_dispatch(shard, message)
-
-    def handle_dispatch(self, shard: Shard, message: Message) -> None:
-        """Every dispatch: cache bookkeeping for guild events, then :meth:`forward`."""
-        shard_id = shard.shard_id
-        event_id = f"{shard_id}:{shard.session_id}:{message.seq}"
-        if message.kind not in _GUILD_KINDS:
-            self.forward(shard_id, event_id, message.body)
-            return
-        body = message.body
-        loaded = False
-        if message.kind == KIND_READY:
-            loaded = self.cache.on_ready(shard_id, message.guild_ids or [])
-        elif message.guild_id is not None:
-            if message.kind == KIND_GUILD_CREATE:
-                state = self.classify_guild_create(shard, message)
-                body = b'{"guildState":"' + state.value.encode() + b'",' + body[1:]
-                loaded = self.cache.is_loading(shard_id) is False and state is GuildState.LOADED
-            else:
-                loaded = self.cache.on_guild_delete(
-                    shard_id, message.guild_id, message.unavailable is True
-                )
-        self.forward(shard_id, event_id, body)
-        if loaded:
-            self.on_shard_loaded(shard)
-
-    def classify_guild_create(self, shard: Shard, message: Message) -> GuildState:
-        """Initial load, joined, back from an outage, or a repeat (see :class:`GuildState`)."""
-        assert message.guild_id is not None
-        return self.cache.on_guild_create(shard.shard_id, message.guild_id).state
-
-    def forward(self, shard_id: int, event_id: str, body: bytes) -> None:
-        """Hand one event to the outbox (never blocks; overflow drops oldest with a gap)."""
-        self.outbox.put(shard_id, event_id, body)
-
-    def _notice(self, shard: Shard, name: str, d: Mapping[str, Any]) -> None:
-        data = {"op": 0, "t": name, "s": None, "d": d}
-        body = orjson.dumps({"shardId": shard.shard_id, "data": data})
-        self.forward(
-            shard.shard_id, f"{shard.shard_id}:{shard.session_id}:{shard.seq}:{name}", body
-        )
-
-    def on_shard_loaded(self, shard: Shard) -> None:
-        """The shard received every guild of its READY: tell the bot, maybe for all."""
-        guilds = self.cache.guild_count(shard.shard_id)
-        log.info("shard %d loaded all %d guilds", shard.shard_id, guilds)
-        self._notice(shard, SHARD_LOADED_EVENT, {"shard_id": shard.shard_id, "guilds": guilds})
-        self._loaded.add(shard.shard_id)
-        if not self._all_loaded.is_set() and self._loaded >= set(self.shards):
-            self._all_loaded.set()
-            self.on_all_loaded(shard)
-
-    def on_all_loaded(self, last_shard: Shard) -> None:
-        total = self.cache.guild_count()
-        elapsed = time.monotonic() - self.started_at
-        log.info("all %d shards loaded, %d guilds, in %.1f s", len(self.shards), total, elapsed)
-        self._notice(last_shard, ALL_LOADED_EVENT, {"shards": len(self.shards), "guilds": total})
 
     # ------------------------------------------------------------------ control target
 
@@ -433,32 +301,19 @@ class GatewayManager:
 
     def status(self) -> dict[str, Any]:
         """Everything the status endpoint shows (allocates; call it rarely)."""
-        shards = []
-        for shard_id, shard in self.shards.items():
-            shards.append(
-                {
-                    "id": shard_id,
-                    "status": shard.status.value,
-                    "latency_ms": None if shard.latency is None else round(shard.latency * 1000, 1),
-                    "guilds": self.cache.guild_count(shard_id),
-                    "loading": self.cache.loading_count(shard_id),
-                    "seq": shard.seq,
-                    "error": None if shard.fatal_error is None else str(shard.fatal_error),
-                    **shard.stats(),
-                }
-            )
+        group = self.active
         delivery = self.delivery.stats() if self.delivery is not None else {}
         return {
-            "shard_count": self._shard_count,
-            "ready": sum(1 for s in self.shards.values() if s.status is ShardState.READY),
-            "identify": self.progress.snapshot() if self.progress is not None else None,
-            "guilds": self.cache.guild_count(),
-            "unavailable": self.cache.unavailable_count(),
-            "all_loaded": self._all_loaded.is_set(),
+            "shard_count": self.shard_count,
+            "ready": 0 if group is None else group.ready_count(),
+            "identify": None if group is None else group.progress.snapshot(),
+            "guilds": 0 if group is None else group.cache.guild_count(),
+            "unavailable": 0 if group is None else group.cache.unavailable_count(),
+            "all_loaded": group is not None and group.all_loaded.is_set(),
             "queue": {**self.outbox.stats(), "max_size": self.outbox.max_size},
             "forwarded": delivery.get("delivered", 0),
             "delivery": delivery,
-            "shards": shards,
+            "shards": [] if group is None else group.shard_status(),
         }
 
 

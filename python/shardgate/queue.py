@@ -19,6 +19,12 @@ Finding the fullest shard is O(1): a depth -> shards index is kept, but only whi
 outbox is nearly full (it is built by one scan when the first drop is needed and dropped
 again when the backlog halves), so the normal path pays nothing for it.
 
+Streams. The outbox is keyed by *stream* ids, not shard ids: shard 3 of a 4-shard group and
+shard 3 of an 8-shard group (during a reshard both run) are different streams with their
+own order. :func:`stream_id` makes one from a group generation and a shard id; generation
+0's streams are the shard ids themselves. The delivery loop hands the forwarder
+:func:`shard_of_stream`.
+
 Everything an event is made of is serialisable (``event_id: str``, ``body: bytes``) so a
 Redis Streams backend or worker processes can replace this in-memory one later.
 """
@@ -30,9 +36,17 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Final
 
-import orjson
+from shardgate.envelope import notice_body, parse_event_id
 
-__all__ = ["GAP_EVENT", "GapRecord", "OutEvent", "Outbox"]
+__all__ = [
+    "GAP_EVENT",
+    "STREAM_STRIDE",
+    "GapRecord",
+    "OutEvent",
+    "Outbox",
+    "shard_of_stream",
+    "stream_id",
+]
 
 GAP_EVENT: Final = "SHARDGATE_GAP"
 """Dispatch name (``t``) of a gap record, delivered as
@@ -40,6 +54,20 @@ GAP_EVENT: Final = "SHARDGATE_GAP"
 ``shard_id``, ``dropped`` (how many events), ``first_event_id``, ``last_event_id`` and,
 when both ids are ``shard:session:seq`` of one session, ``session_id``, ``first_seq``,
 ``last_seq`` (else those three are null). Its own event id is ``gap:<first_event_id>``."""
+
+
+STREAM_STRIDE: Final = 1 << 20
+"""Stream ids of one group generation: ``generation * STREAM_STRIDE + shard_id`` (Discord's
+shard counts stay far below a million)."""
+
+
+def stream_id(generation: int, shard_id: int) -> int:
+    """The outbox stream of ``shard_id`` in group generation ``generation``."""
+    return generation * STREAM_STRIDE + shard_id
+
+
+def shard_of_stream(stream: int) -> int:
+    return stream % STREAM_STRIDE
 
 
 class OutEvent:
@@ -76,35 +104,22 @@ class GapRecord(OutEvent):
         session: str | None = None
         first_seq: int | None = None
         last_seq: int | None = None
-        first, last = _split_id(self.first_event_id), _split_id(self.last_event_id)
-        if first is not None and last is not None and first[0] == last[0]:
-            session, first_seq, last_seq = first[0], first[1], last[1]
-        data = {
-            "op": 0,
-            "t": GAP_EVENT,
-            "s": None,
-            "d": {
-                "shard_id": self.shard_id,
-                "dropped": self.count,
-                "first_event_id": self.first_event_id,
-                "last_event_id": self.last_event_id,
-                "session_id": session,
-                "first_seq": first_seq,
-                "last_seq": last_seq,
-            },
+        first, last = parse_event_id(self.first_event_id), parse_event_id(self.last_event_id)
+        if first is not None and last is not None and first[:2] == last[:2]:
+            session, first_seq, last_seq = first[1], first[2], last[2]
+        d = {
+            "shard_id": self.shard_id,
+            "dropped": self.count,
+            "first_event_id": self.first_event_id,
+            "last_event_id": self.last_event_id,
+            "session_id": session,
+            "first_seq": first_seq,
+            "last_seq": last_seq,
         }
-        self.body = orjson.dumps({"shardId": self.shard_id, "data": data})
+        self.body = notice_body(self.shard_id, GAP_EVENT, d)
 
     def __repr__(self) -> str:
         return f"GapRecord(shard {self.shard_id}, {self.count} dropped from {self.first_event_id})"
-
-
-def _split_id(event_id: str) -> tuple[str, int] | None:
-    """``shard:session:seq`` -> (session, seq); None for synthetic ids."""
-    parts = event_id.split(":")
-    if len(parts) != 3 or not parts[2].isdigit():
-        return None
-    return parts[1], int(parts[2])
 
 
 _Waiting = tuple[str, bytes] | GapRecord
@@ -120,13 +135,23 @@ def _entry(event: OutEvent) -> _Waiting:
     return event if type(event) is GapRecord else (event.event_id, event.body)
 
 
-class _ShardQueue:
-    """One shard's events: ``waiting`` (FIFO) and the batch currently in flight."""
+class _StreamQueue:
+    """One stream's events: ``waiting`` (FIFO) and the batch currently in flight."""
 
-    __slots__ = ("busy", "flight", "flight_gaps", "gaps", "nwait", "ready", "shard_id", "waiting")
+    __slots__ = (
+        "busy",
+        "flight",
+        "flight_gaps",
+        "gaps",
+        "held",
+        "nwait",
+        "ready",
+        "stream",
+        "waiting",
+    )
 
-    def __init__(self, shard_id: int) -> None:
-        self.shard_id = shard_id
+    def __init__(self, stream: int) -> None:
+        self.stream = stream
         self.waiting: deque[_Waiting] = deque()
         self.flight: list[OutEvent] = []
         self.nwait = 0  # real (non-gap) events in waiting
@@ -134,6 +159,7 @@ class _ShardQueue:
         self.flight_gaps = 0  # gap records in flight
         self.busy = False  # a batch is taken and not fully acknowledged
         self.ready = False  # listed in the ready queue
+        self.held = False  # not handed to delivery until unheld (see Outbox.hold)
 
 
 class Outbox:
@@ -161,61 +187,88 @@ class Outbox:
         self.dropped = 0
         self.gap_records = 0
         self._size = 0
-        self._queues: dict[int, _ShardQueue] = {}
+        self._queues: dict[int, _StreamQueue] = {}
         self._ready: asyncio.Queue[int] = asyncio.Queue()
         self._levels: dict[int, set[int]] | None = None  # waiting count -> shard ids
         self._max_level = 0
 
     # -- producer side -------------------------------------------------------------------
 
-    def put(self, shard_id: int, event_id: str, body: bytes) -> None:
-        """Append an event for ``shard_id``; if full, drop the oldest waiting one (see module)."""
-        q = self._queues.get(shard_id)
+    def put(self, stream: int, event_id: str, body: bytes) -> None:
+        """Append an event for ``stream``; if full, drop the oldest waiting one (see module)."""
+        q = self._queues.get(stream)
         if q is None:
-            q = self._queues[shard_id] = _ShardQueue(shard_id)
+            q = self._queues[stream] = _StreamQueue(stream)
         if self._size >= self.max_size:
             self._drop_one()
         q.waiting.append((event_id, body))
         q.nwait += 1
         self._size += 1
         if self._levels is not None:
-            self._move(shard_id, q.nwait - 1, q.nwait)
-        if not q.busy and not q.ready:
+            self._move(stream, q.nwait - 1, q.nwait)
+        if not q.busy and not q.ready and not q.held:
             q.ready = True
-            self._ready.put_nowait(shard_id)
+            self._ready.put_nowait(stream)
+
+    def hold(self, stream: int) -> None:
+        """Keep ``stream``'s events waiting (they still count against ``max_size`` and can
+        be dropped with a gap record) until :meth:`unhold`. A reshard holds the new group's
+        streams until the old ones have delivered what was queued before the switch."""
+        q = self._queues.get(stream)
+        if q is None:
+            q = self._queues[stream] = _StreamQueue(stream)
+        q.held = True
+
+    def unhold(self, stream: int) -> None:
+        q = self._queues.get(stream)
+        if q is None or not q.held:
+            return
+        q.held = False
+        if not q.busy:
+            self._finish(q)
+
+    def discard_stream(self, stream: int) -> None:
+        """Forget an empty stream (a closed group's); a stream holding events is kept."""
+        q = self._queues.get(stream)
+        if q is not None and not q.waiting and not q.flight and not q.busy:
+            del self._queues[stream]
 
     # -- consumer side -------------------------------------------------------------------
 
     async def next_ready(self) -> int:
         """Wait for a shard that has waiting events and no batch in flight."""
         while True:
-            shard_id = await self._ready.get()
-            q = self._queues[shard_id]
+            stream = await self._ready.get()
+            q = self._queues.get(stream)
+            if q is None:  # discarded while listed
+                continue
             q.ready = False
-            if not q.busy and q.waiting:
-                return shard_id
+            if not q.busy and q.waiting and not q.held:
+                return stream
 
     def ready_nowait(self) -> int | None:
         """Like :meth:`next_ready` without waiting; None when no shard is ready."""
         while not self._ready.empty():
-            shard_id = self._ready.get_nowait()
-            q = self._queues[shard_id]
+            stream = self._ready.get_nowait()
+            q = self._queues.get(stream)
+            if q is None:  # discarded while listed
+                continue
             q.ready = False
-            if not q.busy and q.waiting:
-                return shard_id
+            if not q.busy and q.waiting and not q.held:
+                return stream
         return None
 
-    def take(self, shard_id: int, max_n: int) -> list[OutEvent]:
+    def take(self, stream: int, max_n: int) -> list[OutEvent]:
         """Hand out up to ``max_n`` oldest events of a shard, in order, as its in-flight batch.
 
         Raises:
             RuntimeError: the shard already has a batch in flight (a delivery-loop bug).
         """
-        q = self._queues.get(shard_id)
+        q = self._queues.get(stream)
         if q is None or not q.waiting:
             return []
         if q.busy:
-            raise RuntimeError(f"shard {shard_id} already has a batch in flight")
+            raise RuntimeError(f"shard {stream} already has a batch in flight")
         waiting = q.waiting
         n = min(max_n, len(waiting))
         if n == len(waiting):
@@ -243,15 +296,15 @@ class Outbox:
         old = q.nwait
         q.nwait -= n - gaps
         if self._levels is not None:
-            self._move(shard_id, old, q.nwait)
+            self._move(stream, old, q.nwait)
         return batch
 
-    def ack(self, shard_id: int, n: int | None = None) -> None:
+    def ack(self, stream: int, n: int | None = None) -> None:
         """The first ``n`` (default: all) in-flight events of a shard are done; they leave.
 
         When the whole batch is done the shard may hand out its next batch.
         """
-        q = self._queues[shard_id]
+        q = self._queues[stream]
         flight = q.flight
         if n is None or n >= len(flight):
             done, rest = flight, []
@@ -268,9 +321,9 @@ class Outbox:
         if self._levels is not None and self._size * 2 < self.max_size:
             self._levels = None
 
-    def release(self, shard_id: int) -> None:
+    def release(self, stream: int) -> None:
         """Give the unacknowledged in-flight events back, in order, ahead of waiting ones."""
-        q = self._queues.get(shard_id)
+        q = self._queues.get(stream)
         if q is None or not q.busy:
             return
         flight = q.flight
@@ -280,7 +333,7 @@ class Outbox:
         q.gaps += q.flight_gaps
         q.flight, q.flight_gaps = [], 0
         if self._levels is not None:
-            self._move(shard_id, old, q.nwait)
+            self._move(stream, old, q.nwait)
         # Events that overshot the bound while in flight are waiting again: restore it.
         while self._size > self.max_size:
             dropped = self.dropped
@@ -289,11 +342,11 @@ class Outbox:
                 break
         self._finish(q)
 
-    def _finish(self, q: _ShardQueue) -> None:
+    def _finish(self, q: _StreamQueue) -> None:
         q.busy = False
-        if q.waiting and not q.ready:
+        if q.waiting and not q.ready and not q.held:
             q.ready = True
-            self._ready.put_nowait(q.shard_id)
+            self._ready.put_nowait(q.stream)
 
     # -- dropping ------------------------------------------------------------------------
 
@@ -307,8 +360,8 @@ class Outbox:
             self._max_level -= 1
         if self._max_level == 0:
             return  # everything is in flight: tolerate the overshoot (bounded by the batches)
-        shard_id = next(iter(levels[self._max_level]))
-        q = self._queues[shard_id]
+        stream = next(iter(levels[self._max_level]))
+        q = self._queues[stream]
         waiting = q.waiting
         index = 0
         while type(waiting[index]) is GapRecord:
@@ -322,24 +375,24 @@ class Outbox:
             before.count += 1
             before.last_event_id = victim_id
         else:
-            waiting.insert(index, GapRecord(shard_id, victim_id))
+            waiting.insert(index, GapRecord(shard_of_stream(stream), victim_id))
             q.gaps += 1
             self.gap_records += 1
         q.nwait -= 1
         self._size -= 1
         self.dropped += 1
-        self._move(shard_id, q.nwait + 1, q.nwait)
+        self._move(stream, q.nwait + 1, q.nwait)
 
     def _build_levels(self) -> None:
         levels: dict[int, set[int]] = {}
         top = 0
-        for shard_id, q in self._queues.items():
+        for stream, q in self._queues.items():
             if q.nwait:
-                levels.setdefault(q.nwait, set()).add(shard_id)
+                levels.setdefault(q.nwait, set()).add(stream)
                 top = max(top, q.nwait)
         self._levels, self._max_level = levels, top
 
-    def _move(self, shard_id: int, old: int, new: int) -> None:
+    def _move(self, stream: int, old: int, new: int) -> None:
         levels = self._levels
         assert levels is not None
         if old == new:
@@ -347,14 +400,14 @@ class Outbox:
         if old:
             members = levels.get(old)
             if members is not None:
-                members.discard(shard_id)
+                members.discard(stream)
                 if not members:
                     del levels[old]
         if new:
             members = levels.get(new)
             if members is None:
                 members = levels[new] = set()
-            members.add(shard_id)
+            members.add(stream)
             self._max_level = max(self._max_level, new)
 
     # -- introspection -------------------------------------------------------------------
@@ -371,9 +424,9 @@ class Outbox:
         """Nothing waiting (gap records included) and nothing in flight."""
         return not any(q.waiting or q.flight for q in self._queues.values())
 
-    def shard_depth(self, shard_id: int) -> int:
+    def shard_depth(self, stream: int) -> int:
         """Events held for one shard (waiting + in flight)."""
-        q = self._queues.get(shard_id)
+        q = self._queues.get(stream)
         if q is None:
             return 0
         return q.nwait + len(q.flight) - q.flight_gaps
@@ -382,9 +435,9 @@ class Outbox:
         """Per-shard depth, for shards that hold anything."""
         return {sid: d for sid in self._queues if (d := self.shard_depth(sid))}
 
-    def pending(self, shard_id: int) -> Sequence[OutEvent]:
+    def pending(self, stream: int) -> Sequence[OutEvent]:
         """A snapshot of a shard's in-flight then waiting entries, in delivery order."""
-        q = self._queues.get(shard_id)
+        q = self._queues.get(stream)
         if q is None:
             return []
         waiting = [e if type(e) is GapRecord else OutEvent(*e) for e in q.waiting]  # type: ignore[misc]

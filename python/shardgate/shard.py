@@ -34,6 +34,7 @@ from urllib.parse import urlsplit, urlunsplit
 import orjson
 from picows import WSCloseCode, WSError, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
+from shardgate import commands
 from shardgate._native import (
     KIND_READY,
     KIND_RESUMED,
@@ -44,10 +45,18 @@ from shardgate._native import (
     PayloadError,
     ShardCodec,
 )
-from shardgate.errors import FatalClose, GatewayError, ShardgateError, close_code_info
-from shardgate.identify import IdentifyGate, LocalIdentifyScheduler
+from shardgate.envelope import event_id_prefix
+from shardgate.errors import (
+    MAX_PAYLOAD_BYTES,
+    FatalClose,
+    PayloadTooLarge,
+    ShardClosed,
+    close_code_info,
+)
+from shardgate.identify import IdentifyGate, LocalIdentifyGate
 from shardgate.log import TRACE, shard_logger
 from shardgate.ratelimit import SendLimiter, heartbeat_reserve
+from shardgate.session import Session
 
 __all__ = [
     "DispatchHandler",
@@ -59,7 +68,6 @@ __all__ = [
 ]
 
 API_VERSION: Final = 10
-MAX_PAYLOAD_BYTES: Final = 4096
 #: Close code we send when we want the session to stay resumable (twilight/discord.py use it).
 RESUME_CLOSE_CODE: Final = 4000
 
@@ -97,20 +105,6 @@ _LINK_STATES: Final = frozenset(
 )
 
 
-class PayloadTooLarge(ShardgateError, ValueError):
-    """An outgoing payload exceeds Discord's 4096-byte limit (it would be closed with 4002)."""
-
-    def __init__(self, size: int) -> None:
-        super().__init__(
-            f"gateway payload is {size} bytes; Discord accepts at most {MAX_PAYLOAD_BYTES}"
-        )
-        self.size = size
-
-
-class ShardClosed(GatewayError):
-    """The shard was stopped (or stopped fatally) while a caller waited on it."""
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ShardOptions:
     """Tunables of one shard; defaults suit the real gateway.
@@ -144,7 +138,9 @@ class ShardOptions:
     #: Put the zlib context away (47 -> 6 KiB) after a heartbeat interval without a dispatch.
     hibernate_when_idle: bool = True
     read_buffer_size: int = 4 * 1024
-    dispatch_dropped: bool = False
+    #: Hand MESSAGE_UPDATEs the edit filter marked as unchanged to the handler anyway
+    #: (``message.drop`` is set; counted as filtered either way).
+    dispatch_filtered: bool = False
 
     def __post_init__(self) -> None:
         for name in (
@@ -256,8 +252,8 @@ class _Connection(WSListener):
         if kind in _SESSION_UP_KINDS:
             shard._on_session_up(message, kind == KIND_READY)
         if message.drop:
-            shard.dropped += 1
-            if not shard._opts.dispatch_dropped:
+            shard.filtered += 1
+            if not shard._opts.dispatch_filtered:
                 return
         shard.dispatches += 1
         try:
@@ -314,11 +310,12 @@ class Shard:
     - ``connect_url(resume)``: the websocket URL of the next connection.
     - ``on_status(old, new)``: every status change (default: nothing); must not block.
 
-    State for the manager: ``shard_id``, ``shard_count``, ``session_id``, ``seq``,
-    ``resume_url``, ``latency``, ``guild_ids``, ``status``, ``fatal_error``, counters
-    (``dispatches``, ``dropped``, ``reconnects``, ``decode_errors``, ... via ``stats()``).
+    State for the manager: ``shard_id``, ``shard_count``, ``session`` (a
+    :class:`~shardgate.session.Session`, or None), ``session_id``, ``seq``, ``resume_url``,
+    ``event_prefix``, ``latency``, ``guild_ids``, ``status``, ``fatal_error``, counters
+    (``dispatches``, ``filtered``, ``reconnects``, ``decode_errors``, ... via ``stats()``).
     A session closed with ``stop(resumable=True)`` can be resumed by another ``Shard``
-    built with the same ``session_id``, ``seq`` and ``resume_url``.
+    built with ``session=old_shard.session``.
     """
 
     __slots__ = (
@@ -350,8 +347,9 @@ class Shard:
         "decode_errors",
         "dispatch_handler",
         "dispatches",
-        "dropped",
+        "event_prefix",
         "fatal_error",
+        "filtered",
         "guild_ids",
         "handler_errors",
         "heartbeats_sent",
@@ -375,9 +373,7 @@ class Shard:
         identify_gate: IdentifyGate | None = None,
         dispatch_handler: DispatchHandler | None = None,
         options: ShardOptions | None = None,
-        session_id: str | None = None,
-        seq: int = 0,
-        resume_url: str | None = None,
+        session: Session | None = None,
         jitter: Callable[[], float] | None = None,
     ) -> None:
         if not 0 <= shard_id < shard_count:
@@ -389,7 +385,7 @@ class Shard:
         self._intents = intents
         self._opts = opts = options if options is not None else ShardOptions()
         self._gate: IdentifyGate = (
-            identify_gate if identify_gate is not None else LocalIdentifyScheduler()
+            identify_gate if identify_gate is not None else LocalIdentifyGate()
         )
         self.dispatch_handler = dispatch_handler
         self._codec = ShardCodec(
@@ -403,9 +399,10 @@ class Shard:
         self._limiter = SendLimiter(opts.send_limit, opts.send_window_s)
         self._log = shard_logger(__name__, shard_id)
         self._jitter: Callable[[], float] = jitter if jitter is not None else random.random
-        self._session_id = session_id
-        self._seq = seq
-        self._resume_url = resume_url
+        self._session_id = session.session_id if session is not None else None
+        self._seq = session.seq if session is not None else 0
+        self._resume_url = session.resume_url if session is not None else None
+        self.event_prefix = event_id_prefix(shard_id, self._session_id)
         self._status = ShardState.DISCONNECTED
         self._conn: _Connection | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
@@ -421,7 +418,7 @@ class Shard:
         self.latency: float | None = None
         self.guild_ids: list[int] = []
         self.dispatches = 0
-        self.dropped = 0
+        self.filtered = 0
         self.reconnects = 0
         self.decode_errors = 0
         self.handler_errors = 0
@@ -440,6 +437,13 @@ class Shard:
     @property
     def status(self) -> ShardState:
         return self._status
+
+    @property
+    def session(self) -> Session | None:
+        """The current session as a value (to resume it elsewhere), or None before READY."""
+        if not self._session_id:
+            return None
+        return Session(self._session_id, self._seq, self._resume_url)
 
     @property
     def session_id(self) -> str | None:
@@ -462,7 +466,7 @@ class Shard:
         """Counters for health reports (allocates; not for the hot path)."""
         return {
             "dispatches": self.dispatches,
-            "dropped": self.dropped,
+            "filtered": self.filtered,
             "reconnects": self.reconnects,
             "decode_errors": self.decode_errors,
             "handler_errors": self.handler_errors,
@@ -559,8 +563,7 @@ class Shard:
 
         ``code`` 1000 ends the session at Discord. ``resumable=True`` closes with a
         non-1000 code (4000 unless another non-1000/1001 code is given) so the session
-        can be resumed later, e.g. by another process: read ``session_id``, ``seq`` and
-        ``resume_url`` afterwards.
+        can be resumed later, e.g. by another process: read ``session`` afterwards.
         """
         if resumable and code in (1000, 1001):
             code = RESUME_CLOSE_CODE
@@ -614,6 +617,7 @@ class Shard:
         self._session_id = None
         self._seq = 0
         self._resume_url = None
+        self.event_prefix = event_id_prefix(self.shard_id, None)
 
     # ------------------------------------------------------------------ one connection
 
@@ -794,6 +798,7 @@ class Shard:
         self._attempt = 0
         if ready:
             self._session_id = message.session_id
+            self.event_prefix = event_id_prefix(self.shard_id, self._session_id)
             resume_url = message.resume_gateway_url
             if resume_url:
                 self._resume_url = resume_url
@@ -987,13 +992,9 @@ class Shard:
         afk: bool = False,
         since: int | None = None,
     ) -> None:
-        """Op 3: set the bot's status and activities on this shard."""
-        await self.send(
-            {
-                "op": 3,
-                "d": {"since": since, "activities": list(activities), "status": status, "afk": afk},
-            }
-        )
+        """Op 3: set the bot's status and activities on this shard (CommandError if bad)."""
+        body = {"status": status, "activities": list(activities), "afk": afk, "since": since}
+        await self.send(commands.presence(body))
 
     async def update_voice_state(
         self,
@@ -1004,17 +1005,13 @@ class Shard:
         self_deaf: bool = False,
     ) -> None:
         """Op 4: join, move or leave (``channel_id=None``) a voice channel."""
-        await self.send(
-            {
-                "op": 4,
-                "d": {
-                    "guild_id": str(guild_id),
-                    "channel_id": None if channel_id is None else str(channel_id),
-                    "self_mute": self_mute,
-                    "self_deaf": self_deaf,
-                },
-            }
-        )
+        body = {
+            "guild_id": guild_id,
+            "channel_id": channel_id,
+            "self_mute": self_mute,
+            "self_deaf": self_deaf,
+        }
+        await self.send(commands.voice_state(body)[1])
 
     async def request_guild_members(
         self,
@@ -1027,20 +1024,19 @@ class Shard:
         nonce: str | None = None,
     ) -> None:
         """Op 8: ask for GUILD_MEMBERS_CHUNKs (by prefix ``query`` or by ``user_ids``)."""
-        d: dict[str, Any] = {"guild_id": str(guild_id), "limit": limit, "presences": presences}
+        body: dict[str, Any] = {"guild_id": guild_id, "limit": limit, "presences": presences}
         if user_ids is not None:
-            d["user_ids"] = [str(u) for u in user_ids]
+            body["user_ids"] = list(user_ids)
         else:
-            d["query"] = query or ""
+            body["query"] = query or ""
         if nonce is not None:
-            if len(nonce.encode()) > 32:
-                raise ValueError("nonce must be at most 32 bytes (Discord ignores longer ones)")
-            d["nonce"] = nonce
-        await self.send({"op": 8, "d": d})
+            body["nonce"] = nonce
+        await self.send(commands.request_guild_members(body)[1])
 
     async def request_soundboard_sounds(self, guild_ids: Sequence[int]) -> None:
         """Op 31: ask for the soundboard sounds of guilds (SOUNDBOARD_SOUNDS replies)."""
-        await self.send({"op": 31, "d": {"guild_ids": [str(g) for g in guild_ids]}})
+        payloads = commands.soundboard_sounds({"guild_ids": list(guild_ids)}, 1)
+        await self.send(payloads[0])
 
 
 def _abort(conn: _Connection) -> None:

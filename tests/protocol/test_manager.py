@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from shardgate._native import EditFilter
+from shardgate._native import EditFilter, Message
 from shardgate.config import Config
 from shardgate.errors import GatewayError
 from shardgate.handler import EventHandlerServer
@@ -113,7 +113,7 @@ def unfiltered_accounting(fake: FakeDiscord, manager: GatewayManager, received: 
         assert len(got) == len(set(got)), f"shard {shard_id} got duplicates"
         missing = sorted(set(sent) - set(got))
         assert all(sent[s] == "MESSAGE_UPDATE" for s in missing), missing
-        assert len(missing) == shard.dropped
+        assert len(missing) == shard.filtered
         for data in received.by_shard[shard_id]:
             if data.get("s") is not None:
                 assert data["t"] == sent[data["s"]]
@@ -125,7 +125,7 @@ async def test_every_dispatch_arrives_in_order_and_unfurls_are_filtered() -> Non
         stream = fake.start_stream(rate=1500, count=1500, seed=7)
         await stream.wait()
         total = sum(len(fake.sessions[s.session_id].dispatches) for s in manager.shards.values())  # type: ignore[index]
-        dropped = sum(s.dropped for s in manager.shards.values())
+        dropped = sum(s.filtered for s in manager.shards.values())
         await wait_until(lambda: manager.delivery is not None and manager.outbox.is_empty())
         await wait_until(
             lambda: sum(len(received.dispatch_seqs(i)) for i in manager.shards) == total - dropped
@@ -160,13 +160,15 @@ async def test_guild_state_is_spliced_into_the_body() -> None:
     seen: list[bytes] = []
 
     async with gateway() as (_fake, manager, _handler, _received):
-        original = manager.forward
+        group = manager.active
+        assert group is not None
+        original = group.sink
 
-        def spy(shard_id: int, event_id: str, body: bytes) -> None:
+        def spy(shard_id: int, event_id: str, body: bytes, message: Message | None) -> None:
             seen.append(body)
-            original(shard_id, event_id, body)
+            original(shard_id, event_id, body, message)
 
-        manager.forward = spy  # type: ignore[method-assign]
+        group.sink = spy
         await manager.wait_loaded(timeout=10)
         loaded = [b for b in seen if b'"t":"GUILD_CREATE"' in b]
         assert len(loaded) == 12
@@ -216,7 +218,7 @@ async def test_handler_outage_under_load_loses_nothing() -> None:
             unfiltered_accounting(fake, manager, received)
             for shard_id, shard in manager.shards.items():
                 session = fake.sessions[shard.session_id]  # type: ignore[index]
-                expected = len(session.dispatches) - shard.dropped
+                expected = len(session.dispatches) - shard.filtered
                 assert len(received.dispatch_seqs(shard_id)) == expected
             assert manager.outbox.dropped == 0
         finally:

@@ -21,8 +21,9 @@ from picows import WSListener, WSMsgType, WSTransport, ws_create_server
 
 from shardgate._native import KIND_GUILD_CREATE, Message
 from shardgate.errors import CLOSE_CODES, FatalClose
-from shardgate.identify import LocalIdentifyScheduler
+from shardgate.identify import LocalIdentifyGate
 from shardgate.log import TRACE
+from shardgate.session import Session
 from shardgate.shard import PayloadTooLarge, Shard, ShardClosed, ShardOptions, ShardState
 from shardgate.testing.fake_discord import FakeDiscord, FakeDiscordConfig, FakeSession
 
@@ -69,7 +70,7 @@ def make_shard(
     shard_id: int = 0,
     shard_count: int = 1,
     options: ShardOptions = OPTS,
-    gate: LocalIdentifyScheduler | None = None,
+    gate: LocalIdentifyGate | None = None,
     **kwargs: Any,
 ) -> Shard:
     return Shard(
@@ -80,7 +81,7 @@ def make_shard(
         intents=INTENTS,
         identify_gate=gate
         if gate is not None
-        else LocalIdentifyScheduler(1, FAST.identify_window_s),
+        else LocalIdentifyGate(1, FAST.identify_window_s),
         dispatch_handler=recorder,
         options=options,
         **kwargs,
@@ -139,7 +140,7 @@ async def test_happy_path_identify_ready_and_every_guild_create(compression, spl
     config = dataclasses.replace(FAST, split_frame_bytes=700, split_mode=split_mode)
     async with FakeDiscord(config) as fake:
         recorder = Recorder()
-        gate = LocalIdentifyScheduler(1, 0.0)
+        gate = LocalIdentifyGate(1, 0.0)
         shard = make_shard(
             fake, recorder, gate=gate, options=dataclasses.replace(OPTS, compression=compression)
         )
@@ -379,7 +380,7 @@ async def test_resume_replays_exactly_the_missed_dispatches_under_load():
         recorder = Recorder()
         # Unchanged MESSAGE_UPDATEs in the stream are dispatched too, flagged, so the handler's
         # record can be compared with the fake's one for one.
-        options = dataclasses.replace(OPTS, dispatch_dropped=True)
+        options = dataclasses.replace(OPTS, dispatch_filtered=True)
         shard = await running(make_shard(fake, recorder, options=options))
         session = await fake.wait_ready(0)
         stream = fake.start_stream(rate=1500, count=1200, seed=7)
@@ -493,7 +494,7 @@ async def test_identify_gate_spaces_two_shards_of_one_bucket():
     config = dataclasses.replace(FAST, shards=2, identify_window_s=0.5, max_concurrency=1)
     async with FakeDiscord(config) as fake:
         # 100 ms margin: a loaded CI machine must not delay the first IDENTIFY into the window.
-        gate = LocalIdentifyScheduler(max_concurrency=1, window_s=0.5, margin_s=0.1)
+        gate = LocalIdentifyGate(max_concurrency=1, window_s=0.5, margin_s=0.1)
         shards = [make_shard(fake, shard_id=i, shard_count=2, gate=gate) for i in range(2)]
         for shard in shards:
             shard.start()
@@ -554,7 +555,7 @@ async def test_oversized_payload_is_refused_before_sending(fake):
     with pytest.raises(PayloadTooLarge):
         await shard.send({"op": 3, "d": {"status": "online", "x": "a" * 5000}})
     with pytest.raises(PayloadTooLarge):
-        await shard.request_soundboard_sounds(list(range(10**15, 10**15 + 300)))
+        await shard.update_presence(activities=[{"name": "a" * 5000}])
     await shard.request_guild_members(guild_of_shard(fake), query="", limit=0, nonce="n1")
     await until(lambda: any(r.op == 8 for r in conn.received))
     assert all(r.op != 3 for r in conn.received[before:])
@@ -591,9 +592,7 @@ async def test_stop_resumable_lets_another_shard_resume_the_session(fake):
     second = make_shard(
         fake,
         second_recorder,
-        session_id=first.session_id,
-        seq=first.seq,
-        resume_url=first.resume_url,
+        session=first.session,
     )
     await running(second)
     await until(lambda: second_recorder.events and second_recorder.events[-1][1] == "RESUMED")
@@ -642,7 +641,7 @@ async def test_subclass_overrides_on_dispatch(fake):
 
 
 async def test_wait_ready_times_out_and_stop_is_idempotent(fake):
-    shard = make_shard(fake, gate=LocalIdentifyScheduler(1, 0.0))
+    shard = make_shard(fake, gate=LocalIdentifyGate(1, 0.0))
     with pytest.raises(TimeoutError):
         await shard.wait_ready(0.05)  # never started
     await running(shard)
@@ -667,7 +666,7 @@ async def test_unchanged_message_updates_are_counted_not_dispatched(fake):
     await until(lambda: shard.seq == session.seq)
     ts = [t for _, t, _ in recorder.events]
     assert ts[-2:] == ["MESSAGE_CREATE", "MESSAGE_UPDATE"]
-    assert shard.dropped == 1
+    assert shard.filtered == 1
     assert shard.dispatches == len(session.dispatches) - 1
     await stopped(shard)
 
@@ -675,7 +674,7 @@ async def test_unchanged_message_updates_are_counted_not_dispatched(fake):
 async def test_resume_of_an_unknown_session_falls_back_to_identify(fake):
     recorder = Recorder()
     shard = make_shard(
-        fake, recorder, session_id="no-such-session", seq=41, resume_url=fake.resume_gateway_url
+        fake, recorder, session=Session("no-such-session", 41, fake.resume_gateway_url)
     )
     await running(shard)
     # Tried RESUME on the resume URL, got op 9 false, identified on the gateway URL.
@@ -746,7 +745,7 @@ async def scripted() -> AsyncIterator[tuple[str, list[tuple[int, float]], list[i
 
 async def test_ready_timeout_gives_the_permit_back_and_identifies_again(scripted):
     url, log, closes = scripted
-    gate = LocalIdentifyScheduler(1, 0.0)
+    gate = LocalIdentifyGate(1, 0.0)
     options = dataclasses.replace(OPTS, ready_timeout_s=0.2, compression=None)
     shard = Shard(
         TOKEN, 0, 1, gateway_url=url, intents=INTENTS, identify_gate=gate, options=options
@@ -767,7 +766,7 @@ async def test_resumed_timeout_closes_and_tries_again(scripted):
     options = dataclasses.replace(OPTS, resume_timeout_s=0.2, compression=None)
     shard = Shard(
         TOKEN, 0, 1, gateway_url=url, intents=INTENTS, options=options,
-        session_id="abc", seq=10, resume_url=url,
+        session=Session("abc", 10, url),
     )  # fmt: skip
     shard.start()
     await until(lambda: [op for op, _ in log].count(6) >= 2, 3.0)
@@ -791,7 +790,7 @@ def test_next_backoff_is_full_jitter_capped_exponential():
 def test_connect_url_keeps_host_and_path_and_sets_the_query():
     shard = Shard(
         TOKEN, 2, 4, gateway_url="wss://gateway.discord.gg/?v=9", intents=1,
-        resume_url="wss://gateway-us-east1-c.discord.gg", session_id="s",
+        session=Session("s", 0, "wss://gateway-us-east1-c.discord.gg"),
     )  # fmt: skip
     query = "v=10&encoding=json&compress=zlib-stream"
     assert shard.connect_url(False) == f"wss://gateway.discord.gg/?{query}"
@@ -943,7 +942,7 @@ async def test_heartbeats_carry_the_last_received_seq():
 async def test_shards_of_different_buckets_identify_in_parallel():
     config = dataclasses.replace(FAST, shards=2, identify_window_s=0.5, max_concurrency=2)
     async with FakeDiscord(config) as fake:
-        gate = LocalIdentifyScheduler(max_concurrency=2, window_s=0.5)
+        gate = LocalIdentifyGate(max_concurrency=2, window_s=0.5)
         shards = [make_shard(fake, shard_id=i, shard_count=2, gate=gate) for i in range(2)]
         for shard in shards:
             shard.start()

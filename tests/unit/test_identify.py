@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from shardgate.identify import IdentifyGate, LocalIdentifyScheduler
+from shardgate.identify import IdentifyGate, LocalIdentifyGate
 
 
-async def grant_times(gate: LocalIdentifyScheduler, shard_ids: list[int]) -> dict[int, float]:
+async def grant_times(gate: LocalIdentifyGate, shard_ids: list[int]) -> dict[int, float]:
     start = time.monotonic()
     granted: dict[int, float] = {}
     order: list[int] = []
@@ -33,11 +33,11 @@ async def grant_times(gate: LocalIdentifyScheduler, shard_ids: list[int]) -> dic
 
 
 def test_is_an_identify_gate():
-    assert isinstance(LocalIdentifyScheduler(), IdentifyGate)
+    assert isinstance(LocalIdentifyGate(), IdentifyGate)
 
 
 async def test_one_bucket_spaces_identifies_by_the_window_in_arrival_order():
-    gate = LocalIdentifyScheduler(max_concurrency=1, window_s=0.1, margin_s=0.0)
+    gate = LocalIdentifyGate(max_concurrency=1, window_s=0.1, margin_s=0.0)
     granted = await grant_times(gate, [3, 0, 2, 1])
     times = [granted[s] for s in [3, 0, 2, 1]]
     assert times == sorted(times)  # FIFO
@@ -48,7 +48,7 @@ async def test_one_bucket_spaces_identifies_by_the_window_in_arrival_order():
 
 
 async def test_buckets_run_in_parallel():
-    gate = LocalIdentifyScheduler(max_concurrency=2, window_s=0.2, margin_s=0.0)
+    gate = LocalIdentifyGate(max_concurrency=2, window_s=0.2, margin_s=0.0)
     granted = await grant_times(gate, [0, 1, 2, 3])
     # Buckets 0 and 1 start together; their second shards wait one window each.
     assert granted[0] < 0.1 and granted[1] < 0.1
@@ -57,7 +57,7 @@ async def test_buckets_run_in_parallel():
 
 
 async def test_spent_budget_waits_for_the_reset_and_logs_it(caplog):
-    gate = LocalIdentifyScheduler(
+    gate = LocalIdentifyGate(
         max_concurrency=4, window_s=0.0, remaining=2, total=10, reset_after_s=0.3
     )
     with caplog.at_level(logging.WARNING, logger="shardgate.identify"):
@@ -69,7 +69,7 @@ async def test_spent_budget_waits_for_the_reset_and_logs_it(caplog):
 
 
 async def test_cancelled_waiter_holds_nothing():
-    gate = LocalIdentifyScheduler(max_concurrency=1, window_s=0.2, margin_s=0.0)
+    gate = LocalIdentifyGate(max_concurrency=1, window_s=0.2, margin_s=0.0)
     start = time.monotonic()
     await gate.acquire(0)
     waiter = asyncio.create_task(gate.acquire(1))
@@ -84,7 +84,7 @@ async def test_cancelled_waiter_holds_nothing():
 
 
 async def test_release_outcomes_are_counted_and_stray_release_is_harmless(caplog):
-    gate = LocalIdentifyScheduler(max_concurrency=1, window_s=0.0)
+    gate = LocalIdentifyGate(max_concurrency=1, window_s=0.0)
     await gate.acquire(5)
     gate.release(5, identified=False)
     assert gate.failed == 1 and gate.identified == 0
@@ -95,14 +95,14 @@ async def test_release_outcomes_are_counted_and_stray_release_is_harmless(caplog
 
 
 def test_bucket_of_and_validation():
-    gate = LocalIdentifyScheduler(max_concurrency=16)
+    gate = LocalIdentifyGate(max_concurrency=16)
     assert gate.bucket_of(33) == 1
     with pytest.raises(ValueError):
-        LocalIdentifyScheduler(max_concurrency=0)
+        LocalIdentifyGate(max_concurrency=0)
 
 
 async def test_default_margin_pads_the_window_against_arrival_jitter():
-    gate = LocalIdentifyScheduler(max_concurrency=1, window_s=0.1)
+    gate = LocalIdentifyGate(max_concurrency=1, window_s=0.1)
     granted = await grant_times(gate, [0, 1])
     # 50 ms margin (the floor): the second IDENTIFY cannot reach Discord inside the window
     # even if the first one was delayed on the way.
@@ -110,7 +110,7 @@ async def test_default_margin_pads_the_window_against_arrival_jitter():
 
 
 async def test_update_budget_adopts_a_fresh_session_start_limit():
-    gate = LocalIdentifyScheduler(max_concurrency=1, window_s=0.0, remaining=0, total=5)
+    gate = LocalIdentifyGate(max_concurrency=1, window_s=0.0, remaining=0, total=5)
     gate.update_budget(remaining=1, reset_after_s=0.2, total=5)
     started = time.monotonic()
     await gate.acquire(0)  # the fresh budget allows one at once

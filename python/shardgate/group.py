@@ -1,0 +1,351 @@
+"""A shard group: the shards of one shard count, their guild cache and per-event policy.
+
+A :class:`ShardGroup` owns the shards ``shard_ids`` of a bot sharded ``shard_count`` ways:
+it creates them, spawns them through the identify gate (buckets in parallel, one IDENTIFY
+per bucket per window, progress logged), keeps the guide's ``guildIds`` /
+``loadingGuildIds`` bookkeeping (:mod:`shardgate.cache`) and decides what each dispatch
+becomes before it leaves (``guildState`` on GUILD_CREATE, the loading notices). It hands
+every event to its :data:`Sink` and knows nothing of where that leads: normally the
+outbox, during a reshard the resharder's de-duplicating switch. That is what lets two
+groups (old and new shard count) run side by side.
+
+Replaceable behaviours (override in a subclass and name it in
+``GatewayManager.group_class``, or assign on an instance):
+
+- ``create_shard(shard_id)`` -> :class:`~shardgate.shard.Shard` (``shard_class`` for a
+  subclass)
+- ``tell_cluster_to_identify(worker_id, shard_id, bucket_id)``: start one shard when its
+  bucket's turn comes (the guide's ``tellClusterToIdentify``)
+- ``handle_dispatch(shard, message)``: every dispatch (the guide's ``handleDiscordPayload``)
+- ``classify_guild_create(shard, message)`` -> :class:`~shardgate.cache.GuildState`
+- ``on_shard_loaded(shard)`` / ``on_all_loaded(last_shard)``: the loading notices
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Final
+
+from shardgate._native import KIND_GUILD_CREATE, KIND_GUILD_DELETE, KIND_READY, Message
+from shardgate.cache import GuildCache, GuildState
+from shardgate.envelope import notice_body, notice_id, with_guild_state
+from shardgate.identify import IdentifyGate
+from shardgate.queue import Outbox, stream_id
+from shardgate.shard import Shard, ShardOptions, ShardState
+
+__all__ = [
+    "ALL_LOADED_EVENT",
+    "SHARD_LOADED_EVENT",
+    "IdentifyProgress",
+    "ShardGroup",
+    "ShardSpec",
+    "Sink",
+    "outbox_sink",
+]
+
+log = logging.getLogger(__name__)
+
+SHARD_LOADED_EVENT: Final = "SHARDGATE_SHARD_LOADED"
+ALL_LOADED_EVENT: Final = "SHARDGATE_ALL_LOADED"
+_GUILD_KINDS: Final = frozenset((KIND_READY, KIND_GUILD_CREATE, KIND_GUILD_DELETE))
+
+Sink = Callable[[int, str, bytes, Message | None], None]
+"""Where a group's events go: ``(shard_id, event_id, body, message)``; ``message`` is the
+codec's result for a dispatch, None for a notice. Called synchronously per event: it must
+not block (the outbox's ``put`` never does)."""
+
+
+def outbox_sink(outbox: Outbox, generation: int) -> Sink:
+    """The normal sink: each shard of group ``generation`` is its own outbox stream."""
+    base = stream_id(generation, 0)
+    put = outbox.put
+
+    def sink(shard_id: int, event_id: str, body: bytes, _message: Message | None) -> None:
+        put(base + shard_id, event_id, body)
+
+    return sink
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShardSpec:
+    """What every shard of a process is built from (the same for every group)."""
+
+    token: str
+    gateway_url: str
+    intents: int
+    options: ShardOptions
+    first_shard_id: int = 0
+    shards_per_cluster: int = 25
+
+
+class IdentifyProgress:
+    """Wraps the identify gate to count a group's grants and READYs and log progress.
+
+    The spawner waits on :meth:`wait_granted` so that a bucket's next shard connects while
+    the previous one's window runs, never earlier.
+    """
+
+    def __init__(self, inner: IdentifyGate, total: int, buckets: int, window_s: float) -> None:
+        self.inner = inner
+        self.total = total
+        self.buckets = buckets
+        self.window_s = window_s
+        self.granted = 0
+        self.identified = 0
+        self.failed = 0
+        self.started_at = time.monotonic()
+        self._granted: dict[int, asyncio.Event] = {}
+
+    def _event(self, shard_id: int) -> asyncio.Event:
+        event = self._granted.get(shard_id)
+        if event is None:
+            event = self._granted[shard_id] = asyncio.Event()
+        return event
+
+    async def acquire(self, shard_id: int) -> None:
+        await self.inner.acquire(shard_id)
+        self.granted += 1
+        self._event(shard_id).set()
+
+    def release(self, shard_id: int, *, identified: bool) -> None:
+        self.inner.release(shard_id, identified=identified)
+        if not identified:
+            self.failed += 1
+            return
+        self.identified += 1
+        if self.identified <= self.total and (
+            self.identified % self.buckets == 0 or self.identified == self.total
+        ):
+            log.info(
+                "identified %d/%d shards, ETA %.0f s",
+                min(self.identified, self.total),
+                self.total,
+                self.eta_s(),
+            )
+
+    async def wait_granted(self, shard_id: int) -> None:
+        await self._event(shard_id).wait()
+
+    def eta_s(self) -> float:
+        """Seconds until every shard identified: one window per remaining bucket round."""
+        left = max(0, self.total - self.identified)
+        return math.ceil(left / self.buckets) * self.window_s
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "identified": min(self.identified, self.total),
+            "total": self.total,
+            "failed": self.failed,
+            "eta_s": self.eta_s(),
+        }
+
+
+class ShardGroup:
+    """The shards ``shard_ids`` of a ``shard_count``-shard bot (see the module docstring).
+
+    ``generation`` tells groups of one process apart (0 first, +1 per reshard): it keys the
+    outbox streams. ``announce`` sends the loading notices to the bot; a reshard's new group
+    loads silently (the bot already has those guilds).
+    """
+
+    shard_class: ClassVar[type[Shard]] = Shard
+
+    def __init__(
+        self,
+        spec: ShardSpec,
+        *,
+        shard_count: int,
+        shard_ids: range,
+        gate: IdentifyGate,
+        max_concurrency: int,
+        window_s: float,
+        sink: Sink,
+        generation: int = 0,
+        announce: bool = True,
+    ) -> None:
+        if not shard_ids or shard_ids.start < 0 or shard_ids.stop > shard_count:
+            raise ValueError(f"shards {shard_ids} do not fit a bot of {shard_count} shards")
+        self.spec = spec
+        self.shard_count = shard_count
+        self.shard_ids = shard_ids
+        self.generation = generation
+        self.max_concurrency = max_concurrency
+        self.sink = sink
+        self.announce = announce
+        self.cache = GuildCache()
+        self.progress = IdentifyProgress(gate, len(shard_ids), max_concurrency, window_s)
+        self.shards: dict[int, Shard] = {}
+        self.all_loaded = asyncio.Event()
+        self.started_at = 0.0
+        self.loaded_at: float | None = None
+        self._loaded: set[int] = set()
+        self._spawner: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<ShardGroup gen {self.generation}: {len(self.shard_ids)}/{self.shard_count}>"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def create_shard(self, shard_id: int) -> Shard:
+        spec = self.spec
+        return self.shard_class(
+            spec.token,
+            shard_id,
+            self.shard_count,
+            gateway_url=spec.gateway_url,
+            intents=spec.intents,
+            identify_gate=self.progress,
+            dispatch_handler=self._dispatch,
+            options=spec.options,
+        )
+
+    def start(self) -> None:
+        """Create the shards and begin spawning them; returns at once."""
+        self.started_at = time.monotonic()
+        for shard_id in self.shard_ids:
+            self.shards[shard_id] = self.create_shard(shard_id)
+        self._spawner = asyncio.get_running_loop().create_task(
+            self._spawn_all(), name=f"shardgate-spawn-{self.generation}"
+        )
+
+    async def _spawn_all(self) -> None:
+        buckets: dict[int, list[int]] = {}
+        for shard_id in self.shard_ids:
+            buckets.setdefault(shard_id % self.max_concurrency, []).append(shard_id)
+        await asyncio.gather(*(self._spawn_bucket(b, ids) for b, ids in sorted(buckets.items())))
+
+    async def _spawn_bucket(self, bucket_id: int, shard_ids: list[int]) -> None:
+        spec = self.spec
+        for shard_id in shard_ids:
+            worker_id = (shard_id - spec.first_shard_id) // spec.shards_per_cluster
+            # The identify gate spaces the IDENTIFYs (spawn_shard_delay); the group never
+            # sleeps on its own, it only waits for the previous shard's permit.
+            await self.tell_cluster_to_identify(worker_id, shard_id, bucket_id)
+
+    async def tell_cluster_to_identify(self, worker_id: int, shard_id: int, bucket_id: int) -> None:
+        """Start ``shard_id``; return once its IDENTIFY permit is granted (or it ended).
+
+        ``worker_id`` is ``(shard_id - first_shard_id) // shards_per_cluster``: the worker
+        that would host it. This implementation runs every shard in this process; override
+        to hand the shard to a worker process instead.
+        """
+        shard = self.shards[shard_id]
+        task = shard.start()
+        granted = asyncio.ensure_future(self.progress.wait_granted(shard_id))
+        await asyncio.wait((granted, task), return_when=asyncio.FIRST_COMPLETED)
+        granted.cancel()
+        if task.done() and shard.fatal_error is not None:
+            log.error("shard %d stopped before identifying: %s", shard_id, shard.fatal_error)
+
+    async def wait_all_ready(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        """Wait until every shard is READY (raises FatalClose of a shard)."""
+        async with asyncio.timeout(timeout):
+            for shard in self.shards.values():
+                await shard.wait_ready()
+
+    async def wait_loaded(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        """Wait until every shard received all its guilds."""
+        async with asyncio.timeout(timeout):
+            await self.all_loaded.wait()
+
+    def fatal_errors(self) -> dict[int, str]:
+        """Shards that stopped for good, with the reason."""
+        return {sid: str(s.fatal_error) for sid, s in self.shards.items() if s.fatal_error}
+
+    async def stop(self, code: int = 1000) -> None:
+        """Stop spawning and close every shard with ``code`` (1000 ends the sessions)."""
+        if self._spawner is not None:
+            self._spawner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._spawner
+        await asyncio.gather(*(shard.stop(code) for shard in self.shards.values()))
+
+    # ------------------------------------------------------------------ per event
+
+    def _dispatch(self, shard: Shard, message: Message) -> None:
+        """Indirection so that ``handle_dispatch`` can be replaced on the instance."""
+        self.handle_dispatch(shard, message)
+
+    def handle_dispatch(self, shard: Shard, message: Message) -> None:
+        """Every dispatch: cache bookkeeping for guild events, then the sink."""
+        # The event id (envelope.py): the shard keeps "shard:session:" per session.
+        event_id = shard.event_prefix + str(message.seq)
+        if message.kind not in _GUILD_KINDS:
+            self.sink(shard.shard_id, event_id, message.body, message)
+            return
+        shard_id = shard.shard_id
+        body = message.body
+        loaded = False
+        if message.kind == KIND_READY:
+            loaded = self.cache.on_ready(shard_id, message.guild_ids or [])
+        elif message.guild_id is not None:
+            if message.kind == KIND_GUILD_CREATE:
+                state = self.classify_guild_create(shard, message)
+                body = with_guild_state(body, state.value)
+                loaded = self.cache.is_loading(shard_id) is False and state is GuildState.LOADED
+            else:
+                loaded = self.cache.on_guild_delete(
+                    shard_id, message.guild_id, message.unavailable is True
+                )
+        self.sink(shard_id, event_id, body, message)
+        if loaded:
+            self.on_shard_loaded(shard)
+
+    def classify_guild_create(self, shard: Shard, message: Message) -> GuildState:
+        """Initial load, joined, back from an outage, or a repeat (see :class:`GuildState`)."""
+        assert message.guild_id is not None
+        return self.cache.on_guild_create(shard.shard_id, message.guild_id).state
+
+    def notice(self, shard: Shard, name: str, d: Mapping[str, Any]) -> None:
+        """Send a ``SHARDGATE_*`` dispatch in ``shard``'s order, right after its last event."""
+        shard_id = shard.shard_id
+        event_id = notice_id(shard_id, shard.session_id, shard.seq, name)
+        self.sink(shard_id, event_id, notice_body(shard_id, name, d), None)
+
+    def on_shard_loaded(self, shard: Shard) -> None:
+        """The shard received every guild of its READY: tell the bot, maybe for all."""
+        guilds = self.cache.guild_count(shard.shard_id)
+        log.info("shard %d/%d loaded all %d guilds", shard.shard_id, self.shard_count, guilds)
+        if self.announce:
+            self.notice(shard, SHARD_LOADED_EVENT, {"shard_id": shard.shard_id, "guilds": guilds})
+        self._loaded.add(shard.shard_id)
+        if not self.all_loaded.is_set() and self._loaded >= set(self.shards):
+            self.loaded_at = time.monotonic()
+            self.all_loaded.set()
+            self.on_all_loaded(shard)
+
+    def on_all_loaded(self, last_shard: Shard) -> None:
+        total = self.cache.guild_count()
+        elapsed = time.monotonic() - self.started_at
+        log.info("all %d shards loaded, %d guilds, in %.1f s", len(self.shards), total, elapsed)
+        if self.announce:
+            self.notice(last_shard, ALL_LOADED_EVENT, {"shards": len(self.shards), "guilds": total})
+
+    # ------------------------------------------------------------------ status
+
+    def ready_count(self) -> int:
+        return sum(1 for s in self.shards.values() if s.status is ShardState.READY)
+
+    def shard_status(self) -> list[dict[str, Any]]:
+        """One row per shard (allocates; call it rarely)."""
+        rows = []
+        for shard_id, shard in self.shards.items():
+            rows.append(
+                {
+                    "id": shard_id,
+                    "status": shard.status.value,
+                    "latency_ms": None if shard.latency is None else round(shard.latency * 1000, 1),
+                    "guilds": self.cache.guild_count(shard_id),
+                    "loading": self.cache.loading_count(shard_id),
+                    "seq": shard.seq,
+                    "error": None if shard.fatal_error is None else str(shard.fatal_error),
+                    **shard.stats(),
+                }
+            )
+        return rows

@@ -47,6 +47,10 @@ class Config:
     max_shards: int | None = None
     reshard: bool = True
     reshard_percentage: float = 80.0
+    reshard_identify_reserve: int | None = None
+    reshard_timeout: float | None = None
+    reshard_check_interval: float = 600.0
+    reshard_overlap: float = 10.0
     spawn_shard_delay: int = DISCORD_IDENTIFY_WINDOW_MS
     allow_fast_identify: bool = False
     use_optimal_large_bot_sharding: bool = True
@@ -96,6 +100,12 @@ class Config:
                     f"must be < max_shards ({self.max_shards}); shard ids start at 0",
                 )
         _require(0 < self.reshard_percentage <= 100, "reshard_percentage", "must be in (0, 100]")
+        if self.reshard_identify_reserve is not None:
+            _require(self.reshard_identify_reserve >= 0, "reshard_identify_reserve", "must be >= 0")
+        if self.reshard_timeout is not None:
+            _require(self.reshard_timeout > 0, "reshard_timeout", "must be > 0 (seconds)")
+        _require(self.reshard_check_interval > 0, "reshard_check_interval", "must be > 0 (s)")
+        _require(self.reshard_overlap >= 0, "reshard_overlap", "must be >= 0 (seconds)")
         _require(self.spawn_shard_delay >= 0, "spawn_shard_delay", "must be >= 0 (milliseconds)")
         _require(
             self.allow_fast_identify or self.spawn_shard_delay >= DISCORD_IDENTIFY_WINDOW_MS,
@@ -174,10 +184,10 @@ def _coerce(key: str, raw: object) -> object:
             if isinstance(text, bool) or not isinstance(text, int | str):
                 raise ValueError
             return None if text in ("", "none", "None") and "None" in kind else int(text)
-        if kind == "float":
+        if kind in ("float", "float | None"):
             if isinstance(text, bool) or not isinstance(text, int | float | str):
                 raise ValueError
-            return float(text)
+            return None if text in ("", "none", "None") and "None" in kind else float(text)
         if kind == "bool":
             if isinstance(text, bool):
                 return text

@@ -11,6 +11,8 @@ Commands for a guild go to the shard that owns it, ``(guild_id >> 22) % shard_co
 ``POST /request-guild-members``            op 8 ``{guild_id, query+limit | user_ids, ...}``
 ``POST /request-soundboard-sounds``        op 31 ``{guild_ids}``, split per owning shard
 ``POST /send``                             ``{shard_id, payload: {op, d}}``, raw, to one shard
+``POST /reshard``                          ``{}`` or ``{"shards": N}``: 202 ``{from, to}``, 409
+                                           while one runs or for a part of the bot
 ``POST /shutdown``                         stop the process cleanly
 =========================================  ====================================================
 
@@ -30,7 +32,7 @@ from aiohttp import web
 
 from shardgate import commands
 from shardgate.commands import shard_for_guild
-from shardgate.errors import CommandError
+from shardgate.errors import CommandError, ReshardError
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,10 @@ class ControlTarget(Protocol):
     async def send_to_all(self, payload: Mapping[str, Any]) -> None: ...
 
     def status(self) -> Mapping[str, Any]: ...
+
+    async def reshard(self, shards: int | None) -> Mapping[str, int]:
+        """Begin a reshard (None: Discord's recommendation); raises ReshardError if it
+        cannot start now."""
 
     def request_shutdown(self) -> None:
         """Begin a clean stop; must return at once (the control server itself is stopped)."""
@@ -78,6 +84,7 @@ class ControlServer:
         app.router.add_post("/request-guild-members", self._request_members)
         app.router.add_post("/request-soundboard-sounds", self._soundboard)
         app.router.add_post("/send", self._send)
+        app.router.add_post("/reshard", self._reshard)
         app.router.add_post("/shutdown", self._shutdown)
         self.app = app
 
@@ -167,13 +174,29 @@ class ControlServer:
         await self._target.send_to_shard(shard_id, payload)
         return _ok({"shard_id": shard_id})
 
+    async def _reshard(self, request: web.Request) -> web.Response:
+        body = await self._json(request)
+        if set(body) - {"shards"}:
+            raise BadRequest(f"unknown keys {sorted(set(body) - {'shards'})}; give shards or {{}}")
+        shards = body.get("shards")
+        if shards is not None and (
+            not isinstance(shards, int) or isinstance(shards, bool) or not 1 <= shards <= 65536
+        ):
+            raise BadRequest("shards must be an int 1-65536 (or omitted: Discord's recommendation)")
+        try:
+            started = await self._target.reshard(shards)
+        except ReshardError as exc:
+            self.rejected += 1
+            return _error(409, str(exc))
+        return _ok(started, status=202)
+
     async def _shutdown(self, _request: web.Request) -> web.Response:
         self._target.request_shutdown()
         return _ok({"shutdown": True})
 
 
-def _ok(data: Mapping[str, Any]) -> web.Response:
-    return web.Response(body=orjson.dumps(data), content_type="application/json")
+def _ok(data: Mapping[str, Any], status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(data), content_type="application/json")
 
 
 def _error(status: int, message: str) -> web.Response:

@@ -26,6 +26,7 @@ __all__ = [
     "PayloadError",
     "PayloadTooLarge",
     "RejectedError",
+    "ReshardError",
     "RetryableError",
     "ShardClosed",
     "ShardgateError",
@@ -87,6 +88,10 @@ class PayloadTooLarge(CommandError):
             f"gateway payload is {size} bytes; Discord accepts at most {MAX_PAYLOAD_BYTES}"
         )
         self.size = size
+
+
+class ReshardError(ShardgateError):
+    """A reshard cannot start (one runs, the process runs part of the bot, bad count)."""
 
 
 class ForwardError(ShardgateError):

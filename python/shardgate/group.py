@@ -186,6 +186,8 @@ class ShardGroup:
         self.loaded_at: float | None = None
         self._loaded: set[int] = set()
         self._spawner: asyncio.Task[None] | None = None
+        #: Called after a GUILD_CREATE classified as joined (the automatic reshard check).
+        self.on_guild_joined: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
         return f"<ShardGroup gen {self.generation}: {len(self.shard_ids)}/{self.shard_count}>"
@@ -289,6 +291,8 @@ class ShardGroup:
                 state = self.classify_guild_create(shard, message)
                 body = with_guild_state(body, state.value)
                 loaded = self.cache.is_loading(shard_id) is False and state is GuildState.LOADED
+                if state is GuildState.JOINED and self.on_guild_joined is not None:
+                    self.on_guild_joined()
             else:
                 loaded = self.cache.on_guild_delete(
                     shard_id, message.guild_id, message.unavailable is True

@@ -63,6 +63,7 @@ from shardgate.group import (
 )
 from shardgate.identify import IdentifyGate, LocalIdentifyGate
 from shardgate.queue import Outbox
+from shardgate.reshard import Resharder
 from shardgate.rest import GatewayBot, fetch_gateway_bot
 from shardgate.shard import Shard, ShardOptions
 
@@ -111,6 +112,7 @@ class GatewayManager:
         self.active: ShardGroup | None = None
         self.delivery: Delivery | None = None
         self.control: ControlServer | None = None
+        self.resharder = Resharder(self)
         self._generation = 0
         self._stop_requested: asyncio.Event | None = None
         self.started_at = 0.0
@@ -154,11 +156,26 @@ class GatewayManager:
     async def fetch_gateway_bot(self) -> GatewayBot:
         return await fetch_gateway_bot(self.config)
 
+    async def refresh_gateway_bot(self) -> GatewayBot:
+        """A fresh ``/gateway/bot`` (a reshard needs today's recommendation and budget);
+        the identify gate adopts its session start budget."""
+        bot = self.gateway_bot = await self.fetch_gateway_bot()
+        update = getattr(self.identify_gate, "update_budget", None)
+        if update is not None:
+            update(bot.remaining, bot.reset_after_ms / 1000, bot.total)
+        return bot
+
     def compute_shard_count(self, bot: GatewayBot) -> int:
-        count = self.config.max_shards or bot.shards
-        large = count >= LARGE_BOT_SHARDS and self.config.use_optimal_large_bot_sharding
-        if self.config.max_shards is None and large:
-            multiple = bot.max_concurrency if bot.max_concurrency > 1 else 16
+        """``max_shards`` if set, else Discord's recommendation rounded for large bots."""
+        if self.config.max_shards is not None:
+            return self.config.max_shards
+        return self.round_shard_count(bot.shards, bot.max_concurrency)
+
+    def round_shard_count(self, count: int, max_concurrency: int) -> int:
+        """From :data:`LARGE_BOT_SHARDS` shards, with ``use_optimal_large_bot_sharding``,
+        round up to a multiple of ``max_concurrency`` (16 when Discord reports 1)."""
+        if count >= LARGE_BOT_SHARDS and self.config.use_optimal_large_bot_sharding:
+            multiple = max_concurrency if max_concurrency > 1 else 16
             count = math.ceil(count / multiple) * multiple
         return count
 
@@ -201,7 +218,7 @@ class GatewayManager:
             shards_per_cluster=self.config.shards_per_cluster,
         )
         generation, self._generation = self._generation, self._generation + 1
-        return self.group_class(
+        group = self.group_class(
             spec,
             shard_count=shard_count,
             shard_ids=ids,
@@ -212,6 +229,8 @@ class GatewayManager:
             generation=generation,
             announce=announce,
         )
+        group.on_guild_joined = self.resharder.guild_joined
+        return group
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -257,6 +276,7 @@ class GatewayManager:
         await self.control.start()
         self.active = group
         group.start()
+        self.resharder.start_checking()
 
     async def wait_all_ready(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
         """Wait until every shard of this process is READY (raises FatalClose of a shard)."""
@@ -279,8 +299,11 @@ class GatewayManager:
         the outbox. What is still queued after that is logged with its count."""
         if self.control is not None:
             await self.control.stop()
-        if self.active is not None:
-            await self.active.stop()
+        await self.resharder.stop()
+        groups = {self.active}
+        if self.resharder.current is not None:
+            groups |= {self.resharder.current.old, self.resharder.current.new}
+        await asyncio.gather(*(g.stop() for g in groups if g is not None))
         if self.delivery is not None:
             if not await self.delivery.drain(drain_s):
                 log.warning(
@@ -299,6 +322,21 @@ class GatewayManager:
         data = orjson.dumps(payload)
         await asyncio.gather(*(shard.send(data) for shard in self.shards.values()))
 
+    async def reshard(self, shards: int | None = None) -> dict[str, int]:
+        """Begin a reshard to ``shards`` (None: Discord's current recommendation, rounded);
+        returns ``{"from": old, "to": new}`` once it has started.
+
+        Raises:
+            ReshardError: one runs, or this process runs only part of the bot.
+        """
+        group = self._group()
+        self.resharder.check_can_start()
+        if shards is None:
+            bot = await self.refresh_gateway_bot()
+            shards = self.round_shard_count(bot.shards, bot.max_concurrency)
+        self.resharder.start(shards)
+        return {"from": group.shard_count, "to": shards}
+
     def status(self) -> dict[str, Any]:
         """Everything the status endpoint shows (allocates; call it rarely)."""
         group = self.active
@@ -314,6 +352,7 @@ class GatewayManager:
             "forwarded": delivery.get("delivered", 0),
             "delivery": delivery,
             "shards": [] if group is None else group.shard_status(),
+            "reshard": self.resharder.snapshot(),
         }
 
 

@@ -421,6 +421,24 @@ async def test_too_many_guilds_is_per_shard() -> None:
         assert client.close_code is None
 
 
+async def test_recommended_shards_changes_at_runtime() -> None:
+    async with FakeDiscord(cfg(shards=4)) as fake, aiohttp.ClientSession() as http:
+
+        async def shards() -> Any:
+            headers = {"Authorization": f"Bot {TOKEN}"}
+            async with http.get(f"{fake.api_base}/gateway/bot", headers=headers) as resp:
+                assert resp.status == 200
+                return (await resp.json())["shards"]
+
+        assert fake.recommended_shards == 4 and await shards() == 4
+        fake.recommended_shards = 8
+        assert await shards() == 8
+        for bad in (0, -1, True, 2.0):
+            with pytest.raises(ValueError, match="recommended_shards"):
+                fake.recommended_shards = bad  # type: ignore[assignment]
+        assert await shards() == 8 and fake.config.shards == 4
+
+
 # --- identify limits ---------------------------------------------------------------------
 
 

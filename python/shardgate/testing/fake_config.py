@@ -54,7 +54,8 @@ class FakeDiscordConfig:
         token: the bot token IDENTIFY/RESUME and ``Authorization: Bot <token>`` must carry.
         rest_authorization: an extra accepted ``Authorization`` header value, for when the
             fake stands in for a REST proxy process that uses its own secret.
-        shards: the recommended shard count ``GET /gateway/bot`` returns.
+        shards: the recommended shard count ``GET /gateway/bot`` returns at start; a test
+            changes it at runtime through ``FakeDiscord.recommended_shards``.
         guilds: the bot's guild ids, or a count of ids to generate (see
             :func:`generate_guild_ids`).
         outage_guilds: guilds in an outage: READY lists them, then GUILD_DELETE

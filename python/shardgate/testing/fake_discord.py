@@ -41,6 +41,9 @@ used, ops received with times, close codes), :attr:`~FakeDiscord.identifies`
 ``dispatches`` list every :class:`DispatchRecord` with its seq), and
 :attr:`~FakeDiscord.rest_requests`.
 
+Growth: ``fake.recommended_shards = 8`` changes what the next ``GET /gateway/bot`` answers
+(Discord's recommendation changes as the bot grows).
+
 Choices where Discord is silent (reference section 15): a heartbeat timeout closes with
 4000 (configurable; the session stays resumable); IDENTIFY with ``remaining == 0`` gets op
 9 ``false``; READY's GUILD_CREATEs are sent whatever the intents, later events are gated
@@ -246,6 +249,7 @@ class FakeDiscord:
         self._routing: dict[int, dict[int, list[FakeSession]]] = {}
         self._guilds_by_count: dict[int, dict[int, list[int]]] = {}
         self._guild_create_json: dict[int, bytes] = {}
+        self._recommended_shards = config.shards
         self._generator = payloads.PayloadGenerator(seed=0)
         self._event_id = 0
         self._conn_seq = 0
@@ -472,6 +476,18 @@ class FakeDiscord:
                 split.setdefault(shard_of(guild_id, num_shards), []).append(guild_id)
             self._guilds_by_count[num_shards] = split
         return split.get(shard_id, [])
+
+    @property
+    def recommended_shards(self) -> int:
+        """The ``shards`` the next ``GET /gateway/bot`` answers (starts at ``config.shards``);
+        assign to it as the bot grows, e.g. ``fake.recommended_shards = 8``."""
+        return self._recommended_shards
+
+    @recommended_shards.setter
+    def recommended_shards(self, value: int) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"recommended_shards must be an int >= 1, got {value!r}")
+        self._recommended_shards = value
 
     def session_start_limit(self) -> dict[str, int]:
         """The current ``session_start_limit`` (what ``GET /gateway/bot`` returns)."""

@@ -1008,6 +1008,63 @@ async def test_event_generated_before_a_sessions_identify_reaches_only_the_old_o
         assert [r.event_id for r in fake.sessions[new_id].dispatches[5:]] == [after.event_id]
 
 
+async def test_joined_guild_reaches_every_owning_session_and_later_readys() -> None:
+    async with FakeDiscord(BOTWIDE) as fake:
+        fake.delivery_delay = lambda s: 0.2 * s.num_shards
+        clients: dict[tuple[int, int], RawClient] = {}
+        for shard in ([0, 1], [0, 2], [1, 2]):
+            clients[(shard[0], shard[1])], _ = await _ready_drained(fake, shard)
+        assert fake.guild_count == 8
+        guild = fake.join_guild()
+        joined = fake.generated[-1]
+        owner = (shard_of(guild, 2), 2)
+        other = (1 - owner[0], 2)
+        assert fake.guild_count == 9 and fake.guild_ids[-1] == guild
+        assert guild not in fake.guild_ids[:-1]
+        assert joined.t == "GUILD_CREATE" and joined.guild_id == guild and len(joined.reached) == 2
+        for key in ((0, 1), owner):
+            message, received_at = await _recv_at(clients[key])
+            assert message["t"] == "GUILD_CREATE" and message["d"]["id"] == str(guild)
+            assert "unavailable" not in message["d"]  # a fresh join, not a lazy load
+            assert event_id_of(message) == joined.event_id
+            assert received_at - joined.at >= 0.2 * key[1]
+        marker = str(_guild_on(fake, other[0], 2))
+        fake.dispatch_nowait("MESSAGE_CREATE", {"guild_id": marker, "id": "marker"})
+        assert (await clients[other].recv(10))["d"]["id"] == "marker"  # nothing came before it
+        for shard in ([owner[0], 2], [0, 1]):
+            await asyncio.sleep(fake.config.identify_window_s)
+            client, ready = await ready_client(fake, shard)
+            assert str(guild) in [g["id"] for g in ready["guilds"]]
+            loads = await _drain(client, len(fake.guilds_of(*shard)))
+            assert {m["d"]["id"] for m in loads} >= {str(guild)}
+            assert all(m["d"]["unavailable"] is False for m in loads)
+        assert guild in fake.guilds_of(*owner) and guild not in fake.guilds_of(*other)
+        more = fake.add_guilds(3)
+        assert len(set(more)) == 3 and fake.guild_ids[-3:] == tuple(more)
+        assert fake.guild_count == 12 and not set(more) & set(fake.guild_ids[:-3])
+        assert [g.guild_id for g in fake.generated[-3:]] == more
+        with pytest.raises(ValueError, match="already"):
+            fake.join_guild(guild)
+        assert fake.join_guild(7 << 22) == 7 << 22 and fake.guild_ids[-1] == 7 << 22
+        stream = fake.start_stream(5_000, count=400, seed=1)
+        await stream.wait()
+        assert {g.guild_id for g in fake.generated[-400:]} >= {guild, *more}
+
+
+async def test_joins_count_towards_the_guilds_per_shard_limit() -> None:
+    async with FakeDiscord(dataclasses.replace(BOTWIDE, guilds=3, max_guilds_per_shard=3)) as fake:
+        await ready_client(fake, [0, 1])
+        fake.join_guild()
+        await asyncio.sleep(0.05)
+        client = await connect(fake)
+        await _after_hello(fake, client)
+        client.identify([0, 1])
+        assert await client.closed(10) == 4011
+        await asyncio.sleep(0.05)
+        _, ready = await ready_client(fake, [1, 2])
+        assert len(ready["guilds"]) == 2
+
+
 async def test_resume_replays_delayed_events_still_pending_exactly_once() -> None:
     async with FakeDiscord(dataclasses.replace(BOTWIDE, guilds=2)) as fake:
         delays = iter([0.0, 0.2, 1.5, 0.0, 0.0])  # the last two: after the RESUME
@@ -1074,3 +1131,4 @@ async def test_without_stamping_or_delay_payloads_are_untouched() -> None:
         assert fake.generated == []
     with pytest.raises(ConfigError, match="delivery_delay_s"):
         FakeDiscordConfig(delivery_delay_s=-0.1)
+    assert generate_guild_ids(3) + generate_guild_ids(2, start=3) == generate_guild_ids(5)

@@ -42,13 +42,17 @@ def shard_of(guild_id: int, num_shards: int) -> int:
     return (guild_id >> 22) % num_shards
 
 
-def generate_guild_ids(count: int) -> tuple[int, ...]:
+def generate_guild_ids(count: int, *, start: int = 0) -> tuple[int, ...]:
     """``count`` distinct snowflakes whose timestamps are consecutive milliseconds.
 
     Consecutive timestamps mean the guilds spread round-robin over any shard count, so a
-    test with ``count = k * num_shards`` gets exactly ``k`` guilds per shard.
+    test with ``count = k * num_shards`` gets exactly ``k`` guilds per shard. ``start``
+    continues a sequence: ``generate_guild_ids(n) + generate_guild_ids(m, start=n)`` equals
+    ``generate_guild_ids(n + m)`` (how guilds joined at runtime get their ids).
     """
-    return tuple(((_GENERATED_GUILD_BASE_MS + i) << 22) | (i & 0xFFF) for i in range(count))
+    return tuple(
+        ((_GENERATED_GUILD_BASE_MS + i) << 22) | (i & 0xFFF) for i in range(start, start + count)
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -61,8 +65,8 @@ class FakeDiscordConfig:
             fake stands in for a REST proxy process that uses its own secret.
         shards: the recommended shard count ``GET /gateway/bot`` returns at start; a test
             changes it at runtime through ``FakeDiscord.recommended_shards``.
-        guilds: the bot's guild ids, or a count of ids to generate (see
-            :func:`generate_guild_ids`).
+        guilds: the bot's guild ids at start, or a count of ids to generate (see
+            :func:`generate_guild_ids`); ``FakeDiscord.join_guild``/``add_guilds`` add more.
         outage_guilds: guilds in an outage: READY lists them, then GUILD_DELETE
             ``{id, unavailable: true}`` instead of GUILD_CREATE.
         heartbeat_interval_ms: sent in HELLO.

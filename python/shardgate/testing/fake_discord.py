@@ -66,7 +66,10 @@ is generated, so one generated before a session's IDENTIFY never reaches that se
   the client's seq, delayed-but-unsent events included, once each. ``DispatchRecord``'s
   ``sent_at`` is the loop time each was written (``None``: never written live).
 - Growth: ``fake.recommended_shards = 8`` changes what the next ``GET /gateway/bot``
-  answers.
+  answers; :meth:`~FakeDiscord.join_guild` / :meth:`~FakeDiscord.add_guilds` make the bot
+  join guilds: a GUILD_CREATE without ``unavailable`` (a fresh join) is routed like any
+  event, later READYs list the guild, later streams use it, and it counts for the
+  2500-guilds-per-shard check (4011) of later IDENTIFYs; :attr:`~FakeDiscord.guild_count`.
 
 Choices where Discord is silent (reference section 15): a heartbeat timeout closes with
 4000 (configurable; the session stays resumable); IDENTIFY with ``remaining == 0`` gets op
@@ -294,6 +297,7 @@ class FakeDiscord:
             config = dataclasses.replace(config, **overrides)
         self.config = config
         self.guild_ids: tuple[int, ...] = config.guild_ids()
+        """The bot's guilds, in join order (the configured ones, then those joined)."""
         self.generated: list[GeneratedEvent] = []
         """Every bot-wide event in generation order (if ``record_dispatches``)."""
         self.delivery_delay: Callable[[FakeSession], float] | None = None
@@ -322,6 +326,8 @@ class FakeDiscord:
         self._routing: dict[int, dict[int, list[FakeSession]]] = {}
         self._guilds_by_count: dict[int, dict[int, list[int]]] = {}
         self._guild_create_json: dict[int, bytes] = {}
+        self._guild_set = set(self.guild_ids)
+        self._next_guild_index = len(self.guild_ids)
         self._recommended_shards = config.shards
         self._generator = payloads.PayloadGenerator(seed=0)
         self._event_id = 0
@@ -570,6 +576,11 @@ class FakeDiscord:
         return split.get(shard_id, [])
 
     @property
+    def guild_count(self) -> int:
+        """How many guilds the bot is in now (configured plus joined)."""
+        return len(self.guild_ids)
+
+    @property
     def recommended_shards(self) -> int:
         """The ``shards`` the next ``GET /gateway/bot`` answers (starts at ``config.shards``);
         assign to it as the bot grows, e.g. ``fake.recommended_shards = 8``."""
@@ -580,6 +591,37 @@ class FakeDiscord:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"recommended_shards must be an int >= 1, got {value!r}")
         self._recommended_shards = value
+
+    def join_guild(self, guild_id: int | None = None) -> int:
+        """The bot joins a guild now (a new generated id unless ``guild_id`` is given).
+
+        Every live session whose ``[shard_id, num_shards]`` owns it gets a GUILD_CREATE
+        without ``unavailable`` (a fresh join; intents and delivery delays apply as to any
+        routed event, see :attr:`generated`); later READYs list it, later streams use it,
+        and it counts towards the 2500-guilds-per-shard limit (4011) of later IDENTIFYs.
+        Returns the guild id; :class:`ValueError` if the bot is in it already.
+        """
+        if guild_id is None:
+            while True:
+                (guild_id,) = generate_guild_ids(1, start=self._next_guild_index)
+                self._next_guild_index += 1
+                if guild_id not in self._guild_set:
+                    break
+        elif guild_id in self._guild_set:
+            raise ValueError(f"the bot is already in guild {guild_id}")
+        self._guild_set.add(guild_id)
+        self.guild_ids = (*self.guild_ids, guild_id)
+        for num_shards, split in self._guilds_by_count.items():
+            split.setdefault(shard_of(guild_id, num_shards), []).append(guild_id)
+        d = self._generator.guild_create(guild_id, self.config.guild_create_bytes)
+        del d["unavailable"]  # absent on a fresh join (reference section 10)
+        d["joined_at"] = payloads.iso_timestamp(int(time.time() * 1000))
+        self.dispatch_nowait("GUILD_CREATE", d, guild_id=guild_id)
+        return guild_id
+
+    def add_guilds(self, count: int) -> list[int]:
+        """:meth:`join_guild` ``count`` times, with new ids; returns them in join order."""
+        return [self.join_guild() for _ in range(count)]
 
     def session_start_limit(self) -> dict[str, int]:
         """The current ``session_start_limit`` (what ``GET /gateway/bot`` returns)."""

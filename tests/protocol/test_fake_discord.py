@@ -22,6 +22,7 @@ from shardgate.errors import ConfigError
 from shardgate.testing.fake_discord import (
     FakeDiscord,
     FakeDiscordConfig,
+    event_id_of,
     generate_guild_ids,
     shard_of,
 )
@@ -419,6 +420,24 @@ async def test_too_many_guilds_is_per_shard() -> None:
         client, ready = await ready_client(fake, [1, 2])
         assert len(ready["guilds"]) == len(fake.guilds_of(1, 2)) == 1_250
         assert client.close_code is None
+
+
+async def test_recommended_shards_changes_at_runtime() -> None:
+    async with FakeDiscord(cfg(shards=4)) as fake, aiohttp.ClientSession() as http:
+
+        async def shards() -> Any:
+            headers = {"Authorization": f"Bot {TOKEN}"}
+            async with http.get(f"{fake.api_base}/gateway/bot", headers=headers) as resp:
+                assert resp.status == 200
+                return (await resp.json())["shards"]
+
+        assert fake.recommended_shards == 4 and await shards() == 4
+        fake.recommended_shards = 8
+        assert await shards() == 8
+        for bad in (0, -1, True, 2.0):
+            with pytest.raises(ValueError, match="recommended_shards"):
+                fake.recommended_shards = bad  # type: ignore[assignment]
+        assert await shards() == 8 and fake.config.shards == 4
 
 
 # --- identify limits ---------------------------------------------------------------------
@@ -886,3 +905,230 @@ def test_config_validation_names_the_key_and_overrides_apply() -> None:
     assert len(set(generate_guild_ids(1_000))) == 1_000
     per_shard = [len(FakeDiscord(guilds=12).guilds_of(s, 4)) for s in range(4)]
     assert per_shard == [3, 3, 3, 3]
+
+
+# --- bot-wide behaviour: several shard counts at once, per-session delay, joins ----------
+# Delays are checked as lower bounds only (this runs on busy 2-core machines), and every
+# wait is seconds long; absence is shown by a later marker event arriving next, not by sleeps.
+
+# The raw client does not heartbeat: a long interval keeps slow runs from timing it out.
+BOTWIDE = cfg(guilds=8, identify_window_s=0.05, stamp_event_ids=True, heartbeat_interval_ms=60_000)
+
+
+async def _ready_drained(fake: FakeDiscord, shard: list[int]) -> tuple[RawClient, str]:
+    """A READY session whose start-up GUILD_CREATEs are read; waits out the identify window."""
+    await asyncio.sleep(fake.config.identify_window_s)
+    client, ready = await ready_client(fake, shard)
+    await _drain(client, len(fake.guilds_of(*shard)))
+    return client, ready["session_id"]
+
+
+async def _recv_at(client: RawClient, timeout_s: float = 10.0) -> tuple[dict[str, Any], float]:
+    message = await client.recv(timeout_s)
+    return message, asyncio.get_running_loop().time()
+
+
+def _guild_on(fake: FakeDiscord, shard_id: int, num_shards: int) -> int:
+    return next(g for g in fake.guild_ids if shard_of(g, num_shards) == shard_id)
+
+
+async def test_two_shard_counts_get_one_event_with_own_seqs_after_own_delays() -> None:
+    async with FakeDiscord(dataclasses.replace(BOTWIDE, delivery_delay_s=0.2)) as fake:
+        fake.delivery_delay = lambda s: 0.6 if s.num_shards == 2 else fake.config.delivery_delay_s
+        old, old_id = await _ready_drained(fake, [0, 1])
+        new, new_id = await _ready_drained(fake, [0, 2])
+        guild = _guild_on(fake, 0, 2)
+        body = {"guild_id": str(guild), "id": "42", "content": "hi"}
+        reached = fake.dispatch_nowait("MESSAGE_CREATE", body)
+        generated = fake.generated[-1]
+        assert dict(reached) == {old_id: 10, new_id: 6}  # READY + 8 or 4 GUILD_CREATEs, then it
+        assert generated.reached == tuple(reached) and generated.guild_id == guild
+        for client, session_id, delay in ((old, old_id, 0.2), (new, new_id, 0.6)):
+            message, received_at = await _recv_at(client)
+            assert message["s"] == dict(reached)[session_id]
+            assert message["d"] == {**body, "_fake_event_id": generated.event_id}
+            assert event_id_of(message) == generated.event_id
+            assert received_at - generated.at >= delay
+            record = fake.sessions[session_id].record_for(message["s"])
+            assert record is not None and record.event_id == generated.event_id
+            assert record.sent_at is not None and record.sent_at - generated.at >= delay
+            assert record.sent_on == fake.connections[-1 if client is new else 0].conn_id
+        old_record = fake.sessions[old_id].dispatches[-1]
+        new_record = fake.sessions[new_id].dispatches[-1]
+        assert old_record.sent_at is not None and new_record.sent_at is not None
+        assert old_record.sent_at < new_record.sent_at
+        fake.dispatch_nowait("MESSAGE_CREATE", {})  # an empty object is stamped too (DM: shard 0)
+        assert (await old.recv(10))["d"] == {"_fake_event_id": fake.generated[-1].event_id}
+
+
+async def test_stream_under_changing_delays_reaches_each_owner_once_in_seq_order() -> None:
+    async with FakeDiscord(BOTWIDE) as fake:
+        cycle = iter([0.3, 0.0, 0.15, 0.0, 0.0] * 1_000)  # later events due before earlier ones
+        fake.delivery_delay = lambda s: next(cycle) if s.num_shards == 2 else 0.05
+        clients: dict[str, RawClient] = {}
+        for shard in ([0, 1], [0, 2], [1, 2]):
+            client, session_id = await _ready_drained(fake, shard)
+            clients[session_id] = client
+        stream = fake.start_stream(2_000, count=300, seed=5)
+        await stream.wait()
+        streamed = set(stream.event_ids)
+        assert [g.event_id for g in fake.generated] == stream.event_ids
+        for session_id, client in clients.items():
+            session = fake.sessions[session_id]
+            await fake.wait_for(lambda: len(dispatches(client)) == session.seq, 10)  # noqa: B023
+            received = dispatches(client)
+            assert [m["s"] for m in received] == list(range(1, session.seq + 1))
+            ids = [event_id_of(m) for m in received if event_id_of(m) in streamed]
+            assert ids == sorted(set(ids))  # each once, in generation order (so per guild too)
+            assert ids == [g.event_id for g in fake.generated if session_id in dict(g.reached)]
+            assert all(r.sent_on is not None and not r.replayed_on for r in session.dispatches)
+        for generated in fake.generated:
+            owners = {s for s in clients if fake.sessions[s].routes(generated.guild_id)}
+            assert set(dict(generated.reached)) <= owners  # fewer when intents gate it
+            for session_id, seq in generated.reached:
+                message = dispatches(clients[session_id])[seq - 1]
+                assert event_id_of(message) == generated.event_id
+                assert message["d"]["guild_id"] == str(generated.guild_id)
+
+
+async def test_event_generated_before_a_sessions_identify_reaches_only_the_old_one() -> None:
+    async with FakeDiscord(BOTWIDE) as fake:
+        fake.delivery_delay = lambda s: 0.5 if s.num_shards == 1 else 0.0
+        old, old_id = await _ready_drained(fake, [0, 1])
+        guild = str(_guild_on(fake, 0, 2))
+        fake.dispatch_nowait("MESSAGE_CREATE", {"guild_id": guild, "id": "before"})
+        before = fake.generated[-1]
+        new, new_id = await _ready_drained(fake, [0, 2])  # while "before" is still in flight
+        fake.dispatch_nowait("MESSAGE_CREATE", {"guild_id": guild, "id": "after"})
+        after = fake.generated[-1]
+        assert [s for s, _ in before.reached] == [old_id]
+        assert {s for s, _ in after.reached} == {old_id, new_id}
+        assert [(await old.recv(10))["d"]["id"] for _ in range(2)] == ["before", "after"]
+        assert (await new.recv(10))["d"]["id"] == "after"
+        assert [r.event_id for r in fake.sessions[new_id].dispatches[5:]] == [after.event_id]
+
+
+async def test_joined_guild_reaches_every_owning_session_and_later_readys() -> None:
+    async with FakeDiscord(BOTWIDE) as fake:
+        fake.delivery_delay = lambda s: 0.2 * s.num_shards
+        clients: dict[tuple[int, int], RawClient] = {}
+        for shard in ([0, 1], [0, 2], [1, 2]):
+            clients[(shard[0], shard[1])], _ = await _ready_drained(fake, shard)
+        assert fake.guild_count == 8
+        guild = fake.join_guild()
+        joined = fake.generated[-1]
+        owner = (shard_of(guild, 2), 2)
+        other = (1 - owner[0], 2)
+        assert fake.guild_count == 9 and fake.guild_ids[-1] == guild
+        assert guild not in fake.guild_ids[:-1]
+        assert joined.t == "GUILD_CREATE" and joined.guild_id == guild and len(joined.reached) == 2
+        for key in ((0, 1), owner):
+            message, received_at = await _recv_at(clients[key])
+            assert message["t"] == "GUILD_CREATE" and message["d"]["id"] == str(guild)
+            assert "unavailable" not in message["d"]  # a fresh join, not a lazy load
+            assert event_id_of(message) == joined.event_id
+            assert received_at - joined.at >= 0.2 * key[1]
+        marker = str(_guild_on(fake, other[0], 2))
+        fake.dispatch_nowait("MESSAGE_CREATE", {"guild_id": marker, "id": "marker"})
+        assert (await clients[other].recv(10))["d"]["id"] == "marker"  # nothing came before it
+        for shard in ([owner[0], 2], [0, 1]):
+            await asyncio.sleep(fake.config.identify_window_s)
+            client, ready = await ready_client(fake, shard)
+            assert str(guild) in [g["id"] for g in ready["guilds"]]
+            loads = await _drain(client, len(fake.guilds_of(*shard)))
+            assert {m["d"]["id"] for m in loads} >= {str(guild)}
+            assert all(m["d"]["unavailable"] is False for m in loads)
+        assert guild in fake.guilds_of(*owner) and guild not in fake.guilds_of(*other)
+        more = fake.add_guilds(3)
+        assert len(set(more)) == 3 and fake.guild_ids[-3:] == tuple(more)
+        assert fake.guild_count == 12 and not set(more) & set(fake.guild_ids[:-3])
+        assert [g.guild_id for g in fake.generated[-3:]] == more
+        with pytest.raises(ValueError, match="already"):
+            fake.join_guild(guild)
+        assert fake.join_guild(7 << 22) == 7 << 22 and fake.guild_ids[-1] == 7 << 22
+        stream = fake.start_stream(5_000, count=400, seed=1)
+        await stream.wait()
+        assert {g.guild_id for g in fake.generated[-400:]} >= {guild, *more}
+
+
+async def test_joins_count_towards_the_guilds_per_shard_limit() -> None:
+    async with FakeDiscord(dataclasses.replace(BOTWIDE, guilds=3, max_guilds_per_shard=3)) as fake:
+        await ready_client(fake, [0, 1])
+        fake.join_guild()
+        await asyncio.sleep(0.05)
+        client = await connect(fake)
+        await _after_hello(fake, client)
+        client.identify([0, 1])
+        assert await client.closed(10) == 4011
+        await asyncio.sleep(0.05)
+        _, ready = await ready_client(fake, [1, 2])
+        assert len(ready["guilds"]) == 2
+
+
+async def test_resume_replays_delayed_events_still_pending_exactly_once() -> None:
+    async with FakeDiscord(dataclasses.replace(BOTWIDE, guilds=2)) as fake:
+        delays = iter([0.0, 0.2, 1.5, 0.0, 0.0])  # the last two: after the RESUME
+        fake.delivery_delay = lambda s: next(delays)
+        client, session_id = await _ready_drained(fake, [0, 1])  # s = 1..3
+        guild = str(fake.guild_ids[0])
+        for i in range(4):
+            fake.dispatch_nowait("MESSAGE_CREATE", {"guild_id": guild, "id": f"m{i}"})
+        # m0 at once, m1 after 0.2 s, m2 after 1.5 s, m3 (delay 0) queued behind m2: FIFO
+        got = [await client.recv(10) for _ in range(2)]
+        assert [(m["s"], m["d"]["id"]) for m in got] == [(4, "m0"), (5, "m1")]
+        session = fake.sessions[session_id]
+        assert len(session.pending) == 2
+        await fake.drop(0)
+        await client.closed(10)
+        assert not session.pending and session.flush_timer is None
+        assert [r.sent_on for r in session.dispatches[5:]] == [None, None]
+
+        resumer = await connect(fake, url=fake.resume_gateway_url)
+        await _after_hello(fake, resumer)
+        resumer.send(6, {"token": TOKEN, "session_id": session_id, "seq": 5})
+        replayed = await _drain(resumer, 3)
+        assert [(m["s"], m["d"].get("id")) for m in replayed] == [(6, "m2"), (7, "m3"), (8, None)]
+        assert replayed[2]["t"] == "RESUMED"
+        conn_id = fake.connections[-1].conn_id
+        assert [r.replayed_on for r in session.dispatches[5:7]] == [[conn_id], [conn_id]]
+        await asyncio.sleep(1.6)  # past m2's original due time: it must not come again
+        fake.dispatch_nowait("MESSAGE_CREATE", {"guild_id": guild, "id": "next"})
+        message = await resumer.recv(10)
+        assert (message["s"], message["d"]["id"]) == (9, "next")
+        assert resumer.queue.empty() and client.queue.empty()
+
+
+async def test_session_local_events_queue_behind_delayed_ones() -> None:
+    async with FakeDiscord(dataclasses.replace(BOTWIDE, guilds=2, delivery_delay_s=0.3)) as fake:
+        client, session_id = await _ready_drained(fake, [0, 1])
+        guild = str(fake.guild_ids[0])
+        fake.dispatch_nowait("MESSAGE_CREATE", {"guild_id": guild, "id": "slow"})
+        client.send(8, {"guild_id": guild, "query": "", "limit": 0})  # answered with delay 0
+        first, second = await client.recv(10), await client.recv(10)
+        assert (first["s"], first["t"]) == (4, "MESSAGE_CREATE")
+        assert (second["s"], second["t"]) == (5, "GUILD_MEMBERS_CHUNK")
+        assert event_id_of(second) == fake.sessions[session_id].dispatches[4].event_id
+        fake.dispatch_nowait("MESSAGE_CREATE", {"guild_id": guild, "id": "queued"})
+        result = await fake.blast(50, 0)  # the queue goes first, so seqs stay in order
+        assert result.events == 50
+        session = fake.sessions[session_id]
+        await fake.wait_for(lambda: len(dispatches(client)) == session.seq, 10)
+        assert [m["s"] for m in dispatches(client)] == list(range(1, session.seq + 1))
+        assert dispatches(client)[5]["d"]["id"] == "queued"
+
+
+async def test_without_stamping_or_delay_payloads_are_untouched() -> None:
+    async with FakeDiscord(dataclasses.replace(BOTWIDE, guilds=2, stamp_event_ids=False)) as fake:
+        client, session_id = await _ready_drained(fake, [0, 1])
+        body = {"guild_id": str(fake.guild_ids[1]), "id": "7"}
+        fake.dispatch_nowait("MESSAGE_CREATE", body)
+        message = await client.recv(10)
+        assert message["d"] == body and event_id_of(message) is None
+        record = fake.sessions[session_id].dispatches[-1]
+        assert record.event_id == fake.generated[-1].event_id and record.sent_at is not None
+    async with FakeDiscord(cfg(record_dispatches=False)) as fake:
+        fake.dispatch_nowait("MESSAGE_CREATE", {"guild_id": str(fake.guild_ids[0])})
+        assert fake.generated == []
+    with pytest.raises(ConfigError, match="delivery_delay_s"):
+        FakeDiscordConfig(delivery_delay_s=-0.1)
+    assert generate_guild_ids(3) + generate_guild_ids(2, start=3) == generate_guild_ids(5)

@@ -14,6 +14,7 @@ from shardgate.errors import ConfigError
 
 __all__ = [
     "ALL_INTENTS",
+    "EVENT_ID_KEY",
     "PRIVILEGED_INTENTS",
     "FakeDiscordConfig",
     "generate_guild_ids",
@@ -26,6 +27,10 @@ ALL_INTENTS: Final = 0x331FFFF
 PRIVILEGED_INTENTS: Final = (1 << 1) | (1 << 8) | (1 << 15)
 """GUILD_MEMBERS, GUILD_PRESENCES, MESSAGE_CONTENT: need approval, else 4014."""
 
+EVENT_ID_KEY: Final = "_fake_event_id"
+"""With ``stamp_event_ids``, the key added (last) to the ``d`` of every dispatch: its
+fake-wide event id, so a client-side test maps each received payload to the fake's record."""
+
 _GENERATED_GUILD_BASE_MS: Final = 300_000_000_000
 """Snowflake timestamp of the first generated guild (about 2024): realistic-looking ids."""
 
@@ -37,13 +42,17 @@ def shard_of(guild_id: int, num_shards: int) -> int:
     return (guild_id >> 22) % num_shards
 
 
-def generate_guild_ids(count: int) -> tuple[int, ...]:
+def generate_guild_ids(count: int, *, start: int = 0) -> tuple[int, ...]:
     """``count`` distinct snowflakes whose timestamps are consecutive milliseconds.
 
     Consecutive timestamps mean the guilds spread round-robin over any shard count, so a
-    test with ``count = k * num_shards`` gets exactly ``k`` guilds per shard.
+    test with ``count = k * num_shards`` gets exactly ``k`` guilds per shard. ``start``
+    continues a sequence: ``generate_guild_ids(n) + generate_guild_ids(m, start=n)`` equals
+    ``generate_guild_ids(n + m)`` (how guilds joined at runtime get their ids).
     """
-    return tuple(((_GENERATED_GUILD_BASE_MS + i) << 22) | (i & 0xFFF) for i in range(count))
+    return tuple(
+        ((_GENERATED_GUILD_BASE_MS + i) << 22) | (i & 0xFFF) for i in range(start, start + count)
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -54,9 +63,10 @@ class FakeDiscordConfig:
         token: the bot token IDENTIFY/RESUME and ``Authorization: Bot <token>`` must carry.
         rest_authorization: an extra accepted ``Authorization`` header value, for when the
             fake stands in for a REST proxy process that uses its own secret.
-        shards: the recommended shard count ``GET /gateway/bot`` returns.
-        guilds: the bot's guild ids, or a count of ids to generate (see
-            :func:`generate_guild_ids`).
+        shards: the recommended shard count ``GET /gateway/bot`` returns at start; a test
+            changes it at runtime through ``FakeDiscord.recommended_shards``.
+        guilds: the bot's guild ids at start, or a count of ids to generate (see
+            :func:`generate_guild_ids`); ``FakeDiscord.join_guild``/``add_guilds`` add more.
         outage_guilds: guilds in an outage: READY lists them, then GUILD_DELETE
             ``{id, unavailable: true}`` instead of GUILD_CREATE.
         heartbeat_interval_ms: sent in HELLO.
@@ -86,8 +96,17 @@ class FakeDiscordConfig:
         replay_buffer_size: dispatches kept per session for RESUME; a RESUME from further
             back than the buffer reaches gets op 9 ``d:false``. Memory is about
             ``sessions * size * 1 KB`` at worst.
-        record_dispatches: keep a :class:`DispatchRecord` per dispatch per session (for
-            loss/duplicate accounting); long benchmarks may turn it off to save memory.
+        record_dispatches: keep a :class:`DispatchRecord` per dispatch per session and a
+            ``GeneratedEvent`` per bot-wide event (``FakeDiscord.generated``), for
+            loss/duplicate accounting; long benchmarks may turn it off to save memory.
+        delivery_delay_s: how long after it is generated every session receives a routed
+            event (the gateway node's lag); ``FakeDiscord.delivery_delay`` overrides it per
+            session. 0 sends at once, as before. Seqs are still given at generation time and
+            each session's messages stay in seq order.
+        stamp_event_ids: add ``"_fake_event_id": <event_id>`` (:data:`EVENT_ID_KEY`) as the
+            last key of every dispatch's ``d``, so what a bot received maps back to
+            ``FakeDiscord.generated`` and the sessions' records. Off by default: payloads
+            stay byte-for-byte what the generator made.
         split_frame_bytes: if set, every server message is cut into frames of at most this
             many bytes (after compression).
         split_mode: ``"continuation"`` sends the pieces as one websocket message
@@ -127,6 +146,8 @@ class FakeDiscordConfig:
     resume_timeout_s: float = 180.0
     replay_buffer_size: int = 20_000
     record_dispatches: bool = True
+    delivery_delay_s: float = 0.0
+    stamp_event_ids: bool = False
     split_frame_bytes: int | None = None
     split_mode: SplitMode = "continuation"
     compression_level: int = 6
@@ -155,6 +176,8 @@ class FakeDiscordConfig:
         for key, value in positive.items():
             if value <= 0:
                 raise ConfigError(key, f"must be > 0, got {value!r}")
+        if self.delivery_delay_s < 0:
+            raise ConfigError("delivery_delay_s", "must be >= 0")
         if self.heartbeat_slack < 0:
             raise ConfigError("heartbeat_slack", "must be >= 0")
         if isinstance(self.guilds, int) and self.guilds < 0:

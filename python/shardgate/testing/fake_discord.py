@@ -38,8 +38,38 @@ for the next connections. Load: :meth:`~FakeDiscord.start_stream` (paced, routed
 Records: :attr:`FakeDiscord.connections` (:class:`ConnectionRecord` per connection: URL
 used, ops received with times, close codes), :attr:`~FakeDiscord.identifies`
 (:class:`IdentifyRecord`), :attr:`~FakeDiscord.sessions` (:class:`FakeSession`, whose
-``dispatches`` list every :class:`DispatchRecord` with its seq), and
-:attr:`~FakeDiscord.rest_requests`.
+``dispatches`` list every :class:`DispatchRecord` with its seq), :attr:`~FakeDiscord.generated`
+(:class:`GeneratedEvent` per bot-wide event) and :attr:`~FakeDiscord.rest_requests`.
+
+Bot-wide behaviour (what zero-downtime resharding is tested against). Discord routes by
+guild, not by session: sessions may run with different shard counts at once (reference
+section 6), and each event of a guild goes to every live session whose ``[shard_id,
+num_shards]`` owns it, numbered with that session's own seq. An event is routed when it
+is generated, so one generated before a session's IDENTIFY never reaches that session.
+
+- Event ids: every dispatch gets a fake-wide ``event_id``, shared by all sessions one
+  bot-wide event reached (READY, the start-up GUILD_CREATE/DELETE, RESUMED, member chunks
+  are session-local and get their own). :attr:`~FakeDiscord.generated` lists the bot-wide
+  ones in generation order as ``(event_id, t, guild_id, at, reached=((session_id, seq),
+  ...))``; each session's :class:`DispatchRecord` carries the same ``event_id``. With
+  ``stamp_event_ids`` the id also travels inside the payload, as the last key
+  ``"_fake_event_id"`` of ``d`` (:func:`event_id_of` reads it), so a test maps what a bot
+  received back to the fake's records: the generated payloads have no reliable id of their
+  own (MESSAGE_UPDATE/DELETE repeat the message id; TYPING_START, PRESENCE_UPDATE and
+  GUILD_MEMBER_UPDATE have none).
+- Per-session delay: sessions sit on different gateway nodes, so one event reaches them at
+  different times. ``config.delivery_delay_s`` delays every routed event for every
+  session; :attr:`FakeDiscord.delivery_delay` (``session -> seconds``, asked per event and
+  session) overrides it. The seq is given at generation and a session's messages leave in
+  seq order through its FIFO queue (an event never overtakes an earlier one, delayed or
+  not); a dropped connection's queue is forgotten and a RESUME replays everything after
+  the client's seq, delayed-but-unsent events included, once each. ``DispatchRecord``'s
+  ``sent_at`` is the loop time each was written (``None``: never written live).
+- Growth: ``fake.recommended_shards = 8`` changes what the next ``GET /gateway/bot``
+  answers; :meth:`~FakeDiscord.join_guild` / :meth:`~FakeDiscord.add_guilds` make the bot
+  join guilds: a GUILD_CREATE without ``unavailable`` (a fresh join) is routed like any
+  event, later READYs list the guild, later streams use it, and it counts for the
+  2500-guilds-per-shard check (4011) of later IDENTIFYs; :attr:`~FakeDiscord.guild_count`.
 
 Choices where Discord is silent (reference section 15): a heartbeat timeout closes with
 4000 (configurable; the session stays resumable); IDENTIFY with ``remaining == 0`` gets op
@@ -75,6 +105,7 @@ from picows import (
 from shardgate.testing import payloads
 from shardgate.testing.fake_config import (
     ALL_INTENTS,
+    EVENT_ID_KEY,
     PRIVILEGED_INTENTS,
     FakeDiscordConfig,
     generate_guild_ids,
@@ -93,6 +124,7 @@ from shardgate.testing.fake_session import (
 
 __all__ = [
     "ALL_INTENTS",
+    "EVENT_ID_KEY",
     "PRIVILEGED_INTENTS",
     "SESSION_ENDING_CLOSE_CODES",
     "BlastResult",
@@ -102,8 +134,10 @@ __all__ = [
     "FakeDiscord",
     "FakeDiscordConfig",
     "FakeSession",
+    "GeneratedEvent",
     "IdentifyRecord",
     "ReceivedRecord",
+    "event_id_of",
     "generate_guild_ids",
     "shard_of",
 ]
@@ -149,6 +183,45 @@ def _guild_of(t: str, d: Any) -> int | None:
     if isinstance(value, int | str) and str(value).isdigit():
         return int(value)
     return None
+
+
+def _stamp(d_json: bytes, event_id: int) -> bytes:
+    """``d_json`` with ``"_fake_event_id": event_id`` added as its last key (objects only)."""
+    body = d_json.rstrip()
+    if not body.endswith(b"}"):
+        return d_json  # not an object (a test may dispatch any JSON): nothing to stamp
+    if body[:-1].rstrip().endswith(b"{"):  # empty object
+        return b'%s"%s":%d}' % (body[:-1], EVENT_ID_KEY.encode(), event_id)
+    return b'%s,"%s":%d}' % (body[:-1], EVENT_ID_KEY.encode(), event_id)
+
+
+def event_id_of(payload: Any) -> int | None:
+    """The fake's event id of a received dispatch (its whole message or just its ``d``),
+    when the fake stamps them (``stamp_event_ids``); ``None`` otherwise."""
+    if isinstance(payload, dict) and "op" in payload and "d" in payload:
+        payload = payload["d"]
+    if isinstance(payload, dict):
+        value = payload.get(EVENT_ID_KEY)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class GeneratedEvent:
+    """One bot-wide event the fake generated (:attr:`FakeDiscord.generated`).
+
+    ``event_id`` is fake-wide and rises in generation order; ``guild_id`` is the guild it
+    was routed by (``None``: no guild, shard 0 only); ``at`` is the loop time it was
+    generated; ``reached`` lists ``(session_id, seq)`` of every session it was numbered
+    for, empty if no live session owned it.
+    """
+
+    event_id: int
+    t: str
+    guild_id: int | None
+    at: float
+    reached: tuple[tuple[str, int], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +297,13 @@ class FakeDiscord:
             config = dataclasses.replace(config, **overrides)
         self.config = config
         self.guild_ids: tuple[int, ...] = config.guild_ids()
+        """The bot's guilds, in join order (the configured ones, then those joined)."""
+        self.generated: list[GeneratedEvent] = []
+        """Every bot-wide event in generation order (if ``record_dispatches``)."""
+        self.delivery_delay: Callable[[FakeSession], float] | None = None
+        """Per-session override of ``config.delivery_delay_s``: seconds after generation
+        that session receives a routed event; asked per event and session, so a test may
+        set or change it at any time (e.g. ``lambda s: 0.3 if s.num_shards == 8 else 0``)."""
         self.sessions: dict[str, FakeSession] = {}
         self.connections: list[ConnectionRecord] = []
         self.identifies: list[IdentifyRecord] = []
@@ -246,6 +326,9 @@ class FakeDiscord:
         self._routing: dict[int, dict[int, list[FakeSession]]] = {}
         self._guilds_by_count: dict[int, dict[int, list[int]]] = {}
         self._guild_create_json: dict[int, bytes] = {}
+        self._guild_set = set(self.guild_ids)
+        self._next_guild_index = len(self.guild_ids)
+        self._recommended_shards = config.shards
         self._generator = payloads.PayloadGenerator(seed=0)
         self._event_id = 0
         self._conn_seq = 0
@@ -320,6 +403,8 @@ class FakeDiscord:
         for stream in list(self._streams):
             await stream.stop()
         self._streams.clear()
+        for session in self.sessions.values():
+            session.clear_pending()
         conns = list(self._live.values())
         for conn in conns:
             conn.close(1001, "fake Discord stopping", end_session=True)
@@ -387,6 +472,13 @@ class FakeDiscord:
         self._event_id += 1
         return self._event_id
 
+    def _numbered(self, d_json: bytes) -> tuple[int, bytes]:
+        """A new event id, and ``d_json`` stamped with it if the config says so."""
+        event_id = self._next_event_id()
+        if self.config.stamp_event_ids:
+            d_json = _stamp(d_json, event_id)
+        return event_id, d_json
+
     def _now(self) -> float:
         return asyncio.get_running_loop().time()
 
@@ -426,7 +518,8 @@ class FakeDiscord:
             application_id=self.config.application_id,
             resume_gateway_url=self.resume_gateway_url,
         )
-        conn.send_message(session.add("READY", orjson.dumps(ready), self._next_event_id(), None))
+        event_id, body = self._numbered(orjson.dumps(ready))
+        conn.send_message(session.add("READY", body, event_id, None, now=self._now()))
         session.ready = True
         by_shard = self._routing.setdefault(session.num_shards, {})
         by_shard.setdefault(session.shard_id, []).append(session)
@@ -452,11 +545,20 @@ class FakeDiscord:
         d_json: bytes,
         guild_id: int | None,
         event_id: int | None = None,
+        *,
+        delay_s: float = 0.0,
+        now: float | None = None,
     ) -> int:
-        message = session.add(t, d_json, event_id or self._next_event_id(), guild_id)
-        conn = session.connection
-        if conn is not None:
-            conn.send_message(message)
+        """Number one dispatch for ``session`` and deliver it after ``delay_s`` (FIFO).
+
+        Without ``event_id`` it is a session-local event: it gets its own id (and stamp).
+        """
+        if event_id is None:
+            event_id, d_json = self._numbered(d_json)
+        message = session.add(
+            t, d_json, event_id, guild_id, now=self._now() if now is None else now
+        )
+        session.deliver(session.seq, message, delay_s)
         return session.seq
 
     # --- state and routing -------------------------------------------------------------
@@ -472,6 +574,54 @@ class FakeDiscord:
                 split.setdefault(shard_of(guild_id, num_shards), []).append(guild_id)
             self._guilds_by_count[num_shards] = split
         return split.get(shard_id, [])
+
+    @property
+    def guild_count(self) -> int:
+        """How many guilds the bot is in now (configured plus joined)."""
+        return len(self.guild_ids)
+
+    @property
+    def recommended_shards(self) -> int:
+        """The ``shards`` the next ``GET /gateway/bot`` answers (starts at ``config.shards``);
+        assign to it as the bot grows, e.g. ``fake.recommended_shards = 8``."""
+        return self._recommended_shards
+
+    @recommended_shards.setter
+    def recommended_shards(self, value: int) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"recommended_shards must be an int >= 1, got {value!r}")
+        self._recommended_shards = value
+
+    def join_guild(self, guild_id: int | None = None) -> int:
+        """The bot joins a guild now (a new generated id unless ``guild_id`` is given).
+
+        Every live session whose ``[shard_id, num_shards]`` owns it gets a GUILD_CREATE
+        without ``unavailable`` (a fresh join; intents and delivery delays apply as to any
+        routed event, see :attr:`generated`); later READYs list it, later streams use it,
+        and it counts towards the 2500-guilds-per-shard limit (4011) of later IDENTIFYs.
+        Returns the guild id; :class:`ValueError` if the bot is in it already.
+        """
+        if guild_id is None:
+            while True:
+                (guild_id,) = generate_guild_ids(1, start=self._next_guild_index)
+                self._next_guild_index += 1
+                if guild_id not in self._guild_set:
+                    break
+        elif guild_id in self._guild_set:
+            raise ValueError(f"the bot is already in guild {guild_id}")
+        self._guild_set.add(guild_id)
+        self.guild_ids = (*self.guild_ids, guild_id)
+        for num_shards, split in self._guilds_by_count.items():
+            split.setdefault(shard_of(guild_id, num_shards), []).append(guild_id)
+        d = self._generator.guild_create(guild_id, self.config.guild_create_bytes)
+        del d["unavailable"]  # absent on a fresh join (reference section 10)
+        d["joined_at"] = payloads.iso_timestamp(int(time.time() * 1000))
+        self.dispatch_nowait("GUILD_CREATE", d, guild_id=guild_id)
+        return guild_id
+
+    def add_guilds(self, count: int) -> list[int]:
+        """:meth:`join_guild` ``count`` times, with new ids; returns them in join order."""
+        return [self.join_guild() for _ in range(count)]
 
     def session_start_limit(self) -> dict[str, int]:
         """The current ``session_start_limit`` (what ``GET /gateway/bot`` returns)."""
@@ -534,12 +684,18 @@ class FakeDiscord:
         d_json = d if isinstance(d, bytes) else orjson.dumps(d)
         if guild_id is None and not isinstance(d, bytes):
             guild_id = _guild_of(t, d)
-        event_id = self._next_event_id()
+        event_id, d_json = self._numbered(d_json)
+        now = self._now()
+        delay_of = self.delivery_delay
+        delay = self.config.delivery_delay_s
         reached: list[tuple[str, int]] = []
-        for session in self._routed(guild_id, t, self._now()):
-            reached.append(
-                (session.session_id, self._dispatch_to(session, t, d_json, guild_id, event_id))
-            )
+        for session in self._routed(guild_id, t, now):
+            if delay_of is not None:
+                delay = delay_of(session)
+            seq = self._dispatch_to(session, t, d_json, guild_id, event_id, delay_s=delay, now=now)
+            reached.append((session.session_id, seq))
+        if self.config.record_dispatches:
+            self.generated.append(GeneratedEvent(event_id, t, guild_id, now, tuple(reached)))
         return reached
 
     async def dispatch(
@@ -784,7 +940,8 @@ class FakeDiscord:
         the connection's own stream compressor before the clock starts; then they are
         written back to back, waiting only when the transport crosses its high-water mark,
         and the clock stops when the kernel has taken the last byte. Other dispatches for
-        that connection meanwhile are held and sent after it, so the stream stays in order.
+        that connection meanwhile are held and sent after it, so the stream stays in order;
+        what the session's delay queue holds when the blast starts is written first, at once.
         """
         conn = self._targets(shard_id, num_shards, session_id)[0]
         session = conn.session
@@ -793,15 +950,18 @@ class FakeDiscord:
             raise RuntimeError(f"a blast is already running on connection #{conn.conn_id}")
         guilds = self.guilds_of(session.shard_id, session.num_shards) or list(self.guild_ids)
         events = list(payloads.mixed_stream(seed, n, guilds, guild_create_rate=0.0))
+        session.flush()  # what its delay queue holds goes first, now: seqs stay in order
         conn.hold = []
         first_seq = session.seq + 1
         try:
             started = time.perf_counter()
             raw_bytes = 0
             wire: list[bytes] = []
+            now = self._now()
             for t, d in events:
                 gid = _guild_of(t, d)
-                message = session.add(t, orjson.dumps(d), self._next_event_id(), gid)
+                event_id, body = self._numbered(orjson.dumps(d))
+                message = session.add(t, body, event_id, gid, now=now)
                 raw_bytes += len(message)
                 wire.append(conn.compress(message))
             prepared = time.perf_counter()

@@ -305,6 +305,7 @@ class GatewayConnection(WSListener):
         if previous is not None:
             previous._detach(now)
             previous.close(4000, "Session resumed elsewhere.")
+        session.clear_pending()  # what it still held is in ``missed``: replayed now, once
         session.connection = self
         session.detached_at = None
         session.resumes += 1
@@ -317,8 +318,8 @@ class GatewayConnection(WSListener):
             record = session.record_for(seq_missed)
             if record is not None:
                 record.replayed_on.append(self.conn_id)
-        resumed = orjson.dumps(payloads.resumed())
-        self.send_message(session.add("RESUMED", resumed, self.hub._next_event_id(), None))
+        event_id, resumed = self.hub._numbered(orjson.dumps(payloads.resumed()))
+        self.send_message(session.add("RESUMED", resumed, event_id, None, now=now))
 
     def _on_request_members(self, d: Any) -> None:
         if not isinstance(d, dict) or "guild_id" not in d:
@@ -376,11 +377,13 @@ class GatewayConnection(WSListener):
     # --- sending -----------------------------------------------------------------------
 
     def _detach(self, now: float) -> None:
-        """Stop receiving the session's dispatches; they now wait in its replay buffer."""
+        """Stop receiving the session's dispatches; they now wait in its replay buffer
+        (including those its delay queue still held for this connection)."""
         session = self.session
         if session is not None and session.connection is self:
             session.connection = None
             session.detached_at = now
+            session.clear_pending()
 
     def send_control(self, op: int, d: Any = None) -> None:
         self.send_raw(control(op, d), op)

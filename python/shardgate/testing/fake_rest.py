@@ -44,7 +44,7 @@ def make_rest_app(fake: FakeDiscord) -> web.Application:
         return web.json_response(
             {
                 "url": fake.gateway_url,
-                "shards": fake.config.shards,
+                "shards": fake.recommended_shards,
                 "session_start_limit": fake.session_start_limit(),
             }
         )

@@ -3,10 +3,17 @@
 Kept apart from the websocket code because a session outlives its connections: it is
 created by IDENTIFY, keeps numbering and buffering dispatches while no connection is
 attached, and is taken over by a RESUME on another connection.
+
+A session numbers a dispatch when the fake generates it, but may write it later (its
+gateway node lags: ``delivery_delay``); such messages wait in the session's FIFO
+``pending`` queue, so the connection still sees seqs in order. The queue belongs to the
+attached connection: it is dropped when the connection goes (the messages stay in the
+replay buffer, and a RESUME replays them like any other missed dispatch).
 """
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections import deque
 from dataclasses import dataclass, field
@@ -39,9 +46,10 @@ class DispatchRecord:
 
     ``event_id`` is the fake-wide number of the injected event (the same event routed to
     two sessions has the same id; READY, GUILD_CREATE and RESUMED of a session have
-    their own). ``sent_on`` is the connection id it was written to live, ``None`` when the
-    session had no connection (it waits in the replay buffer); ``replayed_on`` lists the
-    connections a RESUME replayed it to.
+    their own). ``sent_on`` is the connection id it was written to live and ``sent_at``
+    the loop time of that write; both are ``None`` while it waits in the session's delay
+    queue, and stay ``None`` when the session had no connection by then (it waits in the
+    replay buffer); ``replayed_on`` lists the connections a RESUME replayed it to.
     """
 
     seq: int
@@ -50,6 +58,7 @@ class DispatchRecord:
     guild_id: int | None
     sent_on: int | None
     replayed_on: list[int] = field(default_factory=list)
+    sent_at: float | None = None
 
 
 @dataclass(slots=True)
@@ -115,8 +124,10 @@ class FakeSession:
         "dispatches",
         "end_reason",
         "ended",
+        "flush_timer",
         "intents",
         "num_shards",
+        "pending",
         "ready",
         "recording",
         "replay",
@@ -151,25 +162,103 @@ class FakeSession:
         self.ready = False
         self.resumes = 0
         self.recording = recording
+        self.pending: deque[tuple[float, int, bytes]] = deque()
+        self.flush_timer: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
         state = "ended" if self.ended else ("attached" if self.connection else "detached")
         return (
             f"<FakeSession {self.session_id[:8]} shard=[{self.shard_id}, {self.num_shards}] "
-            f"seq={self.seq} {state}>"
+            f"seq={self.seq} pending={len(self.pending)} {state}>"
         )
 
-    def add(self, t: str, d_json: bytes, event_id: int, guild_id: int | None) -> bytes:
-        """Number a dispatch, buffer it for replay, record it; returns the serialized message."""
+    def add(
+        self,
+        t: str,
+        d_json: bytes,
+        event_id: int,
+        guild_id: int | None,
+        *,
+        now: float | None = None,
+    ) -> bytes:
+        """Number a dispatch, buffer it for replay, record it; returns the serialized message.
+
+        The record says it was sent on the attached connection (at ``now``); the caller
+        writes it there at once, or hands it to :meth:`deliver`.
+        """
         self.seq += 1
         message = envelope(t, self.seq, d_json)
         self.replay.append((self.seq, message))
         if self.recording:
             conn = self.connection
             self.dispatches.append(
-                DispatchRecord(self.seq, t, event_id, guild_id, conn.conn_id if conn else None)
+                DispatchRecord(
+                    self.seq,
+                    t,
+                    event_id,
+                    guild_id,
+                    conn.conn_id if conn else None,
+                    sent_at=now if conn else None,
+                )
             )
         return message
+
+    def deliver(self, seq: int, message: bytes, delay_s: float) -> None:
+        """Write the just-numbered ``message`` to the attached connection ``delay_s`` from now.
+
+        FIFO: it never overtakes a message still queued, so a delay of 0 behind a delayed
+        message waits too (and later delays never reorder: a message is due no earlier than
+        the one before it). Without a connection nothing is queued: the message is in the
+        replay buffer, where a RESUME finds it. With nothing queued and no delay it is
+        written at once, at no extra cost.
+        """
+        conn = self.connection
+        if conn is None:
+            return
+        pending = self.pending
+        if delay_s <= 0 and not pending:
+            conn.send_message(message)
+            return
+        loop = asyncio.get_running_loop()
+        due = loop.time() + max(0.0, delay_s)
+        if pending and pending[-1][0] > due:
+            due = pending[-1][0]
+        record = self.record_for(seq)
+        if record is not None:
+            record.sent_on = record.sent_at = None
+        pending.append((due, seq, message))
+        if self.flush_timer is None:
+            self.flush_timer = loop.call_at(pending[0][0], self._flush)
+
+    def _flush(self) -> None:
+        self.flush_timer = None
+        self.flush(asyncio.get_running_loop().time())
+
+    def flush(self, until: float | None = None) -> None:
+        """Write the queued messages due by loop time ``until`` (all of them if ``None``)."""
+        pending = self.pending
+        conn = self.connection
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while pending and (until is None or pending[0][0] <= until):
+            _, seq, message = pending.popleft()
+            if conn is not None and conn.send_message(message):
+                record = self.record_for(seq)
+                if record is not None:
+                    record.sent_on = conn.conn_id
+                    record.sent_at = now
+        if self.flush_timer is not None:
+            self.flush_timer.cancel()
+            self.flush_timer = None
+        if pending:
+            self.flush_timer = loop.call_at(pending[0][0], self._flush)
+
+    def clear_pending(self) -> None:
+        """Forget the queue (its connection is gone): the messages stay in the replay buffer."""
+        self.pending.clear()
+        if self.flush_timer is not None:
+            self.flush_timer.cancel()
+            self.flush_timer = None
 
     def routes(self, guild_id: int | None) -> bool:
         """Whether an event of ``guild_id`` goes to this session (DMs: shard 0 only)."""
@@ -187,6 +276,7 @@ class FakeSession:
             self.ended = True
             self.end_reason = reason
             self.replay.clear()
+            self.clear_pending()
 
     def missed_since(self, seq: int) -> list[tuple[int, bytes]] | None:
         """Buffered messages after ``seq``; ``None`` if some of them fell out of the buffer."""

@@ -137,6 +137,32 @@ class Message:
     @property
     def message_id(self) -> int | None:
         """MESSAGE_CREATE / MESSAGE_UPDATE / MESSAGE_DELETE: ``d.id``."""
+    def d_hash(self) -> int:
+        """The identity of ``d``: XXH3-64 (seed 0, as ``xxhash.xxh3_64_intdigest``) of the
+        raw bytes of the ``d`` value exactly as they appear in the payload, an unsigned
+        64-bit int; a message without ``d`` hashes as ``d: null`` (the bytes ``null``).
+
+        For de-duplication during a reshard: the sessions of the old and the new shard
+        count receive the same event as the same ``d`` text with a different ``s``, so it
+        has the same hash in every codec, process and version. The hash is of the text,
+        not of the JSON value: another key order or whitespace inside ``d`` is another
+        identity. Computed on each call, not during :meth:`ShardCodec.feed`: one pass over
+        ``d`` (about 0.1 us for a 1 KB event, 10 us for a 200 KB GUILD_CREATE).
+        """
+    def route_guild_id(self) -> int | None:
+        """The guild a dispatch belongs to, for routing: ``d.id`` for GUILD_CREATE,
+        GUILD_UPDATE and GUILD_DELETE, ``d.guild_id`` for any other dispatch (op 0).
+
+        A snowflake is a JSON string of ASCII digits (escapes decoded) or a bare
+        non-negative integer, fitting in 64 bits. None, never an error, when the key is
+        absent (DMs, READY, ...), its value is anything else (null, a bool, a float, a
+        negative or too large number, a non-digit string, a container), ``d`` is not an
+        object, or the message is not a dispatch. Only the top level of ``d`` counts (a
+        nested ``guild_id`` never does); as in JSON parsers the last of duplicate keys
+        wins; keys are matched as raw bytes. Computed on each call by walking the top
+        level of ``d`` to its end (nested values skipped structurally; about 0.4 us for a
+        1 KB event, 35 us for a 200 KB GUILD_CREATE), not during :meth:`ShardCodec.feed`.
+        """
 
 @final
 class EditFilter:

@@ -430,6 +430,9 @@ pub struct Message {
     #[pyo3(get)]
     body: Py<PyBytes>,
     payload_start: usize,
+    /// Span of `d`'s raw JSON text in `body`; empty when the message has no `d`.
+    d_start: usize,
+    d_end: usize,
     #[pyo3(get)]
     drop: bool,
     #[pyo3(get)]
@@ -458,6 +461,30 @@ impl Message {
         let body = self.body.bind(py).as_bytes();
         let end = body.len().saturating_sub(1).max(self.payload_start);
         PyBytes::new(py, &body[self.payload_start..end])
+    }
+
+    /// XXH3-64 of the raw bytes of `d` exactly as they appear in the payload (of
+    /// `null` when there is no `d`), computed on each call.
+    fn d_hash(&self, py: Python<'_>) -> u64 {
+        let body = self.body.bind(py).as_bytes();
+        scan::d_hash(body.get(self.d_start..self.d_end).filter(|d| !d.is_empty()))
+    }
+
+    /// The guild a dispatch belongs to, for routing: `d.id` for `GUILD_CREATE`,
+    /// `GUILD_UPDATE` and `GUILD_DELETE`, `d.guild_id` for any other dispatch; `None`
+    /// when absent, not a snowflake, `d` is not an object, or the message is not a
+    /// dispatch. Walks the top level of `d` on each call.
+    fn route_guild_id(&self, py: Python<'_>) -> Option<u64> {
+        let t = match &self.t {
+            Some(t) => Some(t.bind(py).to_str().ok()?.as_bytes()),
+            None => None,
+        };
+        let key = scan::route_key(self.op, t)?;
+        if self.d_start >= self.d_end {
+            return None;
+        }
+        let body = self.body.bind(py).as_bytes();
+        scan::top_level_snowflake(body, self.d_start..self.d_end, key)
     }
 
     fn __repr__(&self, py: Python<'_>) -> String {
@@ -712,6 +739,10 @@ impl ShardCodec {
             )?),
             None => None,
         };
+        let (d_start, d_end) = last
+            .d
+            .as_ref()
+            .map_or((0, 0), |d| (base + d.start, base + d.end));
         // Take the (rare) owned READY fields instead of cloning them.
         let scan = self.core.last_mut();
         Ok(Some(Message {
@@ -721,6 +752,8 @@ impl ShardCodec {
             kind: scan.kind() as u8,
             body: body.unbind(),
             payload_start: base,
+            d_start,
+            d_end,
             drop,
             heartbeat_interval: scan.heartbeat_interval,
             session_id: scan.session_id.take(),

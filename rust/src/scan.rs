@@ -1165,6 +1165,113 @@ fn bits_between(from: u32, to: u32) -> u64 {
     below_to & !below_from
 }
 
+/// What a message without `d` hashes as in [`d_hash`]: the same as `"d":null`.
+pub const NO_D: &[u8] = b"null";
+
+/// The identity of a `d` value: XXH3-64 (seed 0) of its raw JSON text exactly as it
+/// appears in the payload, or of [`NO_D`] when there is none. Seedless and specified
+/// (the same bytes give the same hash in every process, version and machine), so two
+/// sessions that receive the same event (a reshard) can tell it is the same one.
+pub fn d_hash(d: Option<&[u8]>) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(d.unwrap_or(NO_D))
+}
+
+/// The top-level key of `d` that names the guild a message belongs to: `id` for
+/// `GUILD_CREATE`, `GUILD_UPDATE` and `GUILD_DELETE`, `guild_id` for any other dispatch,
+/// `None` for other opcodes (nothing to route). `t` is the unescaped event name.
+pub fn route_key(op: i64, t: Option<&[u8]>) -> Option<&'static [u8]> {
+    if op != OP_DISPATCH {
+        return None;
+    }
+    Some(match t {
+        Some(b"GUILD_CREATE" | b"GUILD_UPDATE" | b"GUILD_DELETE") => b"id",
+        _ => b"guild_id",
+    })
+}
+
+/// The snowflake under `key` at the top level of the object `buf[d]`: a JSON string of
+/// ASCII digits (escapes decoded) or a bare non-negative integer, that fits in a `u64`.
+/// As JSON parsers do, the last of duplicate keys wins. `None` when the key is absent,
+/// its value is anything else, or `buf[d]` is not an object (or is malformed); never
+/// an error. Only the top level is walked; nested values are skipped structurally, and
+/// keys are compared as raw bytes (a key spelled with escapes is not recognised).
+pub fn top_level_snowflake(buf: &[u8], d: Range<usize>, key: &[u8]) -> Option<u64> {
+    if key.is_empty() || key.len() >= 64 {
+        return None;
+    }
+    let b = buf.get(..d.end)?;
+    let mut p = Parser { b, i: d.start };
+    if p.peek() != Some(b'{') {
+        return None;
+    }
+    let mut found = None;
+    p.walk::<true>(1u64 << key.len(), &mut |k, at| {
+        if k == key {
+            found = Parser { b, i: at }.routing_snowflake();
+        }
+        Ok(false) // keep walking: a later duplicate overrides
+    })
+    .ok()?;
+    found
+}
+
+/// The guild a scanned message belongs to, for routing (see [`route_key`] and
+/// [`top_level_snowflake`]); `buf` is the payload `scan` indexes.
+pub fn route_guild_id(buf: &[u8], scan: &Scan) -> Option<u64> {
+    let unescaped;
+    let t = match &scan.t {
+        Some(raw) if scan.t_escaped => {
+            unescaped = unescape(buf.get(raw.clone())?, raw.start).ok()?;
+            Some(unescaped.as_bytes())
+        }
+        Some(raw) => Some(buf.get(raw.clone())?),
+        None => None,
+    };
+    top_level_snowflake(buf, scan.d.clone()?, route_key(scan.op, t)?)
+}
+
+impl Parser<'_> {
+    /// A snowflake as [`top_level_snowflake`] accepts it; `None` for anything else.
+    fn routing_snowflake(&mut self) -> Option<u64> {
+        match self.peek()? {
+            b'"' => {
+                let (span, escaped) = self.string().ok()?;
+                let raw = &self.b[span.clone()];
+                if escaped {
+                    digits_u64(unescape(raw, span.start).ok()?.as_bytes())
+                } else {
+                    digits_u64(raw)
+                }
+            }
+            b'0'..=b'9' => {
+                let start = self.i;
+                while let Some(b'0'..=b'9') = self.peek() {
+                    self.i += 1;
+                }
+                if matches!(self.peek(), Some(b'.' | b'e' | b'E')) {
+                    return None;
+                }
+                digits_u64(&self.b[start..self.i])
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A non-empty run of ASCII digits as a `u64`; `None` for anything else or an overflow.
+fn digits_u64(s: &[u8]) -> Option<u64> {
+    if s.is_empty() {
+        return None;
+    }
+    s.iter().try_fold(0u64, |v, &c| {
+        if c.is_ascii_digit() {
+            v.checked_mul(10)?.checked_add(u64::from(c - b'0'))
+        } else {
+            None
+        }
+    })
+}
+
 /// Skips the JSON value at `buf[at..]` and returns where it ends (the structural skip
 /// the scanner uses for everything it does not read); for tests and benches.
 ///

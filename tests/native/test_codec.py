@@ -547,6 +547,160 @@ def test_message_is_immutable_and_outlives_next_feed() -> None:
         first.op = 3  # type: ignore[misc]
 
 
+# --- routing identity (resharding) ----------------------------------------------------------
+
+
+def test_d_hash_is_the_same_for_one_event_on_two_sessions() -> None:
+    # A reshard: the old session (shard 3 of 4, zlib) and the new one (shard 7 of 8, zstd)
+    # receive the same event with their own sequence numbers.
+    gen = pl.PayloadGenerator(21)
+    events = [
+        ("MESSAGE_CREATE", gen.message_create(GUILDS[0])),
+        ("GUILD_CREATE", gen.guild_create(GUILDS[1], 40_000)),
+        ("TYPING_START", gen.typing_start(GUILDS[2])),
+    ]
+    old, new = ShardCodec(3, "zlib-stream"), ShardCodec(7, "zstd-stream")
+    old_msgs = feed_all(
+        old,
+        compress_all("zlib-stream", [pl.dispatch(t, s, d) for s, (t, d) in enumerate(events, 40)]),
+    )
+    new_msgs = feed_all(
+        new,
+        compress_all("zstd-stream", [pl.dispatch(t, s, d) for s, (t, d) in enumerate(events, 2)]),
+    )
+    for a, b in zip(old_msgs, new_msgs, strict=True):
+        assert a.seq != b.seq and a.payload != b.payload
+        assert a.d_hash() == b.d_hash()
+        assert a.d_hash() == a.d_hash()  # computed again, same value
+        assert 0 <= a.d_hash() < 1 << 64
+    assert len({m.d_hash() for m in old_msgs}) == len(events)
+    # Different content is a different identity, even one byte of it.
+    created = dict(events[0][1])
+    edited = decode_one(
+        pl.dispatch("MESSAGE_CREATE", 40, {**created, "content": created["content"] + "!"})
+    )
+    assert edited.d_hash() != old_msgs[0].d_hash()
+    # XXH3-64 with seed 0 (the value the xxhash C library gives): stable across versions.
+    assert decode_one(b'{"t":"X","s":1,"op":0,"d":{"guild_id":"1"}}').d_hash() == 0x04D39AF0B45EA706
+
+
+def test_d_hash_of_a_missing_or_null_d() -> None:
+    null = decode_one(pl.HEARTBEAT_ACK)
+    missing = decode_one(b'{"op":11}')
+    assert null.d_hash() == missing.d_hash() == 0xB785B6EC423C44E1  # XXH3-64 of b"null"
+    assert decode_one(pl.envelope(None, None, 10, pl.hello())).d_hash() != null.d_hash()
+
+
+def test_d_hash_distinguishes_every_event_of_a_stream() -> None:
+    stream = list(pl.mixed_stream(5, 600, GUILDS))
+    codec = ShardCodec(0, "zlib-stream", edit_filter=False)
+    msgs = feed_all(
+        codec,
+        compress_all("zlib-stream", [pl.dispatch(t, s, d) for s, (t, d) in enumerate(stream, 1)]),
+    )
+    by_text: dict[bytes, int] = {}
+    for (_, d), msg in zip(stream, msgs, strict=True):
+        assert by_text.setdefault(orjson.dumps(d), msg.d_hash()) == msg.d_hash()
+    assert len(set(by_text.values())) == len(by_text)
+
+
+def reference_route(payload: bytes) -> int | None:
+    """What a router that parses the whole message finds."""
+    msg = orjson.loads(payload)
+    d = msg.get("d")
+    if msg.get("op") != 0 or not isinstance(d, dict):
+        return None
+    key = "id" if msg.get("t") in ("GUILD_CREATE", "GUILD_UPDATE", "GUILD_DELETE") else "guild_id"
+    value = d.get(key)
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value) if int(value) < 1 << 64 else None
+    if type(value) is int and 0 <= value < 1 << 64:
+        return value
+    return None
+
+
+def test_route_guild_id_of_discord_events() -> None:
+    gen = pl.PayloadGenerator(22)
+    gid = GUILDS[4]
+    created = gen.message_create(gid)
+    dm = {k: v for k, v in created.items() if k not in ("guild_id", "member")}
+    cases: list[tuple[bytes, int | None]] = [
+        (pl.dispatch("MESSAGE_CREATE", 1, created), gid),
+        (pl.dispatch("MESSAGE_CREATE", 2, dm), None),  # a DM has no guild
+        (pl.dispatch("TYPING_START", 3, gen.typing_start(gid)), gid),
+        (pl.dispatch("GUILD_CREATE", 4, gen.guild_create(gid, 20_000)), gid),
+        (pl.dispatch("GUILD_UPDATE", 5, {"id": str(gid), "name": "x", "owner_id": "5"}), gid),
+        (pl.dispatch("GUILD_DELETE", 6, {"id": str(gid), "unavailable": True}), gid),
+        # Guild events route by their own id, not by a guild_id next to it.
+        (pl.dispatch("GUILD_UPDATE", 7, {"guild_id": "5", "id": str(gid)}), gid),
+        (pl.dispatch("GUILD_ROLE_CREATE", 8, {"guild_id": str(gid), "role": {"id": "9"}}), gid),
+        (
+            pl.dispatch("READY", 9, pl.ready(session_id="s", guild_ids=GUILDS[:3], shard=(0, 1))),
+            None,
+        ),
+        (pl.envelope(None, None, 10, pl.hello()), None),
+        (pl.HEARTBEAT_ACK, None),
+        (orjson.dumps({"op": 3, "d": {"guild_id": "1"}}), None),  # not a dispatch
+    ]
+    for payload, want in cases:
+        msg = decode_one(payload, compression="zlib-stream")
+        assert msg.route_guild_id() == want == reference_route(payload), payload[:60]
+
+
+@pytest.mark.parametrize(
+    ("d", "want"),
+    [
+        ({"guild_id": 1030189824911295867}, 1030189824911295867),  # an int snowflake
+        ({"guild_id": "18446744073709551615"}, (1 << 64) - 1),
+        ({"guild_id": "18446744073709551616"}, None),
+        ({"guild_id": None}, None),
+        ({"guild_id": True}, None),
+        ({"guild_id": 12.5}, None),
+        ({"guild_id": -12}, None),
+        ({"guild_id": ""}, None),
+        ({"guild_id": "12a"}, None),
+        ({"guild_id": "-12"}, None),
+        ({"guild_id": " 12"}, None),
+        ({"guild_id": "١٢"}, None),  # non-ASCII digits
+        ({"guild_id": ["12"]}, None),
+        ({"guild_id": {"id": "12"}}, None),
+        ({"member": {"guild_id": "12"}}, None),  # nested: not the event's guild
+        ({"content": '"guild_id":"12"'}, None),
+        ([{"guild_id": "12"}], None),  # d not an object
+        ("12", None),
+        (None, None),
+    ],
+)
+def test_route_guild_id_of_odd_data_is_none_never_an_error(d: object, want: int | None) -> None:
+    payload = pl.dispatch("MESSAGE_CREATE", 1, d)
+    msg = decode_one(payload, compression="zstd-stream")
+    assert msg.route_guild_id() == want == reference_route(payload)
+
+
+def test_route_guild_id_raw_spellings() -> None:
+    for raw, want in [
+        (b'{"guild_id":"\\u0031\\u0032"}', 12),  # escapes decoded, as a JSON parser does
+        (b'{"guild_id":"1","guild_id":"2"}', 2),  # the last duplicate wins, as in orjson
+        (b'{"guild_id":18446744073709551616}', None),  # beyond 64 bits
+        (b'{ "guild_id" :\n 7 }', 7),
+        (b'{"guild\\u005fid":"7"}', None),  # keys are matched as raw bytes
+    ]:
+        payload = b'{"op":0,"s":1,"t":"MESSAGE_CREATE","d":' + raw + b"}"
+        assert decode_one(payload).route_guild_id() == want, raw
+
+
+def test_route_guild_id_over_a_stream() -> None:
+    payloads = [pl.dispatch(t, s, d) for s, (t, d) in enumerate(pl.mixed_stream(6, 600, GUILDS), 1)]
+    codec = ShardCodec(0, "zstd-stream", edit_filter=False)
+    routed = 0
+    for payload, msg in zip(
+        payloads, feed_all(codec, compress_all("zstd-stream", payloads)), strict=True
+    ):
+        assert msg.route_guild_id() == reference_route(payload)
+        routed += msg.route_guild_id() is not None
+    assert routed > 500
+
+
 # --- errors -------------------------------------------------------------------------------------
 
 
@@ -587,6 +741,24 @@ def test_corrupt_zstd_then_reset() -> None:
     feed_all(codec, good[:1])
     with pytest.raises(CompressionError):
         codec.feed(b"\xff" * 64)
+
+
+def test_zstd_window_above_8_mib_is_a_compression_error() -> None:
+    # zstd level 22 declares a 128 MiB window (windowLog 27), which the decoder would
+    # hold per shard whatever max_message_size says: refused at the frame header.
+    frame = StreamCompressor("zstd-stream", 22).compress(pl.HEARTBEAT_ACK)
+    assert frame[4] & 0x20 == 0 and 10 + (frame[5] >> 3) == 27  # the declared window log
+    codec = ShardCodec(0, "zstd-stream", max_message_size=1 << 20)
+    with pytest.raises(CompressionError, match="window"):
+        codec.feed(frame)
+    assert codec.stats()["errors"] == 1  # counted; the shard reconnects
+    with pytest.raises(CompressionError):
+        Inflater("zstd-stream").feed(frame)
+    # Levels up to 19 use windows up to 8 MiB (windowLog 23): still decoded.
+    codec.reset()
+    frame = StreamCompressor("zstd-stream", 19).compress(pl.HEARTBEAT_ACK)
+    assert 10 + (frame[5] >> 3) == 23
+    assert [m.payload for m in feed_all(codec, [frame])] == [pl.HEARTBEAT_ACK]
 
 
 @pytest.mark.parametrize("compression", COMPRESSIONS)

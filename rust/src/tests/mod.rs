@@ -11,4 +11,5 @@ mod filter;
 mod fixtures;
 mod inflate;
 mod props;
+mod route;
 mod scan;

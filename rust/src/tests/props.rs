@@ -10,7 +10,7 @@ use super::fixtures::ALL;
 use crate::compress::Compressor;
 use crate::errors::Error;
 use crate::inflate::{Compression, Transport};
-use crate::scan::{scan, scan_any_layout, skip_value_at, Kind};
+use crate::scan::{d_hash, route_guild_id, scan, scan_any_layout, skip_value_at, Kind};
 
 /// 96 cases per property keeps CI to a few seconds; `PROPTEST_CASES=5000` fuzzes longer.
 fn config() -> ProptestConfig {
@@ -339,5 +339,130 @@ proptest! {
         let mut odd = msg[..cut].to_vec();
         odd.extend_from_slice(&junk);
         prop_assert_eq!(scan(&odd), scan_any_layout(&odd));
+    }
+}
+
+/// Raw JSON for the value of a routing key: snowflakes in every spelling the router
+/// accepts (string, bare integer, escaped digits) and near misses of every kind.
+fn route_value() -> impl Strategy<Value = String> {
+    prop_oneof![
+        any::<u64>().prop_map(|v| format!("\"{v}\"")),
+        any::<u64>().prop_map(|v| v.to_string()),
+        any::<u64>().prop_map(|v| {
+            let mut digits = String::new();
+            for c in v.to_string().chars() {
+                let _ = write!(digits, "\\u{:04x}", c as u32);
+            }
+            format!("\"{digits}\"")
+        }),
+        any::<i64>().prop_map(|v| v.to_string()),
+        any::<i64>().prop_map(|v| format!("\"{v}\"")),
+        Just("\"18446744073709551616\"".to_owned()),
+        Just("184467440737095516160".to_owned()),
+        any::<i32>().prop_map(|v| format!("{v}.5")),
+        "\"[0-9a-z+. -]{0,22}\"",
+        json_value().prop_map(|v| to_json(&v, false)),
+    ]
+}
+
+/// Raw JSON text of a `d`: usually an object with a `guild_id` and/or `id` (maybe twice,
+/// maybe nested deeper too) among other keys, sometimes another type.
+fn routed_d() -> impl Strategy<Value = String> {
+    let key = prop_oneof![
+        3 => Just("guild_id".to_owned()),
+        3 => Just("id".to_owned()),
+        4 => tricky_string(),
+    ];
+    let value = prop_oneof![
+        3 => route_value(),
+        1 => route_value().prop_map(|v| format!(r#"{{"guild_id":{v},"id":{v}}}"#)),
+        1 => route_value().prop_map(|v| format!(r#"[{{"guild_id":{v}}},"guild_id",{v}]"#)),
+        2 => json_value().prop_map(|v| to_json(&v, true)),
+    ];
+    prop_oneof![
+        6 => (vec((key, value), 0..7), any::<bool>()).prop_map(|(entries, spaced)| {
+            let sep = if spaced { " , " } else { "," };
+            let body: Vec<String> = entries
+                .iter()
+                .map(|(k, v)| {
+                    let k = to_json(&Value::String(k.clone()), true);
+                    if spaced { format!("{k} :\n{v}") } else { format!("{k}:{v}") }
+                })
+                .collect();
+            format!("{{{}}}", body.join(sep))
+        }),
+        1 => route_value(),
+    ]
+}
+
+/// A gateway message around the raw `d` text: the event name, `s` and the layout
+/// (Discord's key order, or `d` first with whitespace) vary.
+fn envelope(t: &str, op: i64, s: u32, d_first: bool, d: &str) -> String {
+    if d_first {
+        format!(r#"{{ "d" : {d} , "op":{op}, "s":{s}, "t":"{t}" }}"#)
+    } else {
+        format!(r#"{{"t":"{t}","s":{s},"op":{op},"d":{d}}}"#)
+    }
+}
+
+/// What a router that parses the whole message with serde_json finds.
+fn reference_route(text: &str) -> Option<u64> {
+    let v: Value = serde_json::from_str(text).unwrap();
+    if v["op"].as_i64() != Some(0) {
+        return None;
+    }
+    let key = match v["t"].as_str() {
+        Some("GUILD_CREATE" | "GUILD_UPDATE" | "GUILD_DELETE") => "id",
+        _ => "guild_id",
+    };
+    match v["d"].as_object()?.get(key)? {
+        Value::String(s) if !s.is_empty() && s.bytes().all(|c| c.is_ascii_digit()) => {
+            s.parse().ok()
+        }
+        Value::Number(n) => n.as_u64(),
+        _ => None,
+    }
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn d_hash_is_equal_iff_d_bytes_are_equal(
+        d in routed_d(),
+        other in routed_d(),
+        t in prop_oneof![Just("MESSAGE_CREATE"), Just("GUILD_CREATE"), Just("TYPING_START")],
+        (s1, s2) in (any::<u32>(), any::<u32>()),
+        layouts in (any::<bool>(), any::<bool>()),
+    ) {
+        let a = envelope(t, 0, s1, layouts.0, &d);
+        let b = envelope(t, 0, s2, layouts.1, &d);
+        let c = envelope(t, 0, s1, layouts.0, &other);
+        let hash = |text: &str| {
+            let s = scan(text.as_bytes()).unwrap();
+            prop_assert_eq!(&text.as_bytes()[s.d.clone().unwrap()], if text == c { other.as_bytes() } else { d.as_bytes() });
+            Ok(d_hash(s.d.map(|r| &text.as_bytes()[r])))
+        };
+        let (ha, hb, hc) = (hash(&a)?, hash(&b)?, hash(&c)?);
+        prop_assert_eq!(ha, hb);
+        prop_assert_eq!(ha, xxhash_rust::xxh3::xxh3_64(d.as_bytes()));
+        prop_assert_eq!(ha == hc, d == other);
+    }
+
+    #[test]
+    fn route_guild_id_agrees_with_serde_json(
+        d in routed_d(),
+        t in prop_oneof![
+            Just("GUILD_CREATE"), Just("GUILD_UPDATE"), Just("GUILD_DELETE"),
+            Just("MESSAGE_CREATE"), Just("MESSAGE_DELETE"), Just("GUILD_MEMBER_ADD"),
+            Just("READY"), Just("TYPING_START"),
+        ],
+        op in prop_oneof![4 => Just(0i64), 1 => Just(7i64), 1 => Just(10i64)],
+        s in any::<u32>(),
+        d_first in any::<bool>(),
+    ) {
+        let text = envelope(t, op, s, d_first, &d);
+        let sc = scan(text.as_bytes()).unwrap();
+        prop_assert_eq!(route_guild_id(text.as_bytes(), &sc), reference_route(&text), "{}", text);
     }
 }

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import math
 import statistics
 import sys
@@ -97,13 +98,13 @@ async def one_run(args: argparse.Namespace, seed: int) -> dict[str, Any]:
             await asyncio.sleep(2.0)
             started = time.monotonic()
             reshard = manager.resharder.start(args.to)
-            while reshard.running:
+            while reshard.running:  # noqa: ASYNC110 - a bench polls; no event to expose
                 await asyncio.sleep(0.02)
             done = time.monotonic()
             await asyncio.sleep(1.0)
             await stream.stop()
             deadline = time.monotonic() + 60
-            while not manager.outbox.is_empty() and time.monotonic() < deadline:
+            while not manager.outbox.is_empty() and time.monotonic() < deadline:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
             await asyncio.sleep(0.3)
             snapshot = reshard.snapshot()
@@ -119,7 +120,7 @@ async def one_run(args: argparse.Namespace, seed: int) -> dict[str, Any]:
 
     def longest(start: float, end: float) -> float:
         window = [t for t in times if start <= t <= end]
-        return max((b - a for a, b in zip(window, window[1:], strict=False)), default=0.0)
+        return max((b - a for a, b in itertools.pairwise(window)), default=0.0)
 
     switched = reshard.switched_at or done
     return {

@@ -256,6 +256,12 @@ class ShardGroup:
         async with asyncio.timeout(timeout):
             await self.all_loaded.wait()
 
+    def set_dispatch_filtered(self, on: bool) -> None:
+        """Let MESSAGE_UPDATEs the edit filter marked (``message.drop``) reach the sink too:
+        a reshard's handover decides on them (see reshard.py)."""
+        for shard in self.shards.values():
+            shard.dispatch_filtered = on
+
     def fatal_errors(self) -> dict[int, str]:
         """Shards that stopped for good, with the reason."""
         return {sid: str(s.fatal_error) for sid, s in self.shards.items() if s.fatal_error}

@@ -99,8 +99,9 @@ class GatewayManager:
             edit_filter=config.edit_filter,
         )
         if options.edit_filter is True:
-            # Message ids are global: one table serves every shard of the process
-            # (65536 entries, 1.5 MiB once used) instead of one per shard.
+            # Message ids are global: one table serves every shard of the process (65536
+            # entries, 1.5 MiB once used) instead of one per shard, and both groups of a
+            # reshard (the handover reads the first copy's decision, see reshard.py).
             options = dataclasses.replace(options, edit_filter=EditFilter(SHARED_EDIT_FILTER))
         self.shard_options = options
         self.identify_window_s = (
@@ -299,7 +300,7 @@ class GatewayManager:
         the outbox. What is still queued after that is logged with its count."""
         if self.control is not None:
             await self.control.stop()
-        await self.resharder.stop()
+        await self.resharder.stop(drain=True)
         groups = {self.active}
         if self.resharder.current is not None:
             groups |= {self.resharder.current.old, self.resharder.current.new}
@@ -310,6 +311,7 @@ class GatewayManager:
                     "stopping with %d events undelivered (the event handler is not taking them)",
                     self.outbox.depth,
                 )
+            await self.resharder.stop()
             await self.delivery.stop()
             await self.delivery.forwarder.close()
 

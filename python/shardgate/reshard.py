@@ -44,6 +44,7 @@ import enum
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
@@ -60,6 +61,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEDUP_HORIZON_S",
     "GUILDS_PER_SHARD",
+    "LAG_ALLOWANCE_S",
     "RESHARDED_EVENT",
     "Handover",
     "Reshard",
@@ -75,6 +77,13 @@ GUILDS_PER_SHARD: Final = 2500
 """Discord's limit; a shard over it is closed with 4011."""
 DEDUP_HORIZON_S: Final = 30.0
 """How far apart two copies of one event may reach the two groups and still be matched."""
+LAG_WINDOW_S: Final = 10.0
+"""The old group's lag behind the new one is the maximum over this many recent seconds."""
+MAX_SWITCH_WAIT_S: Final = 5.0
+"""The longest the switch waits for a lagging old group to catch up (see ``_catch_up``)."""
+LAG_ALLOWANCE_S: Final = 2.0
+"""After the old group closed, how long the new group's copies of what the old group
+forwarded last are still matched: gateway nodes differ by hundreds of milliseconds."""
 _SILENT_LOAD_KINDS: Final = (KIND_READY, KIND_GUILD_CREATE)
 
 
@@ -95,7 +104,24 @@ _AFTER: Final = 2  # old closed; new forwards into its own (held) streams, still
 class Handover:
     """The two sinks of a reshard (see the module docstring): ``old_sink`` and ``new_sink``.
 
-    Entries: ``d`` hash -> ``[old copies, new copies, forwarded, created_at]``.
+    Per identity of ``d`` an entry ``[old, new, forwarded, created_at, held, covered]``:
+    copies each group saw, copies forwarded, and the new group's first copies kept while it
+    loads (``held``) of which ``covered`` were meanwhile forwarded by the old group.
+
+    Why keep the new group's first copies while it loads: when the new group's node is
+    ahead, an event reaches it before the old group. The old group still forwards it in its
+    place, unless the switch comes first: then those events, still on their way to the old
+    group, are forwarded at the switch from the kept copies, in the new group's order and
+    before anything the new group receives after it. They are as many as the new node is
+    ahead times the event rate (a kept copy is freed when the old copy arrives).
+
+    The edit filter: both groups share the process's table and, during a reshard, hand
+    the MESSAGE_UPDATEs it marks (``message.drop``) to these sinks too. Whichever copy of
+    an update comes first meets the table's full history and carries the decision; the
+    second copy meets the first one's entry and always looks unchanged, so it is matched,
+    never judged. (With a table per group, a new group that missed a message's create
+    would pass its unfurl, out of order; with a shared table and no handover, the second
+    copy would be filtered even when the first was only counted: a lost edit.)
     """
 
     def __init__(
@@ -116,7 +142,13 @@ class Handover:
         self._old_base = stream_id(old.generation, 0)
         self._new_base = stream_id(new.generation, 0)
         self._entries: dict[int, list[Any]] = {}
+        # The new group's first copies while it loads, in its order: (key, at, id, body, stream).
+        self._held: deque[tuple[int, float, str, bytes, int]] = deque()
+        self._lags: deque[tuple[float, float]] = deque()
         self.matched = 0  # second copies dropped
+        self.filtered = 0  # first copies the shared edit filter marked unchanged
+        self.flushed = 0  # kept copies forwarded at the switch
+        self.late = 0  # kept copies the old group never matched within the horizon
         self.peak_entries = 0
 
     # -- routing -------------------------------------------------------------------------
@@ -131,32 +163,62 @@ class Handover:
             return self._old_base
         return self._old_base + (guild_id >> 22) % self.old.shard_count
 
-    def _seen(self, message: Message, side: int) -> tuple[int, list[Any]]:
+    def _seen(self, key: int, entry: list[Any] | None, side: int) -> list[Any]:
         """Count one copy seen by ``side`` (0 old, 1 new)."""
-        key = message.d_hash()
-        entries = self._entries
-        entry = entries.get(key)
         if entry is None:
-            entry = entries[key] = [0, 0, 0, self._clock()]
+            entries = self._entries
+            entry = entries[key] = [0, 0, 0, self._clock(), 0, 0]
             self.peak_entries = max(self.peak_entries, len(entries))
+        elif side == 0 and entry[1] and not entry[0]:
+            self._note_old_lag(self._clock() - entry[3])
         entry[side] += 1
-        return key, entry
+        return entry
+
+    def _note_old_lag(self, lag: float) -> None:
+        """How far the old group's node is behind the new one's (from the first old copy of
+        an event the new group saw first); the recent maximum is kept."""
+        now = self._clock()
+        samples = self._lags
+        samples.append((now, lag))
+        while samples and samples[0][0] < now - LAG_WINDOW_S:
+            samples.popleft()
+
+    def old_lag_s(self) -> float:
+        """The largest lag of the old group behind the new one seen in the last
+        :data:`LAG_WINDOW_S` seconds (0 when the old group is ahead)."""
+        return max((lag for _, lag in self._lags), default=0.0)
 
     def _settle(self, key: int, entry: list[Any]) -> None:
-        if entry[0] == entry[1] == entry[2]:
+        if entry[0] == entry[1] == entry[2] and not entry[4]:
             del self._entries[key]
 
     def old_sink(self, shard_id: int, event_id: str, body: bytes, message: Message | None) -> None:
         stream = self._old_base + shard_id
-        if message is None or (self.phase == _LOADING and not self._new_owner_ready(message)):
-            # A notice, or an event the new group cannot get (the guild's new owner has no
-            # session yet): there is no copy to match, so it is not remembered.
+        if message is None:
             self.outbox.put(stream, event_id, body)
             return
-        key, entry = self._seen(message, 0)
-        if entry[0] > entry[2]:  # the first copy of this occurrence
-            self.outbox.put(stream, event_id, body)
+        key = message.d_hash()
+        entry = self._entries.get(key)
+        if entry is None and self.phase == _LOADING and not self._new_owner_ready(message):
+            # The new group cannot get this one (the guild's new owner has no session
+            # yet): there is no copy to match, so it is not remembered.
+            if message.drop:
+                self.filtered += 1
+            else:
+                self.outbox.put(stream, event_id, body)
+            return
+        entry = self._seen(key, entry, 0)
+        if entry[0] > entry[2]:  # this occurrence is not accounted for yet
             entry[2] += 1
+            if entry[4] > entry[5]:
+                # The new group kept a copy: the old one is forwarded in its place (in the
+                # old group's order) whatever the edit filter now says of this second copy.
+                entry[5] += 1
+                self.outbox.put(stream, event_id, body)
+            elif message.drop:
+                self.filtered += 1  # the first copy, and the filter's decision holds
+            else:
+                self.outbox.put(stream, event_id, body)
         else:
             self.matched += 1
         self._settle(key, entry)
@@ -169,13 +231,20 @@ class Handover:
             return
         if phase == _LOADING and message.kind in _SILENT_LOAD_KINDS:
             return  # its READY and initial load: the bot has these guilds already
-        key, entry = self._seen(message, 1)
-        if entry[1] > entry[2]:
-            if phase != _LOADING:
-                self.outbox.put(self._stream_for_new(message, shard_id), event_id, body)
-                entry[2] += 1
+        key = message.d_hash()
+        entry = self._seen(key, self._entries.get(key), 1)
+        if entry[1] <= entry[2] + entry[4] - entry[5]:
+            self.matched += 1  # forwarded (or kept) already
+        elif message.drop:
+            entry[2] += 1  # the first copy, filtered: the old copy will match it
+            self.filtered += 1
+        elif phase == _LOADING:
+            stream = self._old_stream(message, shard_id)
+            self._held.append((key, self._clock(), event_id, body, stream))
+            entry[4] += 1
         else:
-            self.matched += 1
+            self.outbox.put(self._stream_for_new(message, shard_id), event_id, body)
+            entry[2] += 1
         self._settle(key, entry)
 
     def _stream_for_new(self, message: Message | None, shard_id: int) -> int:
@@ -189,9 +258,29 @@ class Handover:
         shard = self.new.shards.get(owner)
         return shard is not None and shard.status is ShardState.READY
 
+    def _release_held(self, item: tuple[int, float, str, bytes, int]) -> bool:
+        """A kept copy leaves the store: forwarded unless the old group covered it."""
+        key, _at, event_id, body, stream = item
+        entry = self._entries.get(key)
+        if entry is not None:
+            entry[4] -= 1
+            if entry[5]:
+                entry[5] -= 1
+                self._settle(key, entry)
+                return False
+            entry[2] += 1
+            self._settle(key, entry)
+        self.outbox.put(stream, event_id, body)
+        return True
+
     # -- phases --------------------------------------------------------------------------
 
     def begin_overlap(self) -> None:
+        """The switch: forward the kept copies the old group has not, then both forward."""
+        held = self._held
+        while held:
+            if self._release_held(held.popleft()):
+                self.flushed += 1
         self.phase = _OVERLAP
 
     def begin_after(self) -> None:
@@ -212,23 +301,42 @@ class Handover:
             self.outbox.discard_stream(self._old_base + shard_id)
 
     def expire(self) -> int:
-        """Forget entries older than the horizon; returns how many."""
+        """Forget what is older than the horizon; returns how many entries went.
+
+        A kept copy the old group did not match within the horizon was never on its way
+        there (or is very late): it is forwarded rather than lost.
+        """
         limit = self._clock() - self.horizon_s
+        held = self._held
+        while held and held[0][1] <= limit:
+            if self._release_held(held.popleft()):
+                self.late += 1
         entries = self._entries
         stale = []
         for key, entry in entries.items():  # insertion order = creation order
             if entry[3] > limit:
                 break
-            stale.append(key)
+            if not entry[4]:
+                stale.append(key)
         for key in stale:
             del entries[key]
         return len(stale)
+
+    def close(self) -> None:
+        """The reshard is over: free the table (its counters stay for the status)."""
+        self._entries.clear()
+        self._held.clear()
+        self._lags.clear()
 
     def stats(self) -> dict[str, int]:
         return {
             "entries": len(self._entries),
             "peak_entries": self.peak_entries,
+            "held": len(self._held),
             "duplicates_dropped": self.matched,
+            "filtered": self.filtered,
+            "flushed_at_switch": self.flushed,
+            "late": self.late,
         }
 
 
@@ -248,6 +356,7 @@ class Reshard:
         self.new: ShardGroup | None = None
         self.handover: Handover | None = None
         self.task: asyncio.Task[None] | None = None
+        self.barrier: asyncio.Task[None] | None = None
 
     @property
     def running(self) -> bool:
@@ -274,6 +383,8 @@ class Reshard:
             handover = self.handover = Handover(manager.outbox, old, new)
             old.sink, new.sink = handover.old_sink, handover.new_sink
             new.start()
+            old.set_dispatch_filtered(True)
+            new.set_dispatch_filtered(True)
             async with asyncio.timeout(self.timeout_s()):
                 await self._wait_loaded(new, handover)
         except TimeoutError:
@@ -300,8 +411,24 @@ class Reshard:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(new.all_loaded.wait()), 0.25)
 
+    async def _catch_up(self, new: ShardGroup, handover: Handover) -> None:
+        """Before the switch, let a lagging old group receive what was sent just before the
+        last new shard identified: those events reach the old group only, and once the new
+        group forwards too, they must not arrive after its newer ones of the same guild.
+        The wait is the old group's measured lag behind the new one (plus a margin), counted
+        from the last new READY."""
+        last_ready = max(s.ready_at or 0.0 for s in new.shards.values())
+        margin = 0.1
+        while True:
+            lag = min(handover.old_lag_s(), MAX_SWITCH_WAIT_S)
+            left = last_ready + lag * 1.5 + margin - time.monotonic()
+            if lag <= 0.0 or left <= 0:
+                return
+            await asyncio.sleep(min(left, 0.1))
+
     async def _switch(self, new: ShardGroup, handover: Handover) -> None:
         manager, old = self.manager, self.old
+        await self._catch_up(new, handover)
         self.phase = ReshardPhase.SWITCHING
         self.switched_at = time.monotonic()
         handover.begin_overlap()
@@ -323,25 +450,29 @@ class Reshard:
             self.switched_at - self.started_at,
             manager.config.reshard_overlap,
         )
-        try:
-            await self._sleep_expiring(handover, manager.config.reshard_overlap)
-            await old.stop(1000)
-            handover.begin_after()
-            # Copies the new group still gets of events the old one forwarded last: match
-            # them for one horizon, and hold the new streams until the old ones are empty.
-            deadline = time.monotonic() + handover.horizon_s
-            released = False
-            while time.monotonic() < deadline or not released:
-                if not released and handover.old_streams_drained():
-                    handover.release()
-                    released = True
-                handover.expire()
-                await asyncio.sleep(0.01 if not released else 0.25)
-            new.sink = outbox_sink(manager.outbox, new.generation)
-        finally:
-            self.phase = ReshardPhase.DONE
-            self.finished_at = time.monotonic()
+        await self._sleep_expiring(handover, manager.config.reshard_overlap)
+        await old.stop(1000)
+        # From here the new group's own streams carry its events, held until the old
+        # streams have delivered what they queued (the bot may be down right now); copies
+        # of what the old group forwarded last are still matched a little longer.
+        handover.begin_after()
+        self.barrier = asyncio.get_running_loop().create_task(
+            self._release_when_drained(handover), name="shardgate-reshard-barrier"
+        )
+        await self._sleep_expiring(handover, LAG_ALLOWANCE_S)
+        new.set_dispatch_filtered(False)
+        new.sink = outbox_sink(manager.outbox, new.generation)
+        handover.close()
+        self.phase = ReshardPhase.DONE
+        self.finished_at = time.monotonic()
         log.info("reshard to %d shards done in %.1f s", new.shard_count, self.elapsed_s())
+
+    async def _release_when_drained(self, handover: Handover) -> None:
+        """Unhold the new group's streams once the old group's are empty (bounded by the
+        bot taking events; cancelled when the gateway stops)."""
+        while not handover.old_streams_drained():  # noqa: ASYNC110 - outbox depth, polled
+            await asyncio.sleep(0.01)
+        handover.release()
 
     async def _sleep_expiring(self, handover: Handover, seconds: float) -> None:
         end = time.monotonic() + seconds
@@ -355,6 +486,7 @@ class Reshard:
         self.finished_at = time.monotonic()
         log.error("reshard to %d shards failed: %s; the %d old shards keep serving",
                   self.to, reason, self.old.shard_count)
+        self.old.set_dispatch_filtered(False)
         self.old.sink = outbox_sink(self.manager.outbox, self.old.generation)
         if self.new is not None:
             await self.new.stop(1000)
@@ -376,6 +508,7 @@ class Reshard:
             "elapsed_s": round(self.elapsed_s(), 1),
             "error": self.error,
             "dedup": self.handover.stats() if self.handover is not None else None,
+            "old_queue_draining": self.barrier is not None and not self.barrier.done(),
         }
 
 
@@ -448,17 +581,24 @@ class Resharder:
         if self._check_soon is not None:
             self._check_soon.set()
 
-    async def stop(self) -> None:
+    async def stop(self, *, drain: bool = False) -> None:
+        """Stop checking and cancel a running reshard (it aborts: the new group closes);
+        with ``drain``, a finished reshard's barrier keeps the new streams held until the
+        old ones are empty, so a draining gateway still delivers in order."""
         checker, self._checker = self._checker, None
         if checker is not None:
             checker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await checker
         current = self.current
-        if current is not None and current.task is not None and not current.task.done():
-            current.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await current.task
+        if current is None:
+            return
+        # The barrier stays: while the gateway drains, old streams still go first.
+        for task in (current.task, *((current.barrier,) if not drain else ())):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def _check_loop(self) -> None:
         interval = self.manager.config.reshard_check_interval

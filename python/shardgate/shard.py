@@ -253,7 +253,7 @@ class _Connection(WSListener):
             shard._on_session_up(message, kind == KIND_READY)
         if message.drop:
             shard.filtered += 1
-            if not shard._opts.dispatch_filtered:
+            if not shard.dispatch_filtered:
                 return
         shard.dispatches += 1
         try:
@@ -345,6 +345,7 @@ class Shard:
         "acks",
         "commands_sent",
         "decode_errors",
+        "dispatch_filtered",
         "dispatch_handler",
         "dispatches",
         "event_prefix",
@@ -355,6 +356,7 @@ class Shard:
         "heartbeats_sent",
         "identifies",
         "latency",
+        "ready_at",
         "reconnects",
         "resumes",
         "shard_count",
@@ -388,6 +390,9 @@ class Shard:
             identify_gate if identify_gate is not None else LocalIdentifyGate()
         )
         self.dispatch_handler = dispatch_handler
+        #: Hand filtered MESSAGE_UPDATEs (``message.drop``) to the handler too; from
+        #: ``ShardOptions.dispatch_filtered``, switched on by a reshard's handover.
+        self.dispatch_filtered = opts.dispatch_filtered
         self._codec = ShardCodec(
             shard_id,
             opts.compression,
@@ -416,6 +421,8 @@ class Shard:
         self._attempt = 0
         self.fatal_error: FatalClose | None = None
         self.latency: float | None = None
+        #: ``time.monotonic()`` of the last READY (a new session), None before one.
+        self.ready_at: float | None = None
         self.guild_ids: list[int] = []
         self.dispatches = 0
         self.filtered = 0
@@ -797,6 +804,7 @@ class Shard:
         conn = self._conn
         self._attempt = 0
         if ready:
+            self.ready_at = time.monotonic()
             self._session_id = message.session_id
             self.event_prefix = event_id_prefix(self.shard_id, self._session_id)
             resume_url = message.resume_gateway_url

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import time
@@ -22,6 +23,7 @@ import aiohttp
 import pytest
 
 from shardgate._native import Message, ShardCodec
+from shardgate.cli import request_reshard
 from shardgate.config import Config
 from shardgate.group import ShardGroup
 from shardgate.handler import EventHandlerServer
@@ -426,3 +428,18 @@ def _group(generation: int, count: int) -> ShardGroup:
         sink=lambda *_: None,
         generation=generation,
     )
+
+
+async def test_the_cli_asks_the_running_gateway_to_reshard() -> None:
+    async with gateway({"shards": 2, "guilds": 8}) as (_fake, manager, _h, _r):
+        await manager.wait_loaded(timeout=20)
+        assert manager.control is not None
+        config = dataclasses.replace(manager.config, control_port=manager.control.port)
+        assert await asyncio.to_thread(request_reshard, config, 3) == 0
+        await wait_until(lambda: phase(manager) == "done", timeout=30)
+        assert manager.shard_count == 3
+        # a second request while none runs works too; a bad secret is refused (exit 2)
+        wrong = dataclasses.replace(config, event_handler_secret="not-the-secret")
+        assert await asyncio.to_thread(request_reshard, wrong, 2) == 2
+        closed = dataclasses.replace(config, control_port=1)
+        assert await asyncio.to_thread(request_reshard, closed, 2) == 1

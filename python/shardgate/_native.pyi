@@ -25,7 +25,9 @@ while a message is split across calls. Measured RSS per idle codec: zlib-stream 
 with its Huffman tables, in one 45 KiB block at creation), about 6 KiB after
 :meth:`ShardCodec.hibernate`; zstd-stream about 28 KiB plus
 the part of the stream's window it has touched, which grows with the traffic up to the
-window the server chose (about 1.2 MiB after a 1 MB message at level 6).
+window the server chose (about 1.2 MiB after a 1 MB message at level 6). zstd windows are
+capped at 8 MiB (windowLog 23, what zstd levels 1-19 choose): a frame that declares a
+larger one is a :class:`CompressionError` at its header, before anything is allocated.
 """
 
 from typing import Final, Literal, Self, final
@@ -78,7 +80,10 @@ class DecodeError(ValueError):
     """
 
 class CompressionError(DecodeError):
-    """Corrupt zlib/zstd data; the decompression context is unusable until reset()."""
+    """Corrupt zlib/zstd data; the decompression context is unusable until reset().
+
+    Also raised for a zstd frame that declares a window above 8 MiB (see the module
+    docstring): refused rather than allocated."""
 
 class MessageTooLarge(DecodeError):
     """A message exceeded ``max_message_size`` (also stops decompression bombs)."""
@@ -280,4 +285,6 @@ class StreamCompressor:
 
         zlib output starts with the zlib header ``78 9C`` (level 6) and always ends with
         ``00 00 ff ff``, even for an empty message; zstd compresses an empty one to ``b""``.
+        zstd levels 20-22 declare windows of 32-128 MiB, which :class:`ShardCodec` refuses
+        (levels up to 19 use at most 8 MiB).
         """

@@ -7,7 +7,7 @@
 use std::cell::Cell;
 
 use flate2::{Compress, Decompress, FlushCompress, FlushDecompress, Status};
-use zstd::stream::raw::{Decoder as ZstdDecoder, InBuffer, Operation, OutBuffer};
+use zstd::stream::raw::{DParameter, Decoder as ZstdDecoder, InBuffer, Operation, OutBuffer};
 
 use crate::errors::{Error, Result};
 
@@ -52,6 +52,14 @@ impl Compression {
 /// The deflate window: back-references reach at most this far.
 const WINDOW: usize = 32 * 1024;
 
+/// Largest zstd window accepted, as a log: 8 MiB, the most that zstd's levels 1 to 19
+/// choose for a stream of unknown size. A frame that declares more is a compression
+/// error at its header, before the decoder allocates the window (zstd's own default
+/// limit is 2^27, 128 MiB per connection). Not derived from
+/// `max_message_size`: a zstd-stream's window spans messages, so a small message limit
+/// says nothing about the window the server compresses with.
+pub const ZSTD_WINDOW_LOG_MAX: u32 = 23;
+
 enum Context {
     Zlib(Box<Decompress>),
     /// A zlib context put away between messages ([`Transport::hibernate`]): its window,
@@ -88,9 +96,7 @@ impl Transport {
             // at the end of the stream, which Discord never sends, so computing the
             // checksum over every message would protect nothing.
             Compression::Zlib => Context::Zlib(Box::new(Decompress::new(false))),
-            Compression::Zstd => Context::Zstd(Box::new(
-                ZstdDecoder::new().map_err(|e| Error::compression(e.to_string()))?,
-            )),
+            Compression::Zstd => Context::Zstd(Box::new(zstd_decoder()?)),
             Compression::Plain => Context::Plain,
         };
         Ok(Self {
@@ -440,6 +446,30 @@ pub fn window_copy_block(w: usize) -> Vec<u8> {
     b.out
 }
 
+/// A zstd streaming decoder with the window capped at [`ZSTD_WINDOW_LOG_MAX`] (a
+/// parameter that survives its session resets, see [`Transport::reset`]).
+fn zstd_decoder() -> Result<ZstdDecoder<'static>> {
+    let mut d = ZstdDecoder::new().map_err(|e| Error::compression(e.to_string()))?;
+    d.set_parameter(DParameter::WindowLogMax(ZSTD_WINDOW_LOG_MAX))
+        .map_err(|e| Error::compression(e.to_string()))?;
+    Ok(d)
+}
+
+/// A zstd decoding error; the window cap's (zstd: "Frame requires too much memory for
+/// decoding") says which limit the frame broke.
+#[cold]
+fn zstd_error(e: &std::io::Error) -> Error {
+    let msg = e.to_string();
+    if msg.contains("too much memory") {
+        Error::compression(format!(
+            "{msg}: the zstd frame's window exceeds {} MiB (windowLog {ZSTD_WINDOW_LOG_MAX})",
+            (1u32 << ZSTD_WINDOW_LOG_MAX) >> 20
+        ))
+    } else {
+        Error::compression(msg)
+    }
+}
+
 #[cold]
 fn broken() -> Error {
     Error::compression("stream is broken by an earlier error; call reset()")
@@ -533,8 +563,7 @@ fn zstd_feed(
         let before_in = inb.pos();
         let produced = {
             let mut outb = OutBuffer::around_pos(out, pos);
-            d.run(&mut inb, &mut outb)
-                .map_err(|e| Error::compression(e.to_string()))?;
+            d.run(&mut inb, &mut outb).map_err(|e| zstd_error(&e))?;
             outb.pos() - pos
         };
         if out.len() - base > limit {

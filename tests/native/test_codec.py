@@ -743,6 +743,24 @@ def test_corrupt_zstd_then_reset() -> None:
         codec.feed(b"\xff" * 64)
 
 
+def test_zstd_window_above_8_mib_is_a_compression_error() -> None:
+    # zstd level 22 declares a 128 MiB window (windowLog 27), which the decoder would
+    # hold per shard whatever max_message_size says: refused at the frame header.
+    frame = StreamCompressor("zstd-stream", 22).compress(pl.HEARTBEAT_ACK)
+    assert frame[4] & 0x20 == 0 and 10 + (frame[5] >> 3) == 27  # the declared window log
+    codec = ShardCodec(0, "zstd-stream", max_message_size=1 << 20)
+    with pytest.raises(CompressionError, match="window"):
+        codec.feed(frame)
+    assert codec.stats()["errors"] == 1  # counted; the shard reconnects
+    with pytest.raises(CompressionError):
+        Inflater("zstd-stream").feed(frame)
+    # Levels up to 19 use windows up to 8 MiB (windowLog 23): still decoded.
+    codec.reset()
+    frame = StreamCompressor("zstd-stream", 19).compress(pl.HEARTBEAT_ACK)
+    assert 10 + (frame[5] >> 3) == 23
+    assert [m.payload for m in feed_all(codec, [frame])] == [pl.HEARTBEAT_ACK]
+
+
 @pytest.mark.parametrize("compression", COMPRESSIONS)
 def test_oversize_message(compression: str | None) -> None:
     big = pl.dispatch("GUILD_CREATE", 1, pl.PayloadGenerator(4).guild_create(GUILDS[0], 20_000))

@@ -372,3 +372,79 @@ fn hibernate_refuses_mid_message_and_other_transports() {
     assert!(t.feed(&frames[0], true, &mut out, 0).unwrap());
     assert_eq!(out, READY);
 }
+
+/// A zstd-stream (one message, flushed, frame never ended) whose frame declares a
+/// `2^window_log` window, made the way an encoder that wants a big window makes it:
+/// an explicit window log and long-distance matching.
+fn zstd_stream_with_window(window_log: u32, msg: &[u8]) -> Vec<u8> {
+    use zstd::stream::raw::{CParameter, Encoder, InBuffer, Operation, OutBuffer};
+    let mut e = Encoder::new(3).unwrap();
+    e.set_parameter(CParameter::WindowLog(window_log)).unwrap();
+    e.set_parameter(CParameter::EnableLongDistanceMatching(true))
+        .unwrap();
+    let mut out: Vec<u8> = Vec::with_capacity(msg.len() + 4096);
+    let mut inb = InBuffer::around(msg);
+    while inb.pos() < msg.len() {
+        let pos = out.len();
+        let mut outb = OutBuffer::around_pos(&mut out, pos);
+        e.run(&mut inb, &mut outb).unwrap();
+    }
+    loop {
+        let pos = out.len();
+        let mut outb = OutBuffer::around_pos(&mut out, pos);
+        if e.flush(&mut outb).unwrap() == 0 {
+            break;
+        }
+        out.reserve(4096);
+    }
+    // Frame header: magic, descriptor without the single-segment flag, then the window
+    // descriptor (exponent in the high 5 bits: window log - 10, mantissa 0).
+    assert_eq!(&out[..4], &[0x28, 0xb5, 0x2f, 0xfd]);
+    assert_eq!(
+        out[4] & 0x20,
+        0,
+        "not single-segment: a window descriptor follows"
+    );
+    assert_eq!(
+        u32::from(out[5] >> 3) + 10,
+        window_log,
+        "declared window log"
+    );
+    out
+}
+
+#[test]
+fn zstd_windows_above_8_mib_are_refused_before_allocating_them() {
+    // 128 MiB (27, zstd's default decoder limit) and 16 MiB: a CompressionError, not a
+    // window allocated per shard whatever max_message_size says.
+    for window_log in [27, 24] {
+        let frame = zstd_stream_with_window(window_log, GUILD_CREATE);
+        let mut t = Transport::new(Compression::Zstd, BIG).unwrap();
+        let mut out = Vec::new();
+        let err = t.feed(&frame, true, &mut out, 0).unwrap_err();
+        assert!(matches!(err, Error::Compression(_)), "{window_log}: {err}");
+        assert!(err.to_string().contains("window"), "{err}");
+        // Broken until reset, and reset keeps the cap.
+        t.reset().unwrap();
+        assert!(t.feed(&frame, true, &mut out, 0).is_err());
+    }
+    // 8 MiB, what zstd levels up to 19 choose, still decodes (at every level).
+    for window_log in [10, 21, 23] {
+        let frame = zstd_stream_with_window(window_log, GUILD_CREATE);
+        let mut t = Transport::new(Compression::Zstd, BIG).unwrap();
+        let mut out = Vec::new();
+        assert!(t.feed(&frame, true, &mut out, 0).unwrap());
+        assert_eq!(out, GUILD_CREATE);
+    }
+    for level in [1, 3, 19] {
+        let mut c = crate::compress::Compressor::new(Compression::Zstd, level).unwrap();
+        let mut t = Transport::new(Compression::Zstd, BIG).unwrap();
+        for msg in ALL {
+            let mut out = Vec::new();
+            assert!(t
+                .feed(&c.compress(msg).unwrap(), true, &mut out, 0)
+                .unwrap());
+            assert_eq!(&out, msg);
+        }
+    }
+}

@@ -778,6 +778,7 @@ impl ShardCodec {
 }
 
 /// The `t` string as a Python str, cached: event names repeat.
+#[inline]
 fn intern_t(
     cache: &mut TCache,
     py: Python<'_>,
@@ -785,26 +786,36 @@ fn intern_t(
     escaped: bool,
     at: usize,
 ) -> Result<Py<PyString>> {
-    {
-        let cacheable = raw.len() <= T_CACHE_MAX_LEN;
-        if cacheable {
-            if let Some(s) = cache.get(raw) {
-                return Ok(s.clone_ref(py));
-            }
+    if raw.len() <= T_CACHE_MAX_LEN {
+        if let Some(s) = cache.get(raw) {
+            return Ok(s.clone_ref(py));
         }
-        let text = if escaped {
-            scan::unescape(raw, at)?
-        } else {
-            std::str::from_utf8(raw)
-                .map_err(|e| Error::payload(at + e.valid_up_to(), "valid UTF-8 in 't'"))?
-                .to_owned()
-        };
-        let s = PyString::new(py, &text).unbind();
-        if cacheable && cache.len() < T_CACHE_MAX {
-            cache.insert(raw.into(), s.clone_ref(py));
-        }
-        Ok(s)
     }
+    new_t(cache, py, raw, escaped, at)
+}
+
+/// [`intern_t`] for a name not in the cache (rare: a codec sees a few dozen names), which
+/// is cached when it is short and there is room.
+#[inline(never)]
+fn new_t(
+    cache: &mut TCache,
+    py: Python<'_>,
+    raw: &[u8],
+    escaped: bool,
+    at: usize,
+) -> Result<Py<PyString>> {
+    let text = if escaped {
+        scan::unescape(raw, at)?
+    } else {
+        std::str::from_utf8(raw)
+            .map_err(|e| Error::payload(at + e.valid_up_to(), "valid UTF-8 in 't'"))?
+            .to_owned()
+    };
+    let s = PyString::new(py, &text).unbind();
+    if raw.len() <= T_CACHE_MAX_LEN && cache.len() < T_CACHE_MAX {
+        cache.insert(raw.into(), s.clone_ref(py));
+    }
+    Ok(s)
 }
 
 /// Transport decompression alone, no scan, no filter, no body: the benchmark floor.

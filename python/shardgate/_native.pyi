@@ -240,7 +240,8 @@ class ShardCodec:
             DecodeError: see the subclasses for what to do next.
         """
     def reset(self) -> None:
-        """Start a fresh decompression context (new connection); the edit filter is kept."""
+        """Start a fresh decompression context (new connection); the edit filter is kept,
+        the cache of event names (see :meth:`stats`) is emptied."""
     def hibernate(self) -> bool:
         """Put an idle zlib-stream context away until the next frame; for a shard that
         has been quiet for a while (e.g. a heartbeat interval without a dispatch).
@@ -260,7 +261,10 @@ class ShardCodec:
         """Counters: messages, frames, bytes_in (compressed), bytes_out (payload bytes),
         edits_dropped, errors (of every kind); buffer_capacity (bytes of message buffer
         this codec holds: 0 unless a message is split across calls); asleep (1 while
-        hibernating). Not for the hot path: builds a dict."""
+        hibernating); t_cache_entries and t_cache_bytes (the event names kept as ``str``
+        objects so that ``Message.t`` is not built anew per message: at most 128 names of
+        at most 64 raw bytes each, emptied by :meth:`reset`; a longer ``t`` is delivered
+        but never kept). Not for the hot path: builds a dict."""
 
 @final
 class Inflater:

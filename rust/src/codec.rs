@@ -30,6 +30,9 @@ const SHARED_FILTER_CAPACITY: usize = 65536;
 const FILTER_MAX_AGE_MS: u64 = 900_000;
 /// Distinct `t` strings cached as Python objects per codec.
 const T_CACHE_MAX: usize = 128;
+/// Longest `t` cached, in raw bytes (Discord's longest event name is about 40): the
+/// cache holds at most 128 x 64 bytes of names, whatever the server sends.
+const T_CACHE_MAX_LEN: usize = 64;
 
 /// Hasher for the small `t` cache: the filter's hash instead of `SipHash` (the keys are
 /// Discord's event names; there is nothing to defend against in a 128-entry table).
@@ -683,8 +686,10 @@ impl ShardCodec {
         res
     }
 
-    /// Start a fresh decompression context; the edit filter is kept.
+    /// Start a fresh decompression context; the edit filter is kept, the cache of event
+    /// names is emptied (a new connection refills it with Discord's few names).
     fn reset(&mut self) -> PyResult<()> {
+        self.t_cache.clear();
         Ok(self.core.reset()?)
     }
 
@@ -708,6 +713,11 @@ impl ShardCodec {
         d.set_item("errors", s.errors)?;
         d.set_item("buffer_capacity", self.core.buffer_capacity())?;
         d.set_item("asleep", i64::from(self.core.asleep()))?;
+        d.set_item("t_cache_entries", self.t_cache.len())?;
+        d.set_item(
+            "t_cache_bytes",
+            self.t_cache.keys().map(|k| k.len()).sum::<usize>(),
+        )?;
         Ok(d)
     }
 }
@@ -768,6 +778,7 @@ impl ShardCodec {
 }
 
 /// The `t` string as a Python str, cached: event names repeat.
+#[inline]
 fn intern_t(
     cache: &mut TCache,
     py: Python<'_>,
@@ -775,23 +786,36 @@ fn intern_t(
     escaped: bool,
     at: usize,
 ) -> Result<Py<PyString>> {
-    {
+    if raw.len() <= T_CACHE_MAX_LEN {
         if let Some(s) = cache.get(raw) {
             return Ok(s.clone_ref(py));
         }
-        let text = if escaped {
-            scan::unescape(raw, at)?
-        } else {
-            std::str::from_utf8(raw)
-                .map_err(|e| Error::payload(at + e.valid_up_to(), "valid UTF-8 in 't'"))?
-                .to_owned()
-        };
-        let s = PyString::new(py, &text).unbind();
-        if cache.len() < T_CACHE_MAX {
-            cache.insert(raw.into(), s.clone_ref(py));
-        }
-        Ok(s)
     }
+    new_t(cache, py, raw, escaped, at)
+}
+
+/// [`intern_t`] for a name not in the cache (rare: a codec sees a few dozen names), which
+/// is cached when it is short and there is room.
+#[inline(never)]
+fn new_t(
+    cache: &mut TCache,
+    py: Python<'_>,
+    raw: &[u8],
+    escaped: bool,
+    at: usize,
+) -> Result<Py<PyString>> {
+    let text = if escaped {
+        scan::unescape(raw, at)?
+    } else {
+        std::str::from_utf8(raw)
+            .map_err(|e| Error::payload(at + e.valid_up_to(), "valid UTF-8 in 't'"))?
+            .to_owned()
+    };
+    let s = PyString::new(py, &text).unbind();
+    if raw.len() <= T_CACHE_MAX_LEN && cache.len() < T_CACHE_MAX {
+        cache.insert(raw.into(), s.clone_ref(py));
+    }
+    Ok(s)
 }
 
 /// Transport decompression alone, no scan, no filter, no body: the benchmark floor.

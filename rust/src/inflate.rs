@@ -52,10 +52,10 @@ impl Compression {
 /// The deflate window: back-references reach at most this far.
 const WINDOW: usize = 32 * 1024;
 
-/// Largest zstd window accepted, as a log: 8 MiB, what zstd's levels 1 to 19 choose for a
-/// stream of unknown size (Discord's is a few MiB at most). A frame that declares more is
-/// a compression error at its header, before the decoder allocates the window (zstd's
-/// own default limit is 2^27, 128 MiB per connection). Not derived from
+/// Largest zstd window accepted, as a log: 8 MiB, the most that zstd's levels 1 to 19
+/// choose for a stream of unknown size. A frame that declares more is a compression
+/// error at its header, before the decoder allocates the window (zstd's own default
+/// limit is 2^27, 128 MiB per connection). Not derived from
 /// `max_message_size`: a zstd-stream's window spans messages, so a small message limit
 /// says nothing about the window the server compresses with.
 pub const ZSTD_WINDOW_LOG_MAX: u32 = 23;

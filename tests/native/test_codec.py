@@ -7,6 +7,7 @@ payloads with ``shardgate.testing.payloads``, so every test sees Discord-shaped 
 from __future__ import annotations
 
 import time
+import tracemalloc
 import zlib
 from collections.abc import Sequence
 
@@ -996,6 +997,8 @@ def test_stats_count() -> None:
         "errors": 0,
         "buffer_capacity": 0,
         "asleep": 0,
+        "t_cache_entries": 0,
+        "t_cache_bytes": 0,
     }
     gen = pl.PayloadGenerator(30)
     created = gen.message_create(GUILDS[0], link=True)
@@ -1022,3 +1025,48 @@ def test_stats_count() -> None:
     with pytest.raises(CompressionError):
         codec.feed(b"\xff" * 8 + SUFFIX)
     assert codec.stats()["errors"] == 1
+
+
+# --- the event-name cache -----------------------------------------------------------------------
+
+
+def test_event_name_cache_keeps_only_short_names() -> None:
+    codec = ShardCodec(0, None, edit_filter=False)
+    for s in (1, 2):
+        msg = codec.feed(pl.dispatch("MESSAGE_CREATE", s, {"id": "1"}))
+        assert msg is not None and msg.t == "MESSAGE_CREATE"
+    assert (codec.stats()["t_cache_entries"], codec.stats()["t_cache_bytes"]) == (1, 14)
+    # A hostile stream of distinct 1 MiB event names: each is delivered, none is kept
+    # (they used to be, up to 128 of them: 128 MiB of names per codec, even after reset).
+    tracemalloc.start()
+    try:
+        for i in range(16):
+            name = f"{i:02d}" + "X" * (1 << 20)
+            msg = codec.feed(pl.dispatch(name, 10 + i, {}))
+            assert msg is not None and msg.t == name
+        del msg, name
+        retained, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert retained < 1 << 20, f"{retained} bytes kept"
+    assert (codec.stats()["t_cache_entries"], codec.stats()["t_cache_bytes"]) == (1, 14)
+    # The limit: 64 bytes is cached, 65 is not.
+    for name in ("A" * 64, "B" * 65):
+        codec.feed(pl.dispatch(name, 40, {}))
+    assert (codec.stats()["t_cache_entries"], codec.stats()["t_cache_bytes"]) == (2, 14 + 64)
+
+
+def test_event_name_cache_is_bounded_and_cleared_by_reset() -> None:
+    codec = ShardCodec(0, None, edit_filter=False)
+    names = [f"EVENT_{i:03d}_" + "Y" * 50 for i in range(200)]  # 60 bytes each
+    for s, name in enumerate(names, 1):
+        msg = codec.feed(pl.dispatch(name, s, {}))
+        assert msg is not None and msg.t == name
+    stats = codec.stats()
+    assert (stats["t_cache_entries"], stats["t_cache_bytes"]) == (128, 128 * 60)
+    # A new connection starts with an empty cache: names that filled it are not kept.
+    codec.reset()
+    assert (codec.stats()["t_cache_entries"], codec.stats()["t_cache_bytes"]) == (0, 0)
+    msg = codec.feed(pl.dispatch("MESSAGE_CREATE", 1, {}))
+    assert msg is not None and msg.t == "MESSAGE_CREATE"
+    assert codec.stats()["t_cache_entries"] == 1

@@ -65,6 +65,7 @@ async def one_run(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         if event_id is not None:
             arrivals.append((time.monotonic(), event_id))
 
+
     fake_cfg = FakeDiscordConfig(
         token="bench-token",
         shards=args.from_,
@@ -112,10 +113,19 @@ async def one_run(args: argparse.Namespace, seed: int) -> dict[str, Any]:
             loop_now = asyncio.get_running_loop().time()
             new_ready_mono = time.monotonic() - (loop_now - new_ready)
             generated = {g.event_id for g in fake.generated if g.reached}
+            unfurls = stream.unfurl_ids
+            if args.debug:
+                got = {e for _, e in arrivals}
+                offset = time.monotonic() - asyncio.get_running_loop().time() - started
+                for g in fake.generated:
+                    if g.reached and g.event_id not in got | unfurls:
+                        print(f"  lost {g.event_id} {g.t} guild {g.guild_id} at "
+                              f"+{g.at + offset:.3f} s, reached {g.reached}")
         finally:
             await manager.stop(drain_s=2.0)
             await handler.stop()
     counts = Counter(e for _, e in arrivals if e in generated)
+
     times = [t for t, e in arrivals if e in generated]
 
     def longest(start: float, end: float) -> float:
@@ -133,7 +143,8 @@ async def one_run(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         "floor_s": math.ceil(args.to / args.max_concurrency) * args.window,
         "peak_entries": (snapshot["dedup"] or {}).get("peak_entries", 0),
         "duplicates_dropped": (snapshot["dedup"] or {}).get("duplicates_dropped", 0),
-        "lost": len(generated - set(counts)),
+        "lost": len(generated - set(counts) - unfurls),
+        "unfurls_filtered": len(unfurls - set(counts)),
         "duplicated": sum(1 for n in counts.values() if n > 1),
         "events": len(generated),
     }
@@ -151,6 +162,7 @@ def main() -> None:
     parser.add_argument("--overlap", type=float, default=2.0, help="reshard_overlap, s")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--debug", action="store_true", help="print every lost event")
     args = parser.parse_args()
     import uvloop  # noqa: PLC0415
 
@@ -163,7 +175,8 @@ def main() -> None:
         print(f"  run {i}: ok={r['ok']} pause {r['pause_during_s'] * 1000:.0f} ms "
               f"(before {r['pause_before_s'] * 1000:.0f} ms), makespan {r['makespan_s']:.2f} s, "
               f"switch at {r['to_switch_s']:.2f} s, peak dedup {r['peak_entries']}, "
-              f"lost {r['lost']}, duplicated {r['duplicated']} of {r['events']}")
+              f"lost {r['lost']} (+{r['unfurls_filtered']} unfurls filtered), "
+              f"duplicated {r['duplicated']} of {r['events']}")
     print(f"median longest pause during the reshard: {med['pause_during_s'] * 1000:.0f} ms "
           f"(before it: {med['pause_before_s'] * 1000:.0f} ms)")
     print(f"median makespan {med['makespan_s']:.2f} s = switch at {med['to_switch_s']:.2f} s "

@@ -53,7 +53,6 @@ from shardgate.envelope import notice_body, notice_id
 from shardgate.errors import ReshardError
 from shardgate.group import ShardGroup, outbox_sink
 from shardgate.queue import Outbox, stream_id
-from shardgate.shard import ShardState
 
 if TYPE_CHECKING:
     from shardgate.manager import GatewayManager
@@ -199,7 +198,7 @@ class Handover:
             return
         key = message.d_hash()
         entry = self._entries.get(key)
-        if entry is None and self.phase == _LOADING and not self._new_owner_ready(message):
+        if entry is None and self.phase == _LOADING and not self._new_owner_has_session(message):
             # The new group cannot get this one (the guild's new owner has no session
             # yet): there is no copy to match, so it is not remembered.
             if message.drop:
@@ -252,11 +251,14 @@ class Handover:
             return self._old_stream(message, shard_id)
         return self._new_base + shard_id
 
-    def _new_owner_ready(self, message: Message) -> bool:
+    def _new_owner_has_session(self, message: Message) -> bool:
+        """Whether the guild's owner in the new group has a session: it gets (or, after a
+        resume, gets replayed) a copy of this event. READY status would not do: a shard
+        that is resuming is not READY, yet its replay brings the copies."""
         guild_id = message.route_guild_id()
         owner = 0 if guild_id is None else (guild_id >> 22) % self.new.shard_count
         shard = self.new.shards.get(owner)
-        return shard is not None and shard.status is ShardState.READY
+        return shard is not None and shard.session_id is not None
 
     def _release_held(self, item: tuple[int, float, str, bytes, int]) -> bool:
         """A kept copy leaves the store: forwarded unless the old group covered it."""

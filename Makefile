@@ -1,7 +1,9 @@
 # shardgate: one entry point for a fresh machine.
-#   make demo   set everything up, then run the main job
-#   make test   set everything up, then run every check CI runs (Rust and Python)
-# Both create .venv and build the native extension (release) on first use.
+#   make demo         set everything up, then run the main job
+#   make test         set everything up, then run every check CI runs (Rust and Python)
+#   make wheel        build the manylinux wheel and the sdist into dist/
+#   make wheel-check  build them, install the wheel where there is no Rust, run it
+# demo and test create .venv and build the native extension (release) on first use.
 
 PYTHON ?= python3
 VENV := .venv
@@ -9,19 +11,27 @@ BIN := $(VENV)/bin
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: venv build demo test test-rust test-python lint bench bench-codec bench-shard bench-e2e clean
+.PHONY: venv build build-runtime demo test test-rust test-python lint wheel wheel-check \
+	bench bench-codec bench-shard bench-e2e clean
 
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip "maturin>=1.7,<2"
+	@$(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install -q --upgrade pip "maturin>=1.7,<2"
 
 venv: $(BIN)/python
 
 build: venv
 	$(BIN)/maturin develop --release --quiet -E dev
 
-demo: build
-	$(BIN)/shardgate demo
+# The demo needs only the runtime dependencies, and one line while Rust compiles; the
+# build's own output is kept in .venv/build.log and shown only if it fails.
+build-runtime: venv
+	@echo "building shardgate (Rust extension, release: about 2 min the first time) ..."
+	@$(BIN)/maturin develop --release > $(VENV)/build.log 2>&1 \
+		|| { cat $(VENV)/build.log; echo "build failed (log: $(VENV)/build.log)"; exit 1; }
+
+demo: build-runtime
+	@$(BIN)/shardgate demo
 
 test: test-rust lint test-python
 
@@ -38,6 +48,29 @@ lint: build
 
 test-python: build
 	$(BIN)/pytest -q
+
+# Wheel: manylinux_2_17 (zig links against glibc 2.17, so no manylinux container is
+# needed), abi3 (one wheel for every CPython >= 3.11), release profile of Cargo.toml (fat
+# LTO, one codegen unit, stripped). The build tools live in their own venv (ziglang is
+# 400 MB that neither the tests nor the demo need), the build in its own target dir (zig
+# as the linker would otherwise make `make build` and `make wheel` rebuild each other).
+WHEEL_VENV := .venv-wheel
+DIST := dist
+
+$(WHEEL_VENV)/bin/python:
+	@$(PYTHON) -m venv $(WHEEL_VENV)
+	@$(WHEEL_VENV)/bin/python -m pip install -q --upgrade pip "maturin>=1.7,<2" "ziglang==0.17.1"
+
+wheel: $(WHEEL_VENV)/bin/python
+	rm -rf $(DIST)
+	PATH="$(abspath $(WHEEL_VENV))/bin:$$PATH" VIRTUAL_ENV="$(abspath $(WHEEL_VENV))" \
+		CARGO_TARGET_DIR="$(abspath target/wheel)" $(WHEEL_VENV)/bin/maturin build --release --zig --compatibility manylinux2014 \
+		--out $(DIST)
+	$(WHEEL_VENV)/bin/maturin sdist --out $(DIST)
+	@ls -l $(DIST)
+
+wheel-check: wheel
+	PYTHON=$(PYTHON) .ci/wheel-check $(DIST)
 
 bench: bench-codec bench-e2e bench-shard
 
@@ -57,4 +90,4 @@ bench-shard: build .venv-bench/bin/python
 	$(BIN)/python benches/bench_idle_shards.py
 
 clean:
-	rm -rf $(VENV) .venv-bench target
+	rm -rf $(VENV) .venv-bench $(WHEEL_VENV) $(DIST) target

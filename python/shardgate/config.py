@@ -19,7 +19,7 @@ from typing import Any, Final, Literal, get_args
 from urllib.parse import urlsplit
 
 from shardgate.errors import ConfigError
-from shardgate.intents import parse_intents
+from shardgate.intents import INTENT_BITS, parse_intents
 
 ENV_PREFIX: Final = "SHARDGATE_"
 DISCORD_REST_URL: Final = "https://discord.com"
@@ -63,6 +63,8 @@ class Config:
     large_threshold: int = 50
     edit_filter: bool = True
     log_level: str = "INFO"
+    shutdown_drain: float = 5.0
+    health_interval: float = 60.0
 
     def __post_init__(self) -> None:
         _require(bool(self.token.strip()), "token", "is required (the bot token, without 'Bot ')")
@@ -85,6 +87,12 @@ class Config:
             self.forward_mode in get_args(ForwardMode), "forward_mode", "must be http or websocket"
         )
         _require(self.first_shard_id >= 0, "first_shard_id", "must be >= 0")
+        if self.forward_mode == "http":
+            _require(
+                _is_url(self.event_handler_url, ("http", "https")),
+                "event_handler_url",
+                "must be an http(s) URL with forward_mode = http (ws(s) needs websocket)",
+            )
         if self.last_shard_id is not None:
             _require(
                 self.last_shard_id >= self.first_shard_id,
@@ -93,6 +101,11 @@ class Config:
             )
         if self.max_shards is not None:
             _require(self.max_shards >= 1, "max_shards", "must be >= 1")
+            _require(
+                self.first_shard_id < self.max_shards,
+                "first_shard_id",
+                f"must be < max_shards ({self.max_shards}); shard ids start at 0",
+            )
             if self.last_shard_id is not None:
                 _require(
                     self.last_shard_id < self.max_shards,
@@ -129,6 +142,8 @@ class Config:
             "log_level",
             "must be TRACE, DEBUG, INFO, WARNING or ERROR",
         )
+        _require(self.shutdown_drain >= 0, "shutdown_drain", "must be >= 0 (seconds)")
+        _require(self.health_interval >= 0, "health_interval", "must be >= 0 (seconds; 0 = off)")
 
     @property
     def intents_bits(self) -> int:
@@ -164,6 +179,74 @@ def _is_url(value: str, schemes: tuple[str, ...]) -> bool:
 
 
 _FIELDS: Final = {f.name: f for f in dataclasses.fields(Config)}
+
+HELP: Final[Mapping[str, str]] = {
+    "token": "the bot token, without 'Bot ' (secret: set SHARDGATE_TOKEN, flags show in ps)",
+    "intents": "gateway intents: an int, or names such as Guilds|GuildMessages",
+    "rest_url": "base URL of your REST process for GET /api/v10/gateway/bot",
+    "rest_authorization": "the REST process's secret, sent as Authorization (secret: env)",
+    "event_handler_url": "where events go: http(s)://, or ws(s):// with forward_mode websocket",
+    "event_handler_secret": "sent to the handler as Authorization; also guards the control "
+    "API (secret: env)",
+    "forward_mode": "http (one POST per event, guide-compatible) or websocket (batched, acked)",
+    "first_shard_id": "the first shard id this process runs",
+    "last_shard_id": "the last shard id this process runs (inclusive)",
+    "max_shards": "total shard count, overriding Discord's recommendation",
+    "reshard": "reshard automatically (zero downtime) when guilds reach reshard_percentage",
+    "reshard_percentage": "% of shard_count * 2500 guilds that triggers an automatic reshard",
+    "reshard_identify_reserve": "session starts that must remain beyond the new shard count "
+    "before an automatic reshard",
+    "reshard_timeout": "seconds before an unfinished reshard is aborted",
+    "reshard_check_interval": "seconds between automatic reshard checks",
+    "reshard_overlap": "seconds both shard sets forward after a reshard's switch",
+    "spawn_shard_delay": "milliseconds between IDENTIFYs of one bucket (>= 5000 unless "
+    "allow_fast_identify)",
+    "allow_fast_identify": "allow spawn_shard_delay under 5000 ms: only against a fake Discord",
+    "use_optimal_large_bot_sharding": "from 100 shards, round the count up to a multiple of "
+    "max_concurrency",
+    "shards_per_cluster": "shards per worker id passed to tell_cluster_to_identify",
+    "max_clusters": "worker ids available to tell_cluster_to_identify",
+    "queue_max_size": "events waiting for the bot, all shards together; the oldest are "
+    "dropped (and reported) beyond it",
+    "control_host": "address of the control API",
+    "control_port": "port of the control API (0: any free port)",
+    "compression": "gateway transport compression: zlib-stream, zstd-stream or none",
+    "large_threshold": "members above which Discord omits offline members (50-250)",
+    "edit_filter": "drop MESSAGE_UPDATEs whose content and edited_timestamp did not change",
+    "log_level": "TRACE, DEBUG, INFO, WARNING or ERROR",
+    "shutdown_drain": "seconds a stop waits for the bot to take the queued events",
+    "health_interval": "seconds between health lines in the log (0: off)",
+}
+"""One line per key: the CLI's ``--help`` and the README's table say the same."""
+
+UNSET_MEANS: Final[Mapping[str, str]] = {
+    "rest_url": "ask Discord",
+    "last_shard_id": "the bot's last shard",
+    "max_shards": "Discord's recommendation",
+    "reshard_identify_reserve": "this process's shard count",
+    "reshard_timeout": "2 * ceil(N / max_concurrency) * 5 s + 600 s",
+}
+"""What a key whose default is None does when it stays unset."""
+
+REQUIRED_KEYS: Final = ("token", "event_handler_url", "event_handler_secret")
+
+
+def default_text(key: str) -> str:
+    """A key's default as an operator writes it: ``required``, ``unset``, ``true``, ``80``."""
+    default = _FIELDS[key].default
+    if default is dataclasses.MISSING:
+        return "required"
+    if default is None:
+        return f"unset: {UNSET_MEANS[key]}" if key in UNSET_MEANS else "unset"
+    return format_value(default)
+
+
+def format_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def _coerce(key: str, raw: object) -> object:
@@ -212,18 +295,40 @@ def _from_file(path: Path) -> dict[str, object]:
         raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
-    section = data.get("shardgate", data)
+    if "shardgate" not in data:
+        return data
+    section = data["shardgate"]
     if not isinstance(section, dict):
         raise ConfigError("config", f"{path}: [shardgate] must be a table")
+    stray = sorted(key for key in data if key != "shardgate")
+    if stray:
+        # With a [shardgate] table the top level is not read; a key there would be ignored.
+        raise ConfigError(
+            stray[0],
+            f"is at the top level of {path}, which also has a [shardgate] table; "
+            "move it into [shardgate] (or drop the table header)",
+        )
     return dict(section)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One ``--kebab-case`` flag per key (secrets included, though env is safer for them)."""
-    parser.add_argument("--config", type=Path, help="TOML file ([shardgate] table or top level)")
+    """One ``--kebab-case`` flag per key (secrets included, though env is safer for them),
+    each with its :data:`HELP` line and its default."""
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help=f"TOML file ([shardgate] table or top level) (default: ${ENV_PREFIX}CONFIG)",
+    )
     for name in _FIELDS:
         flag = "--" + name.replace("_", "-")
-        parser.add_argument(flag, dest=f"cfg_{name}", default=None, metavar=name.upper())
+        text = f"{HELP[name]} (default: {default_text(name)})"
+        parser.add_argument(
+            flag,
+            dest=f"cfg_{name}",
+            default=None,
+            metavar=name.upper(),
+            help=text.replace("%", "%%"),  # argparse formats help with %
+        )
 
 
 def load_config(
@@ -237,35 +342,74 @@ def load_config(
     Raises:
         ConfigError: naming the first wrong or missing key.
     """
+    return load_config_with_sources(args, env, overrides=overrides)[0]
+
+
+def load_config_with_sources(
+    args: argparse.Namespace | None = None,
+    env: Mapping[str, str] | None = None,
+    *,
+    overrides: Mapping[str, object] | None = None,
+) -> tuple[Config, dict[str, str]]:
+    """:func:`load_config`, plus where each key's value came from (``default``, ``file``,
+    ``env``, ``flag`` or ``override``), for ``shardgate check-config``."""
     merged: dict[str, object] = {}
+    sources: dict[str, str] = {}
+
+    def take(values: Mapping[str, object], source: str) -> None:
+        for name, value in values.items():
+            merged[name] = value
+            sources[name] = source
+
     config_path = getattr(args, "config", None) if args is not None else None
     if config_path is None and env is not None and env.get(ENV_PREFIX + "CONFIG"):
         config_path = Path(env[ENV_PREFIX + "CONFIG"])
     if config_path is not None:
-        merged.update(_from_file(Path(config_path)))
+        take(_from_file(Path(config_path)), f"file {config_path}")
     if env is not None:
         for name in _FIELDS:
             value = env.get(ENV_PREFIX + name.upper())
             if value is not None:
-                merged[name] = value
+                take({name: value}, f"env {ENV_PREFIX}{name.upper()}")
     if args is not None:
         for name in _FIELDS:
             value = getattr(args, f"cfg_{name}", None)
             if value is not None:
-                merged[name] = value
+                take({name: value}, "flag --" + name.replace("_", "-"))
     if overrides:
-        merged.update(overrides)
+        take(overrides, "override")
     unknown = sorted(set(merged) - set(_FIELDS))
     if unknown:
         raise ConfigError(unknown[0], f"unknown key (known keys: {', '.join(_FIELDS)})")
     values: dict[str, Any] = {key: _coerce(key, raw) for key, raw in merged.items()}
-    for key in ("token", "event_handler_url", "event_handler_secret"):
+    for key in REQUIRED_KEYS:
         if key not in values or values[key] in (None, ""):
             flag = "--" + key.replace("_", "-")
             where = f"config file, {ENV_PREFIX}{key.upper()} or {flag}"
             raise ConfigError(key, f"is required ({where})")
-    return Config(**values)
+    config = Config(**values)
+    return config, {name: sources.get(name, "default") for name in _FIELDS}
 
 
 def config_keys() -> Sequence[str]:
     return tuple(_FIELDS)
+
+
+def describe(config: Config, sources: Mapping[str, str] | None = None) -> list[tuple[str, ...]]:
+    """Rows ``(key, value, source)`` for ``check-config``: every key, secrets as
+    ``set (N chars)`` / ``unset`` so an operator can tell a secret was picked up without
+    it being shown."""
+    rows: list[tuple[str, ...]] = []
+    for name in _FIELDS:
+        value = getattr(config, name)
+        if name in SECRET_KEYS:
+            text = f"set ({len(value)} chars)" if value else "unset"
+        elif name == "intents":
+            names = [n for n, bit in INTENT_BITS.items() if value >> bit & 1]
+            text = f"{value} ({'|'.join(names)})" if names else str(value)
+        elif value is None:
+            text = "unset"
+        else:
+            text = format_value(value)
+        rows.append((name, text, (sources or {}).get(name, "")))
+    return rows

@@ -52,6 +52,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 EVENT_ID_HEADER = "X-Shardgate-Event-Id"
+REJECTION_LOG_INTERVAL_S = 10.0
+"""At most one rejection line per this many seconds: a handler answering every event with
+the same 4xx would otherwise write one line per event."""
 
 
 RETRYABLE_4XX = frozenset((401, 403, 408, 429))
@@ -122,6 +125,8 @@ class Delivery:
         self._failing_since: float | None = None
         self._rejection_logged_at = -1e9
         self._rejected_unlogged = 0
+        self._last_rejection: tuple[int, str, str] = (0, "", "")
+        self._rejection_flush: asyncio.TimerHandle | None = None
 
     async def __aenter__(self) -> Delivery:
         self.start()
@@ -139,7 +144,9 @@ class Delivery:
         ]
 
     async def stop(self) -> None:
-        """Stop sending; unacknowledged events go back to the outbox (nothing is lost)."""
+        """Stop sending; unacknowledged events go back to the outbox (nothing is lost).
+        Rejections not logged yet are logged now."""
+        self.flush_rejections()
         workers, self._workers = self._workers, []
         for task in workers:
             task.cancel()
@@ -217,16 +224,34 @@ class Delivery:
             return
 
     def _log_rejection(self, shard_id: int, event_id: str, count: int, exc: Exception) -> None:
-        """One line per rejection, but at most one per 10 s (a wrong secret rejects all)."""
-        now = time.monotonic()
+        """The first rejection at once, then at most one line per
+        :data:`REJECTION_LOG_INTERVAL_S` with the count since the last line and the total
+        (a wrong handler rejects every event); a count left over is logged when the
+        interval ends, so the log always adds up to ``stats()["rejected"]``."""
         self._rejected_unlogged += count
-        if now - self._rejection_logged_at < 10.0:
+        self._last_rejection = (shard_id, event_id, str(exc))
+        wait = self._rejection_logged_at + REJECTION_LOG_INTERVAL_S - time.monotonic()
+        if wait <= 0:
+            self.flush_rejections()
+        elif self._rejection_flush is None:
+            self._rejection_flush = asyncio.get_running_loop().call_later(
+                wait, self.flush_rejections
+            )
+
+    def flush_rejections(self) -> None:
+        """Log the rejections not logged yet (if any), with the running total."""
+        if self._rejection_flush is not None:
+            self._rejection_flush.cancel()
+            self._rejection_flush = None
+        if not self._rejected_unlogged:
             return
+        shard_id, event_id, reason = self._last_rejection
         log.error(
-            "event handler rejected %d event(s) (latest: shard %d, first %s): %s; not retried",
-            self._rejected_unlogged, shard_id, event_id, exc,
+            "event handler rejected %d event(s) (%d in total; latest: shard %d, %s): %s; "
+            "not retried",
+            self._rejected_unlogged, self.rejected, shard_id, event_id, reason,
         )
-        self._rejection_logged_at, self._rejected_unlogged = now, 0
+        self._rejection_logged_at, self._rejected_unlogged = time.monotonic(), 0
 
     def _note_failure(self, exc: BaseException) -> None:
         if self._failing_since is None:

@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
@@ -52,6 +53,19 @@ from shardgate.queue import OutEvent
 __all__ = ["WebsocketForwarder", "websocket_url"]
 
 log = logging.getLogger(__name__)
+
+
+class _PicowsLog(logging.LoggerAdapter[logging.Logger]):
+    """picows' logger for the forwarder's connection, with its INFO lines (``WS connection
+    established``, ``Disconnected``: one per reconnect) moved to DEBUG; the forwarder logs
+    what an operator needs itself. An adapter rather than a Logger also keeps picows from
+    creating a child logger per connection."""
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        super().log(logging.DEBUG if level == logging.INFO else level, msg, *args, **kwargs)
+
+
+_picows_log = _PicowsLog(logging.getLogger(__name__ + ".picows"))
 
 
 def websocket_url(url: str) -> str:
@@ -208,7 +222,7 @@ class WebsocketForwarder:
                 enable_auto_ping=True,
                 auto_ping_idle_timeout=max(1.0, self._timeout / 2),
                 auto_ping_reply_timeout=max(1.0, self._timeout / 2),
-                logger_name=log,
+                logger_name=_picows_log,
             )
         assert isinstance(listener, _Listener)
         listener.transport = transport

@@ -324,13 +324,34 @@ async def _log_event(shard_id: int, data: dict[str, Any], event_id: str) -> None
     log.info("shard %d: %s (seq %s, id %s)", shard_id, data.get("t"), data.get("s"), event_id)
 
 
+class _CallbackError(ValueError):
+    """``--callback`` names nothing usable; the message says what is wrong, in one line."""
+
+
 def _load_callback(spec: str) -> EventCallback:
+    """Import ``module:function``.
+
+    Raises:
+        _CallbackError: a malformed spec, a module that cannot be imported (or fails while
+            importing), or an attribute that is missing or not callable.
+    """
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise SystemExit(f"--callback must look like module:function, not {spec!r}")
-    callback = getattr(importlib.import_module(module_name), attr, None)
+        raise _CallbackError(f"--callback must look like module:function, not {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise _CallbackError(f"--callback {spec!r}: cannot import {module_name!r}: {exc}") from None
+    except Exception as exc:  # the bot's module failed while importing
+        raise _CallbackError(
+            f"--callback {spec!r}: importing {module_name!r} raised {type(exc).__name__}: "
+            f"{exc} (python -c 'import {module_name}' shows the traceback)"
+        ) from None
+    callback = getattr(module, attr, None)
+    if callback is None:
+        raise _CallbackError(f"--callback {spec!r}: {module_name!r} has no {attr!r}")
     if not callable(callback):
-        raise SystemExit(f"--callback {spec!r} is not a callable")
+        raise _CallbackError(f"--callback {spec!r} is not a callable")
     return callback  # type: ignore[no-any-return]
 
 
@@ -354,7 +375,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not secret:
         raise SystemExit(f"set {SECRET_ENV} to the gateway's event_handler_secret")
     setup_logging(secrets=[secret])
-    callback = _load_callback(args.callback) if args.callback else _log_event
+    try:
+        callback = _load_callback(args.callback) if args.callback else _log_event
+    except _CallbackError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
     async def run() -> None:
         async with EventHandlerServer(

@@ -42,8 +42,8 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Mapping
-from typing import Any, ClassVar
+from collections.abc import Awaitable, Mapping
+from typing import Any, ClassVar, TypeVar
 
 import orjson
 
@@ -67,7 +67,14 @@ from shardgate.reshard import Resharder
 from shardgate.rest import GatewayBot, fetch_gateway_bot
 from shardgate.shard import Shard, ShardOptions
 
-__all__ = ["ALL_LOADED_EVENT", "SHARD_LOADED_EVENT", "GatewayManager", "run_gateway"]
+__all__ = [
+    "ALL_LOADED_EVENT",
+    "EXIT_EVENTS_LOST",
+    "SHARD_LOADED_EVENT",
+    "GatewayManager",
+    "StopReport",
+    "run_gateway",
+]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +83,37 @@ LARGE_BOT_SHARDS = 100
 count up to a multiple of ``max_concurrency`` (16 when Discord reports 1)."""
 SHARED_EDIT_FILTER = 65536
 """Entries of the edit filter the shards of a process share (24 bytes each: 1.5 MiB)."""
+
+
+EXIT_EVENTS_LOST = 3
+"""``shardgate run``'s exit status when events were still queued at exit (lost)."""
+REPEAT_SIGNAL_GRACE_S = 1.0
+"""A repeated SIGTERM/SIGINT within this time of the first is the same request:
+coreutils ``timeout`` signals the child, then its whole process group."""
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StopReport:
+    """What a stop leaves behind: the shutdown summary, and ``shardgate run``'s exit code."""
+
+    delivered: int
+    rejected: int
+    dropped: int
+    undelivered: int
+
+    @property
+    def lost(self) -> bool:
+        """Events were still queued at exit: they are gone (the queue is in memory)."""
+        return self.undelivered > 0
+
+    def __str__(self) -> str:
+        return (
+            f"{self.delivered} events delivered, {self.rejected} rejected by the handler "
+            f"(4xx, not retried), {self.dropped} dropped (outbox overflow, reported as "
+            f"SHARDGATE_GAP), {self.undelivered} undelivered (lost)"
+        )
 
 
 class GatewayManager:
@@ -116,6 +154,8 @@ class GatewayManager:
         self.resharder = Resharder(self)
         self._generation = 0
         self._stop_requested: asyncio.Event | None = None
+        self._abort_stop: asyncio.Event | None = None
+        self._health: asyncio.Task[None] | None = None
         self.started_at = 0.0
 
     # ------------------------------------------------------------------ the active group
@@ -244,7 +284,8 @@ class GatewayManager:
             GatewayError: ``/gateway/bot`` failed, or this process would own no shard.
         """
         self.started_at = time.monotonic()
-        self._stop_requested = asyncio.Event()
+        if self._stop_requested is None:  # a signal may have come before start
+            self._stop_requested = asyncio.Event()
         bot = self.gateway_bot = await self.fetch_gateway_bot()
         self.identify_gate = self.create_identify_gate(bot)
         group = self.create_group(self.compute_shard_count(bot))
@@ -278,6 +319,10 @@ class GatewayManager:
         self.active = group
         group.start()
         self.resharder.start_checking()
+        if self.config.health_interval > 0:
+            self._health = asyncio.get_running_loop().create_task(
+                self._health_loop(self.config.health_interval), name="shardgate-health"
+            )
 
     async def wait_all_ready(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
         """Wait until every shard of this process is READY (raises FatalClose of a shard)."""
@@ -288,32 +333,130 @@ class GatewayManager:
         await self._group().wait_loaded(timeout)
 
     def request_shutdown(self) -> None:
-        if self._stop_requested is not None:
-            self._stop_requested.set()
+        if self._stop_requested is None:
+            self._stop_requested = asyncio.Event()
+        self._stop_requested.set()
+
+    def abort_stop(self) -> None:
+        """Make a running (or the next) :meth:`stop` skip what is left of its waiting:
+        closing shards and the drain (an operator's second SIGTERM)."""
+        if self._abort_stop is None:
+            self._abort_stop = asyncio.Event()
+        self._abort_stop.set()
 
     async def run_until_stopped(self) -> None:
-        assert self._stop_requested is not None
+        if self._stop_requested is None:
+            self._stop_requested = asyncio.Event()
         await self._stop_requested.wait()
 
-    async def stop(self, *, drain_s: float = 5.0) -> None:
-        """Close every shard (ending their sessions), then give delivery ``drain_s`` to empty
-        the outbox. What is still queued after that is logged with its count."""
+    async def stop(self, *, drain_s: float | None = None) -> StopReport:
+        """Close every shard (ending their sessions), then give delivery ``drain_s``
+        (default ``shutdown_drain``) to empty the outbox; :meth:`abort_stop` cuts both
+        short. Logs and returns a summary; what is still queued then is lost."""
+        drain_s = self.config.shutdown_drain if drain_s is None else drain_s
+        if self._abort_stop is None:
+            self._abort_stop = asyncio.Event()
+        health, self._health = self._health, None
+        if health is not None:
+            health.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await health
         if self.control is not None:
             await self.control.stop()
         await self.resharder.stop(drain=True)
         groups = {self.active}
         if self.resharder.current is not None:
             groups |= {self.resharder.current.old, self.resharder.current.new}
-        await asyncio.gather(*(g.stop() for g in groups if g is not None))
+        stopping = [g.stop() for g in groups if g is not None]
+        if stopping:
+            await self._unless_aborted(asyncio.gather(*stopping))
+        drained = True
         if self.delivery is not None:
-            if not await self.delivery.drain(drain_s):
-                log.warning(
-                    "stopping with %d events undelivered (the event handler is not taking them)",
-                    self.outbox.depth,
-                )
+            drained = await self._unless_aborted(self.delivery.drain(drain_s)) is True
             await self.resharder.stop()
             await self.delivery.stop()
             await self.delivery.forwarder.close()
+        report = StopReport(
+            delivered=0 if self.delivery is None else self.delivery.delivered,
+            rejected=0 if self.delivery is None else self.delivery.rejected,
+            dropped=self.outbox.dropped,
+            undelivered=self.outbox.depth,
+        )
+        if not drained and report.undelivered:
+            why = "the stop was forced" if self._abort_stop.is_set() else (
+                f"the event handler did not take them within shutdown_drain = {drain_s:g} s"
+            )
+            log.warning("%d events undelivered: %s", report.undelivered, why)
+        level = logging.WARNING if report.lost or report.rejected else logging.INFO
+        log.log(level, "stopped: %s", report)
+        return report
+
+    async def _unless_aborted(self, awaitable: Awaitable[T]) -> T | None:
+        """``await awaitable``, unless :meth:`abort_stop` comes first (then it is cancelled
+        and None returned)."""
+        abort = self._abort_stop
+        assert abort is not None
+        task = asyncio.ensure_future(awaitable)
+        if abort.is_set():
+            task.cancel()
+        else:
+            aborted = asyncio.ensure_future(abort.wait())
+            await asyncio.wait((task, aborted), return_when=asyncio.FIRST_COMPLETED)
+            aborted.cancel()
+            if not task.done():
+                task.cancel()
+        try:
+            return await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
+            return None
+
+    async def _health_loop(self, interval: float) -> None:
+        """One INFO line per ``interval``: proof of life, and the numbers an operator
+        looks for first (rates, queue, shards, reconnects)."""
+        last = self._health_counters()
+        last_at = time.monotonic()
+        while True:
+            await asyncio.sleep(interval)
+            now, counters = time.monotonic(), self._health_counters()
+            elapsed = max(now - last_at, 1e-9)
+            deltas = [max(0, a - b) for a, b in zip(counters, last, strict=True)]
+            received, delivered, reconnects = deltas
+            group = self.active
+            ready = 0 if group is None else group.ready_count()
+            total = 0 if group is None else len(group.shards)
+            extra = ""
+            if self.outbox.dropped or (self.delivery is not None and self.delivery.rejected):
+                rejected = 0 if self.delivery is None else self.delivery.rejected
+                extra = f", dropped {self.outbox.dropped}, rejected {rejected} in total"
+            log.info(
+                "health: in %.1f/s, out %.1f/s, queue %d, shards ready %d/%d, "
+                "reconnects %d in the last %.0f s%s",
+                received / elapsed,
+                delivered / elapsed,
+                self.outbox.depth,
+                ready,
+                total,
+                reconnects,
+                elapsed,
+                extra,
+            )
+            last, last_at = counters, now
+
+    def _health_counters(self) -> tuple[int, int, int]:
+        """(dispatches received, events delivered, reconnects) so far, all groups."""
+        groups = {self.active}
+        if self.resharder.current is not None:
+            groups |= {self.resharder.current.old, self.resharder.current.new}
+        shards = [s for g in groups if g is not None for s in g.shards.values()]
+        delivered = 0 if self.delivery is None else self.delivery.delivered
+        return (
+            sum(s.dispatches for s in shards),
+            delivered,
+            sum(s.reconnects for s in shards),
+        )
 
     # ------------------------------------------------------------------ control target
 
@@ -358,23 +501,70 @@ class GatewayManager:
         }
 
 
-async def _serve(config: Config) -> None:
+async def _serve(config: Config, *, hold_signals_at_exit: bool = False) -> int:
+    """Run until a signal or ``POST /shutdown``; the exit status (0, or
+    :data:`EXIT_EVENTS_LOST`).
+
+    The signal handlers go in first: start-up may spend a while retrying REST, and a
+    SIGTERM then must stop cleanly, not kill the process. A second signal (later than
+    :data:`REPEAT_SIGNAL_GRACE_S`) stops at once, giving up on the drain.
+
+    With ``hold_signals_at_exit`` (the CLI) SIGINT/SIGTERM are ignored once the stop is
+    done. Otherwise a repeat that comes after it (coreutils ``timeout`` signals the child,
+    then its process group; a stop can take a millisecond) lands after CPython's
+    finalization has put the default action back, and kills a process that had stopped
+    cleanly (exit 143). SIG_IGN is the one disposition finalization leaves alone.
+    """
     manager = GatewayManager(config)
     loop = asyncio.get_running_loop()
-    await manager.start()
+    first_at: float | None = None
+
+    def on_signal(sig: signal.Signals) -> None:
+        nonlocal first_at
+        now = time.monotonic()
+        if first_at is None:
+            first_at = now
+            log.info("%s received (send it again to stop at once)", sig.name)
+            manager.request_shutdown()
+        elif now - first_at >= REPEAT_SIGNAL_GRACE_S:
+            log.warning("%s again: stopping now, without waiting for delivery", sig.name)
+            manager.abort_stop()
+
+    installed: list[signal.Signals] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, manager.request_shutdown)
+            loop.add_signal_handler(sig, on_signal, sig)
+            installed.append(sig)
     try:
-        await manager.run_until_stopped()
-        log.info("shutting down")
+        starting = asyncio.ensure_future(manager.start())
+        stopped = asyncio.ensure_future(manager.run_until_stopped())
+        try:
+            await asyncio.wait((starting, stopped), return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():
+                log.info("shutting down during start-up")
+                starting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await starting
+            else:
+                starting.result()  # a failed start raises here (exit status 1)
+                await stopped
+                log.info("shutting down")
+        finally:
+            stopped.cancel()
+            report = await manager.stop()
+        return EXIT_EVENTS_LOST if report.lost else 0
     finally:
-        await manager.stop()
+        for sig in installed:
+            if hold_signals_at_exit:
+                # Straight from the loop's handler to SIG_IGN: never the default between.
+                signal.signal(sig, signal.SIG_IGN)
+            else:
+                loop.remove_signal_handler(sig)
 
 
 def run_gateway(config: Config) -> int:
-    """``shardgate run``: serve until SIGINT/SIGTERM or ``POST /shutdown``."""
+    """``shardgate run``: serve until SIGINT/SIGTERM or ``POST /shutdown``. Returns the
+    exit status: 0 after a clean stop, :data:`EXIT_EVENTS_LOST` when events were lost."""
     import uvloop  # noqa: PLC0415
 
-    uvloop.run(_serve(config))
-    return 0
+    return uvloop.run(_serve(config, hold_signals_at_exit=True))

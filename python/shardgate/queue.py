@@ -32,6 +32,8 @@ Redis Streams backend or worker processes can replace this in-memory one later.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections import deque
 from collections.abc import Sequence
 from typing import Final
@@ -47,6 +49,11 @@ __all__ = [
     "shard_of_stream",
     "stream_id",
 ]
+
+log = logging.getLogger(__name__)
+
+OVERFLOW_WARN_INTERVAL_S: Final = 10.0
+"""While the outbox keeps dropping, one warning (with counts) per this many seconds."""
 
 GAP_EVENT: Final = "SHARDGATE_GAP"
 """Dispatch name (``t``) of a gap record, delivered as
@@ -175,6 +182,8 @@ class Outbox:
         "_queues",
         "_ready",
         "_size",
+        "_warn_after",
+        "_warned_dropped",
         "dropped",
         "gap_records",
         "max_size",
@@ -191,6 +200,8 @@ class Outbox:
         self._ready: asyncio.Queue[int] = asyncio.Queue()
         self._levels: dict[int, set[int]] | None = None  # waiting count -> shard ids
         self._max_level = 0
+        self._warn_after = 0.0  # monotonic time of the next allowed overflow warning
+        self._warned_dropped = 0  # self.dropped at the last warning
 
     # -- producer side -------------------------------------------------------------------
 
@@ -382,6 +393,22 @@ class Outbox:
         self._size -= 1
         self.dropped += 1
         self._move(stream, q.nwait + 1, q.nwait)
+        now = time.monotonic()
+        if now >= self._warn_after:
+            self._warn_overflow(now)
+
+    def _warn_overflow(self, now: float) -> None:
+        """At the first drop, then at most every :data:`OVERFLOW_WARN_INTERVAL_S` while
+        dropping continues: without it the first sign of loss was the recovery line."""
+        log.warning(
+            "outbox full (queue_max_size %d): dropped %d oldest events since the last "
+            "warning, %d in total; the bot gets SHARDGATE_GAP records in their place",
+            self.max_size,
+            self.dropped - self._warned_dropped,
+            self.dropped,
+        )
+        self._warned_dropped = self.dropped
+        self._warn_after = now + OVERFLOW_WARN_INTERVAL_S
 
     def _build_levels(self) -> None:
         levels: dict[int, set[int]] = {}

@@ -320,7 +320,7 @@ async def test_4xx_is_not_retried_and_is_counted(kind, caplog):
     assert seen == ["0:sess:0", "0:sess:1", "0:sess:2", "0:sess:3"]
     assert (delivery.delivered, delivery.rejected, delivery.retries) == (3, 1, 0)
     assert outbox.is_empty()
-    assert "rejected 1 event(s) (latest: shard 0, first 0:sess:1): HTTP 422" in caplog.text
+    assert "rejected 1 event(s) (1 in total; latest: shard 0, 0:sess:1): HTTP 422" in caplog.text
 
 
 # -- overflow ---------------------------------------------------------------------------

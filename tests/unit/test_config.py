@@ -5,7 +5,16 @@ from pathlib import Path
 
 import pytest
 
-from shardgate.config import Config, add_config_arguments, load_config
+from shardgate.config import (
+    HELP,
+    Config,
+    add_config_arguments,
+    config_keys,
+    default_text,
+    describe,
+    load_config,
+    load_config_with_sources,
+)
 from shardgate.errors import ConfigError
 from shardgate.intents import ALL_INTENTS, parse_intents
 
@@ -133,3 +142,75 @@ def test_intent_parsing_accepts_all_spellings():
     assert parse_intents(ALL_INTENTS) == 53608447
     with pytest.raises(ValueError, match="unknown intent"):
         parse_intents("Nope")
+
+
+def test_every_key_has_help_and_a_default_text():
+    assert set(HELP) == set(config_keys())
+    for key in config_keys():
+        assert HELP[key].strip(), key
+        assert default_text(key)
+    assert default_text("token") == "required"
+    assert default_text("spawn_shard_delay") == "5000"
+    assert default_text("reshard") == "true"
+    assert default_text("max_shards") == "unset: Discord's recommendation"
+    assert default_text("rest_authorization") == "unset"
+    assert default_text("shutdown_drain") == "5"
+    assert default_text("health_interval") == "60"
+
+
+def test_first_shard_must_fit_max_shards():
+    with pytest.raises(ConfigError, match=r"^first_shard_id: must be < max_shards \(4\)"):
+        load_config(
+            None, {**BASE_ENV, "SHARDGATE_FIRST_SHARD_ID": "10", "SHARDGATE_MAX_SHARDS": "4"}
+        )
+
+
+def test_websocket_url_needs_websocket_mode():
+    with pytest.raises(ConfigError, match=r"^event_handler_url: .*websocket"):
+        load_config(None, {**BASE_ENV, "SHARDGATE_EVENT_HANDLER_URL": "ws://127.0.0.1:9/"})
+    cfg = load_config(
+        None,
+        {
+            **BASE_ENV,
+            "SHARDGATE_EVENT_HANDLER_URL": "ws://127.0.0.1:9/",
+            "SHARDGATE_FORWARD_MODE": "websocket",
+        },
+    )
+    assert cfg.forward_mode == "websocket"
+
+
+@pytest.mark.parametrize(("key", "value"), [("shutdown_drain", "-1"), ("health_interval", "-5")])
+def test_new_durations_are_checked(key: str, value: str):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {**BASE_ENV, f"SHARDGATE_{key.upper()}": value})
+    assert info.value.key == key
+
+
+def test_top_level_key_beside_the_table_is_an_error(tmp_path: Path):
+    toml = tmp_path / "c.toml"
+    toml.write_text("queue_max_size = 5\n\n[shardgate]\nfirst_shard_id = 0\n")
+    stray = r"^queue_max_size: is at the top level of .*\[shardgate\]"
+    with pytest.raises(ConfigError, match=stray):
+        load_config(parse(["--config", str(toml)]), BASE_ENV)
+    toml.write_text("queue_max_size = 5\nfirst_shard_id = 0\n")  # no table: top level is read
+    assert load_config(parse(["--config", str(toml)]), BASE_ENV).queue_max_size == 5
+
+
+def test_sources_and_the_table_hide_secrets(tmp_path: Path):
+    toml = tmp_path / "c.toml"
+    toml.write_text("[shardgate]\nqueue_max_size = 10\n")
+    cfg, sources = load_config_with_sources(
+        parse(["--config", str(toml), "--first-shard-id", "1"]), BASE_ENV
+    )
+    assert sources["queue_max_size"] == f"file {toml}"
+    assert sources["first_shard_id"] == "flag --first-shard-id"
+    assert sources["token"] == "env SHARDGATE_TOKEN"
+    assert sources["compression"] == "default"
+    rows = {row[0]: row for row in describe(cfg, sources)}
+    assert rows["token"][1] == f"set ({len('tok-ABCDEFGHIJKLMNOP')} chars)"
+    assert rows["event_handler_secret"][1] == f"set ({len('s3cret-value')} chars)"
+    assert rows["rest_authorization"][1:] == ("unset", "default")
+    assert rows["max_shards"][1] == "unset"
+    assert rows["reshard"][1] == "true"
+    text = repr(rows)
+    assert "tok-ABCDEFGHIJKLMNOP" not in text and "s3cret-value" not in text

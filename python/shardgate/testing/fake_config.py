@@ -120,6 +120,8 @@ class FakeDiscordConfig:
         reconnect_close_delay_s: after a scripted op 7, the fake closes the link itself
             (code 4000) if the client has not left within this time.
         user_id / application_id: the bot user and application in READY.
+        rest_port: the REST listener's port (0: any free one); the gateway listeners
+            always take free ports, ``GET /gateway/bot`` says which.
     """
 
     token: str = field(default="fake-bot-token", repr=False)
@@ -156,6 +158,7 @@ class FakeDiscordConfig:
     reconnect_close_delay_s: float = 2.0
     user_id: int = 1_100_000_000_000_000_001
     application_id: int = 1_100_000_000_000_000_001
+    rest_port: int = 0
 
     def __post_init__(self) -> None:
         positive: dict[str, float] = {
@@ -194,6 +197,8 @@ class FakeDiscordConfig:
             raise ConfigError("split_mode", "must be 'continuation' or 'messages'")
         if self.zlib_backend not in ("native", "python"):
             raise ConfigError("zlib_backend", "must be 'native' or 'python'")
+        if not 0 <= self.rest_port <= 65535:
+            raise ConfigError("rest_port", "must be a TCP port (0-65535)")
         if self.max_frame_bytes < self.max_payload_bytes:
             raise ConfigError("max_frame_bytes", "must be >= max_payload_bytes")
 

@@ -371,7 +371,8 @@ class FakeDiscord:
         return f"{self.rest_url}/api/v10"
 
     async def start(self) -> None:
-        """Listen on three ephemeral 127.0.0.1 ports: gateway, resume gateway, REST."""
+        """Listen on 127.0.0.1: gateway and resume gateway on ephemeral ports, REST on
+        ``config.rest_port`` (ephemeral by default)."""
         if self._loop is not None:
             raise RuntimeError("FakeDiscord already started")
         self._loop = asyncio.get_running_loop()
@@ -391,7 +392,7 @@ class FakeDiscord:
             runner = web.AppRunner(make_rest_app(self), access_log=None, handle_signals=False)
             await runner.setup()
             self._runner = runner
-            site = web.TCPSite(runner, "127.0.0.1", 0)
+            site = web.TCPSite(runner, "127.0.0.1", self.config.rest_port)
             await site.start()
             host, port = runner.addresses[0][:2]
             self.rest_url = f"http://{host}:{port}"

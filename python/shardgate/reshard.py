@@ -8,7 +8,7 @@ A reshard (on demand, ``POST /reshard``, or automatic at ``reshard_percentage`` 
    group keeps serving. Its events are not forwarded.
 2. **loading**: until every new shard is READY and has received all its guilds.
 3. **switching**: the bot gets ``SHARDGATE_RESHARDED`` ``{from, to, guilds}``; commands
-   route by the new count; for ``reshard_overlap`` seconds both groups forward (replies to
+   route by the new count; for ``reshard_overlap`` seconds both groups run (replies to
    commands sent through old shards still arrive), then the old group closes with 1000.
 4. **done**; or **failed** (a new shard failed fatally, ``reshard_timeout`` passed): the
    new group closes, the old one never stopped serving, nothing is lost.
@@ -16,20 +16,26 @@ A reshard (on demand, ``POST /reshard``, or automatic at ``reshard_percentage`` 
 Why it loses and doubles nothing (the :class:`Handover`): Discord sends a guild's events
 to the owning shard of *every* live session, each with its own seq, and sessions sit on
 different gateway nodes, so one event reaches the two groups at different times, and an
-event sent before a new session identified reaches the old one only. The handover counts,
-per identity of an event (a hash of the raw bytes of its ``d``), the copies each group saw
-and how many were forwarded: a copy is forwarded when its group has now seen more copies
-than were forwarded (it is the first copy of a new occurrence) and that group may forward.
-During loading only the old group may; from the switch on, both. Counting, rather than a
-set, keeps two genuinely distinct events with equal ``d`` (a user typing twice in one
-second) distinct. An entry is forgotten once both groups saw it equally often, or after
-:data:`DEDUP_HORIZON_S` (copies further apart than that are beyond what the gateway does).
+event sent before a new session identified reaches the old one only. So while the old
+group lives, *it* forwards, in its own order: every event it gets reaches the bot from
+it, including those sent before a new session existed. The new group's copies only wait:
+the handover counts, per identity of an event (a hash of the raw bytes of its ``d``), the
+copies each group saw and how many were forwarded, and keeps a copy the new group saw
+first until the old group's copy arrives (then it is dropped). What the old group will
+never get is forwarded from the new group: answers to commands sent through it after the
+switch (:data:`REPLY_EVENTS`, at once), kept copies still unmatched when the old group
+closes (then, in the new group's order), and everything after that. Counting, rather
+than a set, keeps two distinct events with equal ``d`` (a user typing twice in one second)
+distinct. An entry is forgotten once both groups saw it equally often, or after
+:data:`DEDUP_HORIZON_S`.
 
 Order per guild: until the old group has closed, every forwarded event goes into the
 outbox stream of the guild's *old* owner, so one guild's events never travel two queues at
 once; after that the new group's streams are held until the old streams have delivered
 everything queued before, so the bot (even one that was down across the switch) gets a
-guild's events in order.
+guild's events in order. (An earlier design let the new group forward from the switch on;
+a slow old node then delivered events sent just before the last new IDENTIFY after newer
+ones of the same guild.)
 
 What the bot gets from the new group: nothing of its READY and initial GUILD_CREATEs (it
 already has those guilds), then, from the switch on, its dispatches under the new shard
@@ -76,10 +82,14 @@ GUILDS_PER_SHARD: Final = 2500
 """Discord's limit; a shard over it is closed with 4011."""
 DEDUP_HORIZON_S: Final = 30.0
 """How far apart two copies of one event may reach the two groups and still be matched."""
-LAG_WINDOW_S: Final = 10.0
-"""The old group's lag behind the new one is the maximum over this many recent seconds."""
-MAX_SWITCH_WAIT_S: Final = 5.0
-"""The longest the switch waits for a lagging old group to catch up (see ``_catch_up``)."""
+HOLD_LIMIT_S: Final = 5.0
+"""How long a copy the new group saw first waits for the old group's copy (which is then
+forwarded in its place, in the old group's order) before it is forwarded itself."""
+REPLY_EVENTS: Final = frozenset(
+    ("GUILD_MEMBERS_CHUNK", "SOUNDBOARD_SOUNDS", "CHANNEL_INFO", "RATE_LIMITED")
+)
+"""Answers to commands: after the switch commands go through the new group, so these
+reach it alone and are forwarded at once."""
 LAG_ALLOWANCE_S: Final = 2.0
 """After the old group closed, how long the new group's copies of what the old group
 forwarded last are still matched: gateway nodes differ by hundreds of milliseconds."""
@@ -103,16 +113,13 @@ _AFTER: Final = 2  # old closed; new forwards into its own (held) streams, still
 class Handover:
     """The two sinks of a reshard (see the module docstring): ``old_sink`` and ``new_sink``.
 
-    Per identity of ``d`` an entry ``[old, new, forwarded, created_at, held, covered]``:
-    copies each group saw, copies forwarded, and the new group's first copies kept while it
-    loads (``held``) of which ``covered`` were meanwhile forwarded by the old group.
+    Per identity of ``d`` an entry ``[old, new, forwarded, created_at, kept]``: copies each
+    group saw, copies forwarded, and the new group's first copies still kept (oldest first;
+    the old group's copy of the same occurrence replaces the oldest).
 
-    Why keep the new group's first copies while it loads: when the new group's node is
-    ahead, an event reaches it before the old group. The old group still forwards it in its
-    place, unless the switch comes first: then those events, still on their way to the old
-    group, are forwarded at the switch from the kept copies, in the new group's order and
-    before anything the new group receives after it. They are as many as the new node is
-    ahead times the event rate (a kept copy is freed when the old copy arrives).
+    Kept copies are as many as the new node is ahead of the old one times the event rate:
+    one is freed when the old copy arrives, forwarded when the old group closes, or
+    forwarded after :data:`HOLD_LIMIT_S` if the old group never gets it.
 
     The edit filter: both groups share the process's table and, during a reshard, hand
     the MESSAGE_UPDATEs it marks (``message.drop``) to these sinks too. Whichever copy of
@@ -141,13 +148,16 @@ class Handover:
         self._old_base = stream_id(old.generation, 0)
         self._new_base = stream_id(new.generation, 0)
         self._entries: dict[int, list[Any]] = {}
-        # The new group's first copies while it loads, in its order: (key, at, id, body, stream).
-        self._held: deque[tuple[int, float, str, bytes, int]] = deque()
-        self._lags: deque[tuple[float, float]] = deque()
+        # Kept copies live in their entry (entry[4]: [(order, event_id, body, stream)], oldest
+        # first), so the old copy frees one at once; this queue only remembers their order
+        # and age: (order, kept_at, key).
+        self._held_order: deque[tuple[int, float, int]] = deque()
+        self._held_count = 0
+        self._order = 0
         self.matched = 0  # second copies dropped
         self.filtered = 0  # first copies the shared edit filter marked unchanged
-        self.flushed = 0  # kept copies forwarded at the switch
-        self.late = 0  # kept copies the old group never matched within the horizon
+        self.flushed = 0  # kept copies forwarded when the old group closed
+        self.late = 0  # kept copies the old group never matched within HOLD_LIMIT_S
         self.peak_entries = 0
 
     # -- routing -------------------------------------------------------------------------
@@ -166,26 +176,10 @@ class Handover:
         """Count one copy seen by ``side`` (0 old, 1 new)."""
         if entry is None:
             entries = self._entries
-            entry = entries[key] = [0, 0, 0, self._clock(), 0, 0]
+            entry = entries[key] = [0, 0, 0, self._clock(), []]
             self.peak_entries = max(self.peak_entries, len(entries))
-        elif side == 0 and entry[1] and not entry[0]:
-            self._note_old_lag(self._clock() - entry[3])
         entry[side] += 1
         return entry
-
-    def _note_old_lag(self, lag: float) -> None:
-        """How far the old group's node is behind the new one's (from the first old copy of
-        an event the new group saw first); the recent maximum is kept."""
-        now = self._clock()
-        samples = self._lags
-        samples.append((now, lag))
-        while samples and samples[0][0] < now - LAG_WINDOW_S:
-            samples.popleft()
-
-    def old_lag_s(self) -> float:
-        """The largest lag of the old group behind the new one seen in the last
-        :data:`LAG_WINDOW_S` seconds (0 when the old group is ahead)."""
-        return max((lag for _, lag in self._lags), default=0.0)
 
     def _settle(self, key: int, entry: list[Any]) -> None:
         if entry[0] == entry[1] == entry[2] and not entry[4]:
@@ -209,10 +203,11 @@ class Handover:
         entry = self._seen(key, entry, 0)
         if entry[0] > entry[2]:  # this occurrence is not accounted for yet
             entry[2] += 1
-            if entry[4] > entry[5]:
+            if entry[4]:
                 # The new group kept a copy: the old one is forwarded in its place (in the
                 # old group's order) whatever the edit filter now says of this second copy.
-                entry[5] += 1
+                del entry[4][0]
+                self._held_count -= 1
                 self.outbox.put(stream, event_id, body)
             elif message.drop:
                 self.filtered += 1  # the first copy, and the filter's decision holds
@@ -232,18 +227,21 @@ class Handover:
             return  # its READY and initial load: the bot has these guilds already
         key = message.d_hash()
         entry = self._seen(key, self._entries.get(key), 1)
-        if entry[1] <= entry[2] + entry[4] - entry[5]:
+        if entry[1] <= entry[2] + len(entry[4]):
             self.matched += 1  # forwarded (or kept) already
         elif message.drop:
             entry[2] += 1  # the first copy, filtered: the old copy will match it
             self.filtered += 1
-        elif phase == _LOADING:
-            stream = self._old_stream(message, shard_id)
-            self._held.append((key, self._clock(), event_id, body, stream))
-            entry[4] += 1
-        else:
+        elif phase == _AFTER or (phase == _OVERLAP and message.t in REPLY_EVENTS):
             self.outbox.put(self._stream_for_new(message, shard_id), event_id, body)
             entry[2] += 1
+        else:
+            # While the old group lives it forwards everything in its own order; this copy
+            # waits for the old one (then it is dropped) or for the old group's close.
+            self._order += 1
+            entry[4].append((self._order, event_id, body, self._old_stream(message, shard_id)))
+            self._held_order.append((self._order, self._clock(), key))
+            self._held_count += 1
         self._settle(key, entry)
 
     def _stream_for_new(self, message: Message | None, shard_id: int) -> int:
@@ -260,33 +258,32 @@ class Handover:
         shard = self.new.shards.get(owner)
         return shard is not None and shard.session_id is not None
 
-    def _release_held(self, item: tuple[int, float, str, bytes, int]) -> bool:
-        """A kept copy leaves the store: forwarded unless the old group covered it."""
-        key, _at, event_id, body, stream = item
-        entry = self._entries.get(key)
-        if entry is not None:
-            entry[4] -= 1
-            if entry[5]:
-                entry[5] -= 1
-                self._settle(key, entry)
-                return False
-            entry[2] += 1
-            self._settle(key, entry)
+    def _forward_kept(self, key: int, entry: list[Any]) -> None:
+        """Forward the oldest kept copy of ``entry``: the old group will not match it."""
+        _order, event_id, body, stream = entry[4].pop(0)
+        self._held_count -= 1
+        entry[2] += 1
         self.outbox.put(stream, event_id, body)
-        return True
+        self._settle(key, entry)
 
     # -- phases --------------------------------------------------------------------------
 
     def begin_overlap(self) -> None:
-        """The switch: forward the kept copies the old group has not, then both forward."""
-        held = self._held
-        while held:
-            if self._release_held(held.popleft()):
-                self.flushed += 1
+        """The switch: commands now go through the new group; their answers reach it alone
+        and are forwarded at once (everything else still waits for the old copies)."""
         self.phase = _OVERLAP
 
     def begin_after(self) -> None:
-        """The old group is closed: hold the new streams until the old ones are drained."""
+        """The old group is closed: forward the copies it will now never match, in the
+        new group's order, then hold the new streams until the old ones are drained."""
+        entries = self._entries
+        kept = sorted(
+            (item[0], key) for key, entry in entries.items() for item in entry[4]
+        )
+        for _order, key in kept:
+            self._forward_kept(key, entries[key])
+            self.flushed += 1
+        self._held_order.clear()
         for shard_id in self.new.shard_ids:
             self.outbox.hold(self._new_base + shard_id)
         self.phase = _AFTER
@@ -305,15 +302,19 @@ class Handover:
     def expire(self) -> int:
         """Forget what is older than the horizon; returns how many entries went.
 
-        A kept copy the old group did not match within the horizon was never on its way
-        there (or is very late): it is forwarded rather than lost.
+        A kept copy the old group did not match within :data:`HOLD_LIMIT_S` was never on
+        its way there (or is very late): it is forwarded rather than lost.
         """
-        limit = self._clock() - self.horizon_s
-        held = self._held
-        while held and held[0][1] <= limit:
-            if self._release_held(held.popleft()):
-                self.late += 1
+        now = self._clock()
+        limit = now - self.horizon_s
         entries = self._entries
+        order = self._held_order
+        while order and order[0][1] <= now - HOLD_LIMIT_S:
+            number, _at, key = order.popleft()
+            entry = entries.get(key)
+            if entry is not None and entry[4] and entry[4][0][0] == number:
+                self._forward_kept(key, entry)  # not covered by the old group in time
+                self.late += 1
         stale = []
         for key, entry in entries.items():  # insertion order = creation order
             if entry[3] > limit:
@@ -327,17 +328,17 @@ class Handover:
     def close(self) -> None:
         """The reshard is over: free the table (its counters stay for the status)."""
         self._entries.clear()
-        self._held.clear()
-        self._lags.clear()
+        self._held_order.clear()
+        self._held_count = 0
 
     def stats(self) -> dict[str, int]:
         return {
             "entries": len(self._entries),
             "peak_entries": self.peak_entries,
-            "held": len(self._held),
+            "held": self._held_count,
             "duplicates_dropped": self.matched,
             "filtered": self.filtered,
-            "flushed_at_switch": self.flushed,
+            "flushed_at_close": self.flushed,
             "late": self.late,
         }
 
@@ -413,24 +414,8 @@ class Reshard:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(new.all_loaded.wait()), 0.25)
 
-    async def _catch_up(self, new: ShardGroup, handover: Handover) -> None:
-        """Before the switch, let a lagging old group receive what was sent just before the
-        last new shard identified: those events reach the old group only, and once the new
-        group forwards too, they must not arrive after its newer ones of the same guild.
-        The wait is the old group's measured lag behind the new one (plus a margin), counted
-        from the last new READY."""
-        last_ready = max(s.ready_at or 0.0 for s in new.shards.values())
-        margin = 0.1
-        while True:
-            lag = min(handover.old_lag_s(), MAX_SWITCH_WAIT_S)
-            left = last_ready + lag * 1.5 + margin - time.monotonic()
-            if lag <= 0.0 or left <= 0:
-                return
-            await asyncio.sleep(min(left, 0.1))
-
     async def _switch(self, new: ShardGroup, handover: Handover) -> None:
         manager, old = self.manager, self.old
-        await self._catch_up(new, handover)
         self.phase = ReshardPhase.SWITCHING
         self.switched_at = time.monotonic()
         handover.begin_overlap()

@@ -28,7 +28,7 @@ from shardgate.config import Config
 from shardgate.group import ShardGroup
 from shardgate.handler import EventHandlerServer
 from shardgate.manager import GatewayManager
-from shardgate.queue import GAP_EVENT, Outbox
+from shardgate.queue import GAP_EVENT, Outbox, stream_id
 from shardgate.reshard import RESHARDED_EVENT, Handover
 from shardgate.shard import ShardOptions
 from shardgate.testing.fake_discord import FakeDiscord, FakeDiscordConfig, event_id_of
@@ -389,13 +389,23 @@ async def test_handover_counts_copies_so_equal_payloads_stay_distinct() -> None:
     assert [e.body for e in outbox.pending(1)] == [b"o1", b"o2"]
     assert handover.stats()["duplicates_dropped"] == 2
     assert handover.stats()["entries"] == 0
-    # new first for one occurrence, old first for the next: still one each
+    # new first for one occurrence (its copy waits; the old one goes, in the old group's
+    # order), old first for the next: still one each
     handover.new_sink(1, "1:b:3", b"n3", new_copies[0])
+    assert handover.stats()["held"] == 1
     handover.old_sink(1, "1:a:3", b"o3", old_copies[0])
     handover.old_sink(1, "1:a:4", b"o4", old_copies[1])
     handover.new_sink(1, "1:b:4", b"n4", new_copies[1])
-    assert [e.body for e in outbox.pending(1)] == [b"o1", b"o2", b"n3", b"o4"]
+    assert [e.body for e in outbox.pending(1)] == [b"o1", b"o2", b"o3", b"o4"]
     assert handover.stats()["entries"] == 0
+    # a copy the old group never gets goes out when the old group closes, then the new
+    # group's own streams carry what follows
+    handover.new_sink(1, "1:b:5", b"n5", new_copies[0])
+    assert [e.body for e in outbox.pending(1)][-1] == b"o4"
+    handover.begin_after()
+    assert [e.body for e in outbox.pending(1)][-1] == b"n5"
+    handover.new_sink(5, "5:b:6", b"n6", new_copies[1])
+    assert [e.body for e in outbox.pending(stream_id(1, 5))] == [b"n6"]
 
 
 def _group(generation: int, count: int) -> ShardGroup:

@@ -30,6 +30,9 @@ from shardgate.testing.fake_discord import (
 TOKEN = "test-token-abc"
 INTENTS = (1 << 0) | (1 << 9) | (1 << 11) | (1 << 12)  # guilds, guild messages, typing, DMs
 
+#: Loop timers may fire up to a tick early (uvloop counts whole milliseconds).
+TICK = 0.01
+
 # Short timers: every test finishes in well under a few seconds.
 FAST = FakeDiscordConfig(
     token=TOKEN,
@@ -184,7 +187,8 @@ async def test_rest_gateway_bot_auth_remaining_and_refill() -> None:
         shards=3,
         guilds=3,
         session_start_total=10,
-        session_start_reset_after_ms=400,
+        # 1 s: the REST calls below must come before the reset even on a stalled machine.
+        session_start_reset_after_ms=1_000,
         max_concurrency=2,
         guild_create_bytes=4_000,
     )
@@ -212,14 +216,14 @@ async def test_rest_gateway_bot_auth_remaining_and_refill() -> None:
         assert body["session_start_limit"] == {
             "total": 10,
             "remaining": 10,
-            "reset_after": 400,
+            "reset_after": 1_000,
             "max_concurrency": 2,
         }
         await ready_client(fake)
         limit = (await bot("rest-proxy-secret"))["session_start_limit"]
         assert limit["remaining"] == 9
-        assert 0 < limit["reset_after"] <= 400
-        await asyncio.sleep(0.45)
+        assert 0 < limit["reset_after"] <= 1_000
+        await asyncio.sleep(1.05)
         assert (await bot(f"Bot {TOKEN}"))["session_start_limit"]["remaining"] == 10
         assert [ok for _, _, ok in fake.rest_requests].count(False) == 4
 
@@ -636,7 +640,14 @@ async def test_routing_across_two_shard_counts_and_dms_to_shard_0() -> None:
         for key, client in clients.items():
             got = [(await client.recv())["d"].get("guild_id") for _ in expected[key]]
             assert got == expected[key], key
-        await asyncio.sleep(0.05)
+        # Nothing else was routed: one last event per session comes next (a link keeps its
+        # order). A sleep would only show that nothing arrived within the sleep.
+        late = next(g for g in fake.guild_ids if shard_of(g, 2) == 1)
+        await fake.dispatch("MESSAGE_CREATE", {"channel_id": "5", "id": "end"})  # shard 0s
+        await fake.dispatch("MESSAGE_CREATE", {"guild_id": str(late), "id": "end"})
+        for key, count in {(0, 1): 2, (0, 2): 1, (1, 2): 1}.items():
+            for _ in range(count):
+                assert (await clients[key].recv())["d"].get("id") == "end", key
         assert all(c.queue.empty() for c in clients.values())
         assert len(expected[(0, 2)]) == 5 and len(expected[(1, 2)]) == 4
 
@@ -693,10 +704,13 @@ async def test_transport_compression_and_split_frames(
 async def test_heartbeat_timeout_closes_but_keeps_the_session() -> None:
     async with FakeDiscord(cfg(heartbeat_interval_ms=200, heartbeat_slack=0.5)) as fake:
         client, ready = await ready_client(fake)
-        started = asyncio.get_running_loop().time()
         assert await client.closed() == 4000
-        assert asyncio.get_running_loop().time() - started >= 0.25
-        assert fake.connections[0].close_reason == "Heartbeat timed out."
+        record = fake.connections[0]
+        assert record.close_reason == "Heartbeat timed out."
+        # The timeout (1.5 x 200 ms) runs from HELLO, sent after ``opened_at``: measured from
+        # there, not from READY (which a slow handshake pushes towards the deadline).
+        assert record.closed_at is not None
+        assert record.closed_at - record.opened_at >= 0.3 - TICK
         resumer = await connect(fake, url=fake.resume_gateway_url)
         await _after_hello(fake, resumer)
         resumer.send(6, {"token": TOKEN, "session_id": ready["session_id"], "seq": 1})
@@ -704,13 +718,20 @@ async def test_heartbeat_timeout_closes_but_keeps_the_session() -> None:
 
 
 async def test_heartbeats_in_time_keep_the_connection() -> None:
-    async with FakeDiscord(cfg(heartbeat_interval_ms=200)) as fake:
+    # The fake closes a link silent for 600 ms (1.5 x 400). The client beats right after
+    # READY, then every 200 ms after each ACK: 400 ms to spare for a stalled process,
+    # where a 150 ms sleep against a 300 ms timeout counted from HELLO had almost none.
+    async with FakeDiscord(cfg(heartbeat_interval_ms=400)) as fake:
         client, _ = await ready_client(fake)
-        for _ in range(5):
-            await asyncio.sleep(0.15)
+        for _ in range(6):
             client.send(1, 1)
-        await fake.wait_for(lambda: fake.connections[0].heartbeats_acked == 5)
-        assert client.close_code is None and not fake.connections[0].close_sent
+            assert (await client.recv_until(lambda m: m["op"] != 0))["op"] == 11
+            await asyncio.sleep(0.2)
+        record = fake.connections[0]
+        assert record.heartbeats_acked == 6
+        assert client.close_code is None and not record.close_sent
+        # Alive for well over one timeout: each heartbeat restarted the fake's timer.
+        assert record.received[-1].at - record.opened_at > 0.6 + 0.2
 
 
 async def test_heartbeat_timeout_can_drop_instead() -> None:
@@ -735,8 +756,11 @@ async def test_zombie_stops_acks_and_server_heartbeat_request() -> None:
         assert (await client.recv())["op"] == 11
         await fake.stop_acking(0)
         client.send(1, 7)
-        with pytest.raises(TimeoutError):
-            await client.recv(timeout_s=0.2)
+        await fake.wait_for(lambda: fake.connections[0].ops_received() == [2, 1, 1])
+        # The fake has handled the beat; an ACK would be on the wire before this op 1.
+        await fake.request_heartbeat(0)
+        assert await client.recv() == {"t": None, "s": None, "op": 1, "d": None}
+        assert client.queue.empty()
         assert fake.connections[0].ops_received() == [2, 1, 1]
 
 

@@ -58,6 +58,13 @@ def body(shard: int, seq: int, extra: str = "") -> bytes:
     )
 
 
+async def until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    """Wait for something to have happened (rather than sleeping and hoping it did)."""
+    async with asyncio.timeout(timeout_s):
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+
 def put(outbox: Outbox, shard: int, seq: int) -> None:
     outbox.put(shard, f"{shard}:sess:{seq}", body(shard, seq))
 
@@ -291,8 +298,8 @@ async def test_refused_connection_is_retried_until_the_handler_listens(kind):
     forwarder = make_forwarder(kind, port)
     recorder = Recorder()
     async with Delivery(outbox, forwarder, backoff_base=0.05, backoff_max=0.2) as delivery:
-        await asyncio.sleep(0.4)
-        assert delivery.retries >= 2 and delivery.delivered == 0
+        await until(lambda: delivery.retries >= 2)
+        assert delivery.delivered == 0
         assert outbox.depth == 5
         async with EventHandlerServer(recorder, SECRET, port=port):
             assert await delivery.drain(5)
@@ -339,9 +346,11 @@ async def test_overflow_drops_oldest_and_the_bot_gets_a_gap_record(kind):
             gaps.append({"id": event_id, **data["d"]})
         await recorder(shard_id, data, event_id)
 
-    async with Delivery(outbox, forwarder, batch_size=5, backoff_base=0.02, backoff_max=0.1):
+    async with Delivery(
+        outbox, forwarder, batch_size=5, backoff_base=0.02, backoff_max=0.1
+    ) as delivery:
         put(outbox, 0, 0)
-        await asyncio.sleep(0.1)  # the first batch (event 0) is in flight, being retried
+        await until(lambda: delivery.retries >= 1)  # the first batch (event 0) is in flight
         for seq in range(1, 50):
             put(outbox, 0, seq)
         assert outbox.depth == 20
@@ -606,8 +615,7 @@ async def test_stopping_delivery_gives_in_flight_events_back_in_order():
     forwarder = make_forwarder("lean", free_port())  # nobody listens: the batch is retried
     delivery = Delivery(outbox, forwarder, batch_size=4, backoff_base=0.05)
     async with delivery:
-        await asyncio.sleep(0.2)
-        assert delivery.retries >= 1
+        await until(lambda: delivery.retries >= 1)
     await forwarder.close()
     assert outbox.depth == 6
     assert [e.event_id for e in outbox.pending(0)] == [f"0:sess:{s}" for s in range(6)]

@@ -209,6 +209,24 @@ async def test_websocket_duplicate_batch_is_acknowledged_not_rehandled():
     assert calls.ids() == ["0:s:1", "0:s:2"]
 
 
+def spawn_interruptible(args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    """Popen whose child starts with SIGINT at its default, whatever this process inherited.
+
+    A shell runs a background job (``pytest &``, e.g. two suites side by side) with SIGINT
+    ignored, and an ignored signal stays ignored across exec: the child would never see
+    the SIGINT that is meant to stop it. A handled signal is reset to the default at exec,
+    so handle it here while the child is spawned.
+    """
+    inherited = signal.getsignal(signal.SIGINT)
+    if inherited == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(args, **kwargs)
+    finally:
+        if inherited == signal.SIG_IGN:
+            signal.signal(signal.SIGINT, inherited)
+
+
 def test_standalone_module_runs_and_refuses_without_secret():
     env = {k: v for k, v in os.environ.items() if k != "SHARDGATE_EVENT_HANDLER_SECRET"}
     refused = subprocess.run(
@@ -222,7 +240,7 @@ def test_standalone_module_runs_and_refuses_without_secret():
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env["SHARDGATE_EVENT_HANDLER_SECRET"] = SECRET
-    proc = subprocess.Popen(
+    proc = spawn_interruptible(
         [sys.executable, "-m", "shardgate.handler", "--port", str(port)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )

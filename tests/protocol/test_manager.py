@@ -95,8 +95,8 @@ class GrantTimes:
 class TimedManager(GatewayManager):
     grants: GrantTimes | None = None
 
-    def create_identify_scheduler(self, bot: GatewayBot) -> IdentifyGate:
-        self.grants = GrantTimes(super().create_identify_scheduler(bot), bot.max_concurrency)
+    def create_identify_gate(self, bot: GatewayBot) -> IdentifyGate:
+        self.grants = GrantTimes(super().create_identify_gate(bot), bot.max_concurrency)
         return self.grants
 
 

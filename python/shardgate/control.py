@@ -1,7 +1,9 @@
 """The control API: how the bot sends gateway commands and reads status.
 
 The bot has no websocket to Discord; it asks the gateway process over HTTP on
-``control_host:control_port``, authenticated with ``Authorization: <event_handler_secret>``.
+``control_host:control_port``, authenticated with ``Authorization: <control_secret>`` (or,
+while ``control_secret`` is unset, the ``event_handler_secret``: see the README's security
+section).
 Commands for a guild go to the shard that owns it, ``(guild_id >> 22) % shard_count``.
 
 =========================================  ====================================================
@@ -16,8 +18,9 @@ Commands for a guild go to the shard that owns it, ``(guild_id >> 22) % shard_co
 ``POST /shutdown``                         stop the process cleanly
 =========================================  ====================================================
 
-Every bad request gets a 4xx with ``{"error": "..."}``; a wrong secret gets 401. A handler
-error is a 500 with a generic message: nothing a client sends can stop the process.
+Every bad request gets a 4xx with ``{"error": "..."}``; a wrong secret gets 401 (whatever
+bytes the header holds), a command over Discord's 4096-byte limit 413. A handler error is a
+500 with a generic message: nothing a client sends can stop the process.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from aiohttp import web
 
 from shardgate import commands
 from shardgate.commands import shard_for_guild
-from shardgate.errors import CommandError, ReshardError
+from shardgate.errors import CommandError, PayloadTooLarge, ReshardError
 
 log = logging.getLogger(__name__)
 
@@ -108,12 +111,17 @@ class ControlServer:
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Route) -> web.StreamResponse:
-        given = request.headers.get("Authorization", "").encode()
+        # aiohttp decodes header bytes that are not UTF-8 as surrogates, which a plain
+        # encode() refuses; surrogateescape gives the bytes back, so they simply mismatch.
+        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
         if not hmac.compare_digest(given, self._secret):
             self.rejected += 1
             return _error(401, "missing or wrong Authorization")
         try:
             return await handler(request)
+        except PayloadTooLarge as exc:
+            self.rejected += 1
+            return _error(413, str(exc))
         except CommandError as exc:
             self.rejected += 1
             return _error(400, str(exc))

@@ -31,12 +31,12 @@ Embedded::
         elif data["t"] == "SHARDGATE_GAP":  # the gateway's outbox overflowed
             print(f"shard {shard_id} lost {data['d']['dropped']} events")
 
-    async with EventHandlerServer(on_event, secret="s3cret", port=8081) as server:
+    async with EventHandlerServer(on_event, secret="a-long-s3cret-value", port=8081) as server:
         await server.serve_forever()
 
 Standalone (the secret comes from the environment, never from the command line)::
 
-    SHARDGATE_EVENT_HANDLER_SECRET=s3cret python -m shardgate.handler \\
+    SHARDGATE_EVENT_HANDLER_SECRET=a-long-s3cret-value python -m shardgate.handler \\
         --port 8081 --callback mybot.events:on_event
 
 Without ``--callback`` it logs one line per event.
@@ -65,6 +65,7 @@ import orjson
 import uvloop
 from aiohttp import WSMsgType, web
 
+from shardgate.config import secret_problem
 from shardgate.log import setup_logging
 
 __all__ = ["EventCallback", "EventHandlerServer", "main"]
@@ -110,6 +111,9 @@ class EventHandlerServer:
     ) -> None:
         if not secret:
             raise ValueError("a secret is required")
+        problem = secret_problem(secret)
+        if problem is not None:  # the gateway refuses such an event_handler_secret too
+            raise ValueError(f"the secret {problem}")
         self._on_event = on_event
         self._secret = secret.encode()
         self.host = host
@@ -353,6 +357,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     secret = os.environ.get(SECRET_ENV, "")
     if not secret:
         raise SystemExit(f"set {SECRET_ENV} to the gateway's event_handler_secret")
+    problem = secret_problem(secret)
+    if problem is not None:
+        raise SystemExit(f"{SECRET_ENV} {problem}")
     setup_logging(secrets=[secret])
     callback = _load_callback(args.callback) if args.callback else _log_event
 

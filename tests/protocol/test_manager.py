@@ -27,7 +27,7 @@ from shardgate.shard import ShardOptions
 from shardgate.testing.fake_discord import FakeDiscord, FakeDiscordConfig
 
 SECRET = "handler-secret-123"
-REST_SECRET = "rest-secret-456"
+REST_SECRET = "rest-secret-456789"
 GUILDS_AND_MESSAGES = (1 << 0) | (1 << 9) | (1 << 11) | (1 << 15)
 
 
@@ -322,7 +322,7 @@ async def test_shard_range_outside_the_bot_is_refused() -> None:
 async def test_wrong_rest_secret_is_a_clear_error() -> None:
     fake_cfg = FakeDiscordConfig(token="bot-token-abcdef", rest_authorization=REST_SECRET)
     async with FakeDiscord(fake_cfg) as fake:
-        manager = GatewayManager(make_config(fake, 1, rest_authorization="nope-nope"))
+        manager = GatewayManager(make_config(fake, 1, rest_authorization="nope-nope-nope-nope"))
         with pytest.raises(GatewayError, match="refused \\(401\\)"):
             await manager.start()
         await manager.stop(drain_s=0)

@@ -9,16 +9,17 @@ queue slow work (the manager's outbox does), not do it inline.
 
 Lifecycle per connection: connect (``?v=10&encoding=json[&compress=...]``), HELLO, then
 RESUME (if a session is known) or IDENTIFY through the :class:`IdentifyGate`, then READY or
-RESUMED. What READY says is checked before it is used: a ``session_id`` that could not
-travel in an event id (see :func:`~shardgate.session.is_valid_session_id`) ends that
-session and starts a new one; a ``resume_gateway_url`` that fails :func:`check_resume_url`
-is ignored and resumes go to the gateway URL (both logged and counted in
-``protocol_errors``). Heartbeats start ``interval * random()`` after HELLO and repeat
-every interval; no ACK between two of our beats means a zombie link: close with 4000 and
-resume. Op 7, op 9 ``true``, a resumable close code and a dropped link resume on ``resume_gateway_url``;
+RESUMED. Heartbeats start ``interval * random()`` after HELLO and repeat every interval; no
+ACK between two of our beats means a zombie link: close with 4000 and resume. Op 7, op 9
+``true``, a resumable close code and a dropped link resume on ``resume_gateway_url``;
 op 9 ``false`` and non-resumable codes start a new session on the gateway URL; fatal codes
 (4004, 4010-4014) stop this shard with :class:`FatalClose`. Reconnects back off with full
 jitter so thousands of shards told to reconnect at once do not stampede.
+
+What READY says is checked before it is used: a ``session_id`` that could not travel in an
+event id (see :func:`~shardgate.session.is_valid_session_id`) ends that session and starts
+a new one; a ``resume_gateway_url`` that fails :func:`check_resume_url` is ignored and
+resumes go to the gateway URL. Both are logged and counted in ``protocol_errors``.
 """
 
 from __future__ import annotations

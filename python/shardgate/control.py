@@ -36,6 +36,7 @@ from aiohttp import web
 from shardgate import commands
 from shardgate.commands import shard_for_guild
 from shardgate.errors import CommandError, PayloadTooLarge, ReshardError
+from shardgate.httpserver import expect_handler, server_logger
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +82,21 @@ class ControlServer:
         self._runner: web.AppRunner | None = None
         self.rejected = 0
         app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[self._guard])
-        app.router.add_get("/status", self._status)
-        app.router.add_post("/presence", self._presence)
-        app.router.add_post("/voice-state", self._voice_state)
-        app.router.add_post("/request-guild-members", self._request_members)
-        app.router.add_post("/request-soundboard-sounds", self._soundboard)
-        app.router.add_post("/send", self._send)
-        app.router.add_post("/reshard", self._reshard)
-        app.router.add_post("/shutdown", self._shutdown)
+        self._routes: dict[str, tuple[str, Route]] = {
+            "/status": ("GET", self._status),
+            "/presence": ("POST", self._presence),
+            "/voice-state": ("POST", self._voice_state),
+            "/request-guild-members": ("POST", self._request_members),
+            "/request-soundboard-sounds": ("POST", self._soundboard),
+            "/send": ("POST", self._send),
+            "/reshard": ("POST", self._reshard),
+            "/shutdown": ("POST", self._shutdown),
+        }
+        for path, (method, route) in self._routes.items():
+            app.router.add_route(method, path, route, expect_handler=expect_handler)
+        # Everything else lands here rather than in aiohttp's 404/405 routes, whose
+        # Expect handling answers 500 to a header that is not UTF-8.
+        app.router.add_route("*", "/{tail:.*}", self._unknown, expect_handler=expect_handler)
         self.app = app
 
     @property
@@ -99,7 +107,7 @@ class ControlServer:
         return int(self._runner.addresses[0][1])
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None)
+        self._runner = web.AppRunner(self.app, access_log=None, logger=server_logger())
         await self._runner.setup()
         await web.TCPSite(self._runner, self._host, self._port).start()
         log.info("control API on http://%s:%d", self._host, self.port)
@@ -143,6 +151,15 @@ class ControlServer:
         if not isinstance(body, dict):
             raise BadRequest("body must be a JSON object")
         return body
+
+    async def _unknown(self, request: web.Request) -> web.Response:
+        self.rejected += 1
+        known = self._routes.get(request.path)
+        if known is not None:
+            response = _error(405, f"{request.path} takes {known[0]}")
+            response.headers["Allow"] = known[0]
+            return response
+        return _error(404, "no such endpoint")
 
     async def _status(self, _request: web.Request) -> web.Response:
         return _ok(self._target.status())

@@ -66,6 +66,7 @@ import uvloop
 from aiohttp import WSMsgType, web
 
 from shardgate.config import secret_problem
+from shardgate.httpserver import expect_handler, server_logger
 from shardgate.log import setup_logging
 
 __all__ = ["EventCallback", "EventHandlerServer", "main"]
@@ -140,7 +141,7 @@ class EventHandlerServer:
     def make_app(self) -> web.Application:
         """The aiohttp application (to mount in a bot's own aiohttp app if it has one)."""
         app = web.Application(client_max_size=self.max_message_size)
-        app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        app.router.add_route("*", "/{tail:.*}", self._dispatch, expect_handler=expect_handler)
         return app
 
     def _make_request(
@@ -154,7 +155,9 @@ class EventHandlerServer:
     async def start(self) -> None:
         # aiohttp's low-level server: no router or middleware chain per request, which
         # measured 15-35 % more events/s than an Application in the HTTP mode.
-        server = web.Server(self._dispatch, request_factory=self._make_request)
+        server = web.Server(
+            self._dispatch, request_factory=self._make_request, logger=server_logger()
+        )
         self._runner = web.ServerRunner(server, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)

@@ -27,6 +27,7 @@ from shardgate.testing.fake_discord import FakeDiscord, FakeDiscordConfig
 TOKEN = "demo-bot-token"
 REST_SECRET = "demo-rest-secret"
 HANDLER_SECRET = "demo-handler-secret"
+CONTROL_SECRET = "demo-control-secret"
 
 
 class SampleBot:
@@ -74,6 +75,7 @@ async def _demo(args: argparse.Namespace) -> int:
             rest_authorization=REST_SECRET,
             event_handler_url=f"http://127.0.0.1:{handler.port}/",
             event_handler_secret=HANDLER_SECRET,
+            control_secret=CONTROL_SECRET,
             forward_mode=args.mode,
             spawn_shard_delay=500,
             allow_fast_identify=True,

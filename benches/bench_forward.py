@@ -47,7 +47,7 @@ from shardgate.handler import EventHandlerServer
 from shardgate.queue import Outbox
 from shardgate.testing.payloads import dispatch, guild_ids_for_shards, mixed_stream
 
-SECRET = "bench-secret"
+SECRET = "bench-secret-0123456789"
 
 
 # -- the handler side (child process) ---------------------------------------------------

@@ -192,7 +192,7 @@ def request_reshard(config: Config, shards: int | None) -> int:
         data=body,
         method="POST",
         headers={
-            "Authorization": config.event_handler_secret,
+            "Authorization": config.control_api_secret,
             "Content-Type": "application/json",
         },
     )

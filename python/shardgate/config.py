@@ -3,14 +3,18 @@
 Sources, highest first: CLI flags > ``SHARDGATE_<KEY>`` environment variables > a TOML file
 (``--config``) > defaults. Keys are the snake_case names of the guide's options. Every wrong
 or missing value is refused at start-up with a :class:`ConfigError` naming the key. Secrets
-(``token``, ``rest_authorization``, ``event_handler_secret``) never appear in reprs or errors.
-Nothing else in shardgate reads the environment.
+(``token``, ``rest_authorization``, ``event_handler_secret``, ``control_secret``) never
+appear in reprs or errors. The three shared secrets (all but the token, which has Discord's
+own format) must be at least 16 printable ASCII characters: they travel in HTTP headers
+and are redacted from logs (see :func:`secret_problem`). Nothing else in shardgate reads
+the environment.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +32,27 @@ DISCORD_IDENTIFY_WINDOW_MS: Final = 5000
 
 Compression = Literal["zlib-stream", "zstd-stream", "none"]
 ForwardMode = Literal["http", "websocket"]
-SECRET_KEYS: Final = frozenset({"token", "rest_authorization", "event_handler_secret"})
+SECRET_KEYS: Final = frozenset(
+    {"token", "rest_authorization", "event_handler_secret", "control_secret"}
+)
+SECRET_MIN_LENGTH: Final = 16
+_SECRET_TEXT: Final = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
+
+
+def secret_problem(value: str) -> str | None:
+    """What is wrong with a shared secret, or None; the text never contains the value.
+
+    At least :data:`SECRET_MIN_LENGTH` printable ASCII characters, no space at either end:
+    a short one is guessable and too short for the log filter to redact; a non-ASCII one is
+    sent as latin-1 but compared as UTF-8 (401 forever); a line break or tab would end or
+    corrupt the header it travels in; spaces at the ends are stripped by HTTP parsers.
+    """
+    if len(value) < SECRET_MIN_LENGTH or _SECRET_TEXT.fullmatch(value) is None:
+        return (
+            f"must be at least {SECRET_MIN_LENGTH} printable ASCII characters (no line "
+            "breaks, tabs or non-ASCII, no spaces at either end)"
+        )
+    return None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -41,6 +65,7 @@ class Config:
     rest_authorization: str | None = field(default=None, repr=False)
     event_handler_url: str
     event_handler_secret: str = field(repr=False)
+    control_secret: str | None = field(default=None, repr=False)
     forward_mode: ForwardMode = "http"
     first_shard_id: int = 0
     last_shard_id: int | None = None
@@ -57,6 +82,7 @@ class Config:
     shards_per_cluster: int = 25
     max_clusters: int = 4
     queue_max_size: int = 100_000
+    queue_max_bytes: int = 1 << 30
     control_host: str = "127.0.0.1"
     control_port: int = 8790
     compression: Compression = "zlib-stream"
@@ -83,6 +109,16 @@ class Config:
             "must be an http(s) or ws(s) URL",
         )
         _require(bool(self.event_handler_secret), "event_handler_secret", "is required")
+        for key in ("event_handler_secret", "control_secret", "rest_authorization"):
+            value = getattr(self, key)
+            problem = None if value is None else secret_problem(value)
+            if problem is not None:
+                raise ConfigError(key, problem)
+        _require(
+            self.control_secret != self.event_handler_secret,
+            "control_secret",
+            "must differ from event_handler_secret (the handler receives that one)",
+        )
         _require(
             self.forward_mode in get_args(ForwardMode), "forward_mode", "must be http or websocket"
         )
@@ -129,6 +165,7 @@ class Config:
         _require(self.shards_per_cluster >= 1, "shards_per_cluster", "must be >= 1")
         _require(self.max_clusters >= 1, "max_clusters", "must be >= 1")
         _require(self.queue_max_size >= 1, "queue_max_size", "must be >= 1")
+        _require(self.queue_max_bytes >= 1, "queue_max_bytes", "must be >= 1 (bytes)")
         _require(bool(self.control_host), "control_host", "is required")
         _require(0 <= self.control_port <= 65535, "control_port", "must be a TCP port (0-65535)")
         _require(
@@ -162,9 +199,20 @@ class Config:
         return f"Bot {self.token}"
 
     @property
+    def control_api_secret(self) -> str:
+        """What unlocks the control API: ``control_secret``, or while it is unset (the
+        migration path) ``event_handler_secret``; the manager warns about the latter."""
+        return self.control_secret or self.event_handler_secret
+
+    @property
     def secrets(self) -> tuple[str, ...]:
         """Values the log filter must scrub."""
-        values = (self.token, self.rest_authorization, self.event_handler_secret)
+        values = (
+            self.token,
+            self.rest_authorization,
+            self.event_handler_secret,
+            self.control_secret,
+        )
         return tuple(value for value in values if value)
 
 

@@ -1,7 +1,9 @@
 """The control API: how the bot sends gateway commands and reads status.
 
 The bot has no websocket to Discord; it asks the gateway process over HTTP on
-``control_host:control_port``, authenticated with ``Authorization: <event_handler_secret>``.
+``control_host:control_port``, authenticated with ``Authorization: <control_secret>`` (or,
+while ``control_secret`` is unset, the ``event_handler_secret``: see the README's security
+section).
 Commands for a guild go to the shard that owns it, ``(guild_id >> 22) % shard_count``.
 
 =========================================  ====================================================
@@ -16,8 +18,9 @@ Commands for a guild go to the shard that owns it, ``(guild_id >> 22) % shard_co
 ``POST /shutdown``                         stop the process cleanly
 =========================================  ====================================================
 
-Every bad request gets a 4xx with ``{"error": "..."}``; a wrong secret gets 401. A handler
-error is a 500 with a generic message: nothing a client sends can stop the process.
+Every bad request gets a 4xx with ``{"error": "..."}``; a wrong secret gets 401 (whatever
+bytes the header holds), a command over Discord's 4096-byte limit 413. A handler error is a
+500 with a generic message: nothing a client sends can stop the process.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from aiohttp import web
 
 from shardgate import commands
 from shardgate.commands import shard_for_guild
-from shardgate.errors import CommandError, ReshardError
+from shardgate.errors import CommandError, PayloadTooLarge, ReshardError
+from shardgate.httpserver import expect_handler, server_logger
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +82,21 @@ class ControlServer:
         self._runner: web.AppRunner | None = None
         self.rejected = 0
         app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[self._guard])
-        app.router.add_get("/status", self._status)
-        app.router.add_post("/presence", self._presence)
-        app.router.add_post("/voice-state", self._voice_state)
-        app.router.add_post("/request-guild-members", self._request_members)
-        app.router.add_post("/request-soundboard-sounds", self._soundboard)
-        app.router.add_post("/send", self._send)
-        app.router.add_post("/reshard", self._reshard)
-        app.router.add_post("/shutdown", self._shutdown)
+        self._routes: dict[str, tuple[str, Route]] = {
+            "/status": ("GET", self._status),
+            "/presence": ("POST", self._presence),
+            "/voice-state": ("POST", self._voice_state),
+            "/request-guild-members": ("POST", self._request_members),
+            "/request-soundboard-sounds": ("POST", self._soundboard),
+            "/send": ("POST", self._send),
+            "/reshard": ("POST", self._reshard),
+            "/shutdown": ("POST", self._shutdown),
+        }
+        for path, (method, route) in self._routes.items():
+            app.router.add_route(method, path, route, expect_handler=expect_handler)
+        # Everything else lands here rather than in aiohttp's 404/405 routes, whose
+        # Expect handling answers 500 to a header that is not UTF-8.
+        app.router.add_route("*", "/{tail:.*}", self._unknown, expect_handler=expect_handler)
         self.app = app
 
     @property
@@ -96,7 +107,7 @@ class ControlServer:
         return int(self._runner.addresses[0][1])
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None)
+        self._runner = web.AppRunner(self.app, access_log=None, logger=server_logger())
         await self._runner.setup()
         await web.TCPSite(self._runner, self._host, self._port).start()
         log.info("control API on http://%s:%d", self._host, self.port)
@@ -108,12 +119,17 @@ class ControlServer:
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Route) -> web.StreamResponse:
-        given = request.headers.get("Authorization", "").encode()
+        # aiohttp decodes header bytes that are not UTF-8 as surrogates, which a plain
+        # encode() refuses; surrogateescape gives the bytes back, so they simply mismatch.
+        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
         if not hmac.compare_digest(given, self._secret):
             self.rejected += 1
             return _error(401, "missing or wrong Authorization")
         try:
             return await handler(request)
+        except PayloadTooLarge as exc:
+            self.rejected += 1
+            return _error(413, str(exc))
         except CommandError as exc:
             self.rejected += 1
             return _error(400, str(exc))
@@ -135,6 +151,15 @@ class ControlServer:
         if not isinstance(body, dict):
             raise BadRequest("body must be a JSON object")
         return body
+
+    async def _unknown(self, request: web.Request) -> web.Response:
+        self.rejected += 1
+        known = self._routes.get(request.path)
+        if known is not None:
+            response = _error(405, f"{request.path} takes {known[0]}")
+            response.headers["Allow"] = known[0]
+            return response
+        return _error(404, "no such endpoint")
 
     async def _status(self, _request: web.Request) -> web.Response:
         return _ok(self._target.status())

@@ -35,6 +35,7 @@ HANDLER_SECRET = "demo-handler-secret"
 DEMO_INTENTS = "Guilds|GuildMessages|GuildMessageTyping|MessageContent"
 """Without GuildPresences and GuildMembers: the fake does not send the stream's
 PRESENCE_UPDATEs and GUILD_MEMBER_UPDATEs, as Discord would not (the summary says so)."""
+CONTROL_SECRET = "demo-control-secret-0123"
 
 
 class SampleBot:
@@ -110,6 +111,7 @@ async def _demo(args: argparse.Namespace) -> int:
             rest_authorization=REST_SECRET,
             event_handler_url=url,
             event_handler_secret=secret,
+            control_secret=CONTROL_SECRET,
             forward_mode=args.mode,
             spawn_shard_delay=500,
             allow_fast_identify=True,

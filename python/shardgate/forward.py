@@ -11,7 +11,9 @@ handler has acknowledged it. :class:`Delivery` drives forwarders from an
   shard's events resume in their original order; new events wait in the outbox, which
   drops (and reports) only when full;
 - a rejection (other 4xx) is logged and counted, and the event leaves the outbox: the
-  handler said it will never take it;
+  handler said it will never take it; so is an event that cannot be sent at all (an
+  event id that is not a header-safe token, see :func:`header_safe`), rather than
+  retried forever;
 - the shards only ever call ``Outbox.put``; nothing here can make them wait.
 
 HTTP mode (:class:`HttpForwarder`, guide-compatible): one ``POST`` per event with
@@ -27,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -44,8 +47,10 @@ __all__ = [
     "HttpForwarder",
     "RejectedError",
     "RetryableError",
+    "check_secret",
     "check_status",
     "create_forwarder",
+    "header_safe",
     "is_retryable_status",
 ]
 
@@ -55,6 +60,24 @@ EVENT_ID_HEADER = "X-Shardgate-Event-Id"
 REJECTION_LOG_INTERVAL_S = 10.0
 """At most one rejection line per this many seconds: a handler answering every event with
 the same 4xx would otherwise write one line per event."""
+
+_HEADER_TOKEN = re.compile(r"[\x21-\x7e]{1,1024}")
+_SECRET = re.compile(r"[\x21-\x7e]|[\x21-\x7e][\x20-\x7e]*[\x21-\x7e]")
+
+
+def header_safe(value: str) -> bool:
+    """1-1024 visible ASCII characters: what may go into a header as it is. Event ids are
+    built from Discord's data (the session id); a CR/LF there would inject headers."""
+    return _HEADER_TOKEN.fullmatch(value) is not None
+
+
+def _check_sendable(batch: Sequence[OutEvent], index: int) -> None:
+    """Reject (never retry) an event whose id cannot go into the event id header."""
+    event_id = batch[index].event_id
+    if not header_safe(event_id):
+        raise RejectedError(
+            f"event id {event_id[:80]!r} cannot go into an HTTP header", index, 1
+        )
 
 
 RETRYABLE_4XX = frozenset((401, 403, 408, 429))
@@ -228,6 +251,8 @@ class Delivery:
         :data:`REJECTION_LOG_INTERVAL_S` with the count since the last line and the total
         (a wrong handler rejects every event); a count left over is logged when the
         interval ends, so the log always adds up to ``stats()["rejected"]``."""
+        if not header_safe(event_id):  # it may hold line breaks: never write it raw
+            event_id = repr(event_id[:80])
         self._rejected_unlogged += count
         self._last_rejection = (shard_id, event_id, str(exc))
         wait = self._rejection_logged_at + REJECTION_LOG_INTERVAL_S - time.monotonic()
@@ -267,9 +292,19 @@ class Delivery:
             )
 
 
+def check_secret(secret: str) -> str:
+    """The secret if it can travel in a header as it is; ValueError otherwise. (Its length
+    is the config's business: a test may well use a short wrong one.)"""
+    if _SECRET.fullmatch(secret) is None:
+        raise ValueError(
+            "the event handler secret must be printable ASCII (no line breaks, no spaces "
+            "around it); see event_handler_secret"
+        )
+    return secret
+
+
 def _auth_headers(secret: str) -> dict[str, str]:
-    if "\r" in secret or "\n" in secret:
-        raise ValueError("the event handler secret contains a line break")
+    check_secret(secret)
     return {"Authorization": secret, "Content-Type": "application/json"}
 
 
@@ -302,6 +337,7 @@ class HttpForwarder:
     async def send(self, shard_id: int, batch: Sequence[OutEvent]) -> None:
         post = self._pool.post
         for index, event in enumerate(batch):
+            _check_sendable(batch, index)
             head = b"X-Shardgate-Event-Id: %s\r\n" % event.event_id.encode()
             try:
                 status = await post(head, event.body)
@@ -339,6 +375,7 @@ class AiohttpForwarder:
                 headers=self._headers,
             )
         for index, event in enumerate(batch):
+            _check_sendable(batch, index)
             try:
                 async with session.post(
                     self.url, data=event.body, headers={EVENT_ID_HEADER: event.event_id}

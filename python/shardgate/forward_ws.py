@@ -47,7 +47,7 @@ from picows import (
 )
 
 from shardgate.errors import RetryableError
-from shardgate.forward import check_status
+from shardgate.forward import check_secret, check_status
 from shardgate.queue import OutEvent
 
 __all__ = ["WebsocketForwarder", "websocket_url"]
@@ -148,7 +148,7 @@ class WebsocketForwarder:
         max_frame_size: int = 64 * 1024 * 1024,
     ) -> None:
         self.url = websocket_url(url)
-        self._headers = {"Authorization": secret}
+        self._headers = {"Authorization": check_secret(secret)}
         self._timeout = timeout
         self.connect_timeout = connect_timeout
         self.max_frame_size = max_frame_size

@@ -6,6 +6,8 @@ path through the gateway. Here a connection is an ``asyncio.Protocol`` that writ
 pre-built request (a constant header block, the event id, Content-Length, the body) and
 parses the answer's status line and the three headers it needs (Content-Length,
 Transfer-Encoding, Connection), bodies with Content-Length or chunked, or until close.
+Interim answers (``100 Continue``, ``103 Early Hints``, any 1xx but 101) are skipped: the
+status is that of the final answer. Heads and chunked trailers are capped at 64 KiB.
 Connections are kept alive in a small pool. Timeouts are checked by one watchdog task per
 pool (granularity ``timeout / 4``, at most 1 s) instead of a timer per request.
 
@@ -24,6 +26,8 @@ __all__ = ["HttpConnectionError", "HttpPool", "HttpProtocolError", "HttpTimeout"
 
 _MAX_HEAD = 64 * 1024
 _MAX_BODY = 16 * 1024 * 1024
+_MAX_INTERIM = 16
+"""Interim (1xx) heads accepted before the final answer; more is a misbehaving peer."""
 
 
 class HttpConnectionError(ConnectionError):
@@ -47,6 +51,8 @@ class _Connection(asyncio.Protocol):
         "_chunked",
         "_close_after",
         "_head_done",
+        "_interim",
+        "_scan",
         "_status",
         "_until_close",
         "closed",
@@ -66,6 +72,8 @@ class _Connection(asyncio.Protocol):
         self.got_bytes = False  # any answer bytes for the current request
         self._buf = bytearray()
         self._head_done = False
+        self._interim = 0  # 1xx heads skipped for the current request
+        self._scan = 0  # where the next search for a head's or the trailers' end starts
         self._status = 0
         self._body_left = 0
         self._chunked = False
@@ -108,6 +116,8 @@ class _Connection(asyncio.Protocol):
         self.used += 1
         self.got_bytes = False
         self._head_done = False
+        self._interim = 0
+        self._scan = 0
         self._buf.clear()
         self.transport.write(data)
         return waiter
@@ -129,14 +139,25 @@ class _Connection(asyncio.Protocol):
 
     def _parse(self) -> None:
         buf = self._buf
-        if not self._head_done:
-            end = buf.find(b"\r\n\r\n")
+        while not self._head_done:
+            # Resume the search where the last one stopped (less the 3 bytes of a CRLFCRLF
+            # split across reads): a slow peer must not cost a rescan per read.
+            end = buf.find(b"\r\n\r\n", max(0, self._scan - 3))
             if end < 0:
                 if len(buf) > _MAX_HEAD:
                     raise HttpProtocolError("response head too large")
+                self._scan = len(buf)
                 return
+            self._scan = 0
             self._read_head(bytes(buf[:end]))
             del buf[: end + 4]
+            if 100 <= self._status < 200 and self._status != 101:
+                # An interim answer (100 Continue, 103 Early Hints, ...): the final one
+                # follows on the same connection.
+                self._interim += 1
+                if self._interim > _MAX_INTERIM:
+                    raise HttpProtocolError("too many interim (1xx) responses")
+                self._head_done = False
         if self._chunked:
             self._parse_chunked()
         elif self._until_close:
@@ -180,6 +201,8 @@ class _Connection(asyncio.Protocol):
                 elif token == b"keep-alive":
                     self._close_after = False
         self._head_done = True
+        if self._status == 101:  # the peer switched protocols: never reuse the connection
+            self._close_after = True
         no_body = self._status in (204, 304) or 100 <= self._status < 200
         if no_body:
             self._body_left, self._until_close = 0, False
@@ -206,9 +229,14 @@ class _Connection(asyncio.Protocol):
             if size < 0 or size > _MAX_BODY:
                 raise HttpProtocolError("bad chunk size")
             if size == 0:
-                # Last chunk; trailers end with an empty line.
-                trailer_end = buf.find(b"\r\n\r\n", line_end)
+                # Last chunk; trailers end with an empty line. "0\r\n\r\n" (no trailers)
+                # ends at line_end itself. Like a head, trailers are capped (a peer sending
+                # them forever must not grow the buffer until the timeout).
+                trailer_end = buf.find(b"\r\n\r\n", max(line_end, self._scan - 3))
                 if trailer_end < 0:
+                    if len(buf) - line_end > _MAX_HEAD:
+                        raise HttpProtocolError("chunked trailers too large")
+                    self._scan = len(buf)
                     return
                 if len(buf) > trailer_end + 4:
                     raise HttpProtocolError("bytes after the response")

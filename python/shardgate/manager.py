@@ -145,7 +145,7 @@ class GatewayManager:
         self.identify_window_s = (
             identify_window_s if identify_window_s is not None else config.spawn_shard_delay / 1000
         )
-        self.outbox = Outbox(config.queue_max_size)
+        self.outbox = Outbox(config.queue_max_size, max_bytes=config.queue_max_bytes)
         self.gateway_bot: GatewayBot | None = None
         self.identify_gate: IdentifyGate | None = None
         self.active: ShardGroup | None = None
@@ -309,9 +309,15 @@ class GatewayManager:
         )
         self.delivery = Delivery(self.outbox, self.create_forwarder())
         self.delivery.start()
+        if self.config.control_secret is None:
+            log.warning(
+                "control_secret is not set: the control API accepts event_handler_secret, "
+                "which the event handler also receives (in clear text over http://); set "
+                "control_secret to a secret of its own"
+            )
         self.control = ControlServer(
             self,
-            self.config.event_handler_secret,
+            self.config.control_api_secret,
             self.config.control_host,
             self.config.control_port,
         )

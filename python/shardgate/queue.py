@@ -15,6 +15,12 @@ shard's order; more drops just behind it extend it until it is taken for deliver
 delivered like a dispatch (see :data:`GAP_EVENT`); it does not count against
 ``max_size`` (there is at most one growing gap record per shard, so they stay bounded).
 
+``max_bytes`` bounds the same events by their bodies' bytes (an event can be up to 64 MiB,
+so a count alone does not bound memory). A put that would pass it drops by the same rule,
+as many oldest waiting events of the fullest shard as it takes to fit. Gap records and
+in-flight events do not count against it; with nothing left waiting the put is taken
+anyway (an overshoot bounded by one event and the batches in flight).
+
 Finding the fullest shard is O(1): a depth -> shards index is kept, but only while the
 outbox is nearly full (it is built by one scan when the first drop is needed and dropped
 again when the backlog halves), so the normal path pays nothing for it.
@@ -177,6 +183,7 @@ class Outbox:
     """
 
     __slots__ = (
+        "_bytes",
         "_levels",
         "_max_level",
         "_queues",
@@ -186,13 +193,18 @@ class Outbox:
         "_warned_dropped",
         "dropped",
         "gap_records",
+        "max_bytes",
         "max_size",
     )
 
-    def __init__(self, max_size: int) -> None:
+    def __init__(self, max_size: int, max_bytes: int = 1 << 30) -> None:
         if max_size < 1:
             raise ValueError("max_size must be >= 1")
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
         self.max_size = max_size
+        self.max_bytes = max_bytes
+        self._bytes = 0
         self.dropped = 0
         self.gap_records = 0
         self._size = 0
@@ -212,9 +224,13 @@ class Outbox:
             q = self._queues[stream] = _StreamQueue(stream)
         if self._size >= self.max_size:
             self._drop_one()
+        size = len(body)
+        if self._bytes + size > self.max_bytes:
+            self._drop_for(size)
         q.waiting.append((event_id, body))
         q.nwait += 1
         self._size += 1
+        self._bytes += size
         if self._levels is not None:
             self._move(stream, q.nwait - 1, q.nwait)
         if not q.busy and not q.ready and not q.held:
@@ -325,11 +341,18 @@ class Outbox:
         if q.flight_gaps:
             gaps = sum(1 for event in done if type(event) is GapRecord)
             q.flight_gaps -= gaps
+            self._bytes -= sum(len(e.body) for e in done if type(e) is not GapRecord)
+        else:
+            self._bytes -= sum(len(event.body) for event in done)
         self._size -= len(done) - gaps
         q.flight = rest
         if not rest:
             self._finish(q)
-        if self._levels is not None and self._size * 2 < self.max_size:
+        if (
+            self._levels is not None
+            and self._size * 2 < self.max_size
+            and self._bytes * 2 < self.max_bytes
+        ):
             self._levels = None
 
     def release(self, stream: int) -> None:
@@ -345,8 +368,8 @@ class Outbox:
         q.flight, q.flight_gaps = [], 0
         if self._levels is not None:
             self._move(stream, old, q.nwait)
-        # Events that overshot the bound while in flight are waiting again: restore it.
-        while self._size > self.max_size:
+        # Events that overshot the bounds while in flight are waiting again: restore them.
+        while self._size > self.max_size or self._bytes > self.max_bytes:
             dropped = self.dropped
             self._drop_one()
             if self.dropped == dropped:
@@ -360,6 +383,14 @@ class Outbox:
             self._ready.put_nowait(q.stream)
 
     # -- dropping ------------------------------------------------------------------------
+
+    def _drop_for(self, incoming: int) -> None:
+        """Drop until ``incoming`` more bytes fit, or nothing waiting is left to drop."""
+        while self._bytes + incoming > self.max_bytes:
+            dropped = self.dropped
+            self._drop_one()
+            if self.dropped == dropped:
+                return
 
     def _drop_one(self) -> None:
         """Drop the oldest waiting event of the fullest shard; record it in a gap record."""
@@ -391,6 +422,7 @@ class Outbox:
             self.gap_records += 1
         q.nwait -= 1
         self._size -= 1
+        self._bytes -= len(victim[1])
         self.dropped += 1
         self._move(stream, q.nwait + 1, q.nwait)
         now = time.monotonic()
@@ -444,6 +476,11 @@ class Outbox:
         """Events held (waiting + in flight), gap records not counted."""
         return self._size
 
+    @property
+    def bytes(self) -> int:
+        """Body bytes of the events held (waiting + in flight), gap records not counted."""
+        return self._bytes
+
     def __len__(self) -> int:
         return self._size
 
@@ -474,6 +511,8 @@ class Outbox:
         return {
             "depth": self._size,
             "max_size": self.max_size,
+            "bytes": self._bytes,
+            "max_bytes": self.max_bytes,
             "dropped": self.dropped,
             "gap_records": self.gap_records,
             "shards": len(self._queues),

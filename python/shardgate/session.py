@@ -13,10 +13,24 @@ Discord replays the rest (DESIGN.md, "Ordering, backpressure, loss").
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
-__all__ = ["Session"]
+__all__ = ["SESSION_ID_MAX", "Session", "is_valid_session_id"]
+
+SESSION_ID_MAX: Final = 128
+_SESSION_ID: Final = re.compile(rf"[A-Za-z0-9_-]{{1,{SESSION_ID_MAX}}}")
+
+
+def is_valid_session_id(value: object) -> bool:
+    """1-128 characters of ``[A-Za-z0-9_-]`` (Discord's are 32 hex digits).
+
+    A session id becomes part of every event id (``shard:session:seq``), which travels in
+    an HTTP header and is split on ``:``; anything else (a CR/LF, a colon, non-ASCII)
+    would inject headers or break the id, so it is refused where it is read.
+    """
+    return isinstance(value, str) and _SESSION_ID.fullmatch(value) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,8 +42,10 @@ class Session:
     resume_url: str | None = None
 
     def __post_init__(self) -> None:
-        if not self.session_id:
-            raise ValueError("session_id must not be empty")
+        if not is_valid_session_id(self.session_id):
+            raise ValueError(
+                f"session_id must be 1-{SESSION_ID_MAX} characters of [A-Za-z0-9_-]"
+            )
         if self.seq < 0:
             raise ValueError("seq must be >= 0")
 

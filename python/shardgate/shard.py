@@ -15,6 +15,11 @@ ACK between two of our beats means a zombie link: close with 4000 and resume. Op
 op 9 ``false`` and non-resumable codes start a new session on the gateway URL; fatal codes
 (4004, 4010-4014) stop this shard with :class:`FatalClose`. Reconnects back off with full
 jitter so thousands of shards told to reconnect at once do not stampede.
+
+What READY says is checked before it is used: a ``session_id`` that could not travel in an
+event id (see :func:`~shardgate.session.is_valid_session_id`) ends that session and starts
+a new one; a ``resume_gateway_url`` that fails :func:`check_resume_url` is ignored and
+resumes go to the gateway URL. Both are logged and counted in ``protocol_errors``.
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ from shardgate.errors import (
 from shardgate.identify import IdentifyGate, LocalIdentifyGate
 from shardgate.log import TRACE, shard_logger
 from shardgate.ratelimit import SendLimiter, heartbeat_reserve
-from shardgate.session import Session
+from shardgate.session import SESSION_ID_MAX, Session, is_valid_session_id
 
 __all__ = [
     "DispatchHandler",
@@ -65,6 +70,7 @@ __all__ = [
     "ShardClosed",
     "ShardOptions",
     "ShardState",
+    "check_resume_url",
 ]
 
 API_VERSION: Final = 10
@@ -251,6 +257,8 @@ class _Connection(WSListener):
         kind = message.kind
         if kind in _SESSION_UP_KINDS:
             shard._on_session_up(message, kind == KIND_READY)
+            if self.dead:  # a READY the shard refused: the bot never sees it
+                return
         if message.drop:
             shard.filtered += 1
             if not shard.dispatch_filtered:
@@ -356,6 +364,7 @@ class Shard:
         "heartbeats_sent",
         "identifies",
         "latency",
+        "protocol_errors",
         "ready_at",
         "reconnects",
         "resumes",
@@ -407,6 +416,9 @@ class Shard:
         self._session_id = session.session_id if session is not None else None
         self._seq = session.seq if session is not None else 0
         self._resume_url = session.resume_url if session is not None else None
+        self.protocol_errors = 0
+        if self._resume_url is not None:
+            self._resume_url = self._checked_resume_url(self._resume_url)
         self.event_prefix = event_id_prefix(shard_id, self._session_id)
         self._status = ShardState.DISCONNECTED
         self._conn: _Connection | None = None
@@ -483,6 +495,7 @@ class Shard:
             "resumes": self.resumes,
             "zombies": self.zombies,
             "commands_sent": self.commands_sent,
+            "protocol_errors": self.protocol_errors,
         }
 
     def _set_status(self, status: ShardState) -> None:
@@ -802,14 +815,16 @@ class Shard:
 
     def _on_session_up(self, message: Message, ready: bool) -> None:
         conn = self._conn
+        if ready and not is_valid_session_id(message.session_id):
+            self._refuse_session(conn, message.session_id)
+            return
         self._attempt = 0
         if ready:
             self.ready_at = time.monotonic()
             self._session_id = message.session_id
             self.event_prefix = event_id_prefix(self.shard_id, self._session_id)
             resume_url = message.resume_gateway_url
-            if resume_url:
-                self._resume_url = resume_url
+            self._resume_url = self._checked_resume_url(resume_url) if resume_url else None
             self.guild_ids = message.guild_ids or []
             if conn is not None and conn.permit:
                 conn.permit = False
@@ -820,6 +835,36 @@ class Shard:
         self._set_status(ShardState.READY)
         if conn is not None and not conn.up.done():
             conn.up.set_result(None)
+
+    def _refuse_session(self, conn: _Connection | None, session_id: str | None) -> None:
+        """A READY whose session id cannot go into an event id (it travels in an HTTP
+        header): a protocol error. End that session (1000) and identify anew, never use it."""
+        self.protocol_errors += 1
+        shown = repr(session_id[:SESSION_ID_MAX]) if session_id is not None else "none"
+        self._log.error(
+            "READY carried an unusable session_id (%s, %d characters; want 1-%d of "
+            "[A-Za-z0-9_-]); ending that session and identifying again",
+            shown, len(session_id or ""), SESSION_ID_MAX,
+        )  # fmt: skip
+        if conn is None:
+            return
+        if conn.permit:  # the IDENTIFY was spent: Discord counted a session start
+            conn.permit = False
+            self._gate.release(self.shard_id, identified=True)
+        self._close(conn, 1000, _IDENTIFY)
+
+    def _checked_resume_url(self, url: str) -> str | None:
+        """``url`` if :func:`check_resume_url` accepts it, else None (logged, counted):
+        resumes then go to the gateway URL, which is where the token already goes."""
+        problem = check_resume_url(self._gateway_url, url)
+        if problem is None:
+            return url
+        self.protocol_errors += 1
+        self._log.error(
+            "ignoring resume_gateway_url %r: %s; resuming on the gateway URL instead",
+            _redact_url(url)[:200], problem,
+        )  # fmt: skip
+        return None
 
     def handle_payload(self, message: Message) -> None:
         """Control ops: HELLO, heartbeat ACK, heartbeat request, RECONNECT, INVALID_SESSION."""
@@ -1066,7 +1111,37 @@ def _retrieve(task: asyncio.Task[None]) -> None:
         )
 
 
+def check_resume_url(gateway_url: str, resume_url: str) -> str | None:
+    """Why ``resume_url`` must not receive a RESUME (which carries the token), or None.
+
+    It must be ``wss://`` with a host and no user info. Only when the gateway URL itself is
+    plain ``ws://`` (a local fake Discord) is ``ws://`` accepted, and then only to the
+    gateway's own host: the token never goes in clear text anywhere it did not go already.
+    """
+    try:
+        gateway, resume = urlsplit(gateway_url), urlsplit(resume_url)
+        resume.port  # noqa: B018 - raises ValueError on a port that is not a number
+    except ValueError:
+        return "not a valid URL"
+    if not resume.hostname:
+        return "no host"
+    if resume.username is not None or resume.password is not None:
+        return "user info in the URL"
+    if gateway.scheme == "ws":
+        if resume.scheme != "ws":
+            return "the gateway URL is ws://, so the resume URL must be too"
+        if resume.hostname != gateway.hostname:
+            return "a plain ws:// resume URL must be on the gateway's own host"
+        return None
+    if resume.scheme != "wss":
+        return "not wss://"
+    return None
+
+
 def _redact_url(url: str) -> str:
     """URLs carry no secret today; keep only scheme, host and path in logs anyway."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
     return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))

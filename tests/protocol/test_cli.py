@@ -83,7 +83,10 @@ def test_every_flag_has_help_with_its_default(command):
 def test_bad_config_exits_2_naming_the_key(capsys, monkeypatch):
     monkeypatch.setenv("SHARDGATE_TOKEN", TOKEN)
     monkeypatch.setenv("SHARDGATE_EVENT_HANDLER_SECRET", SECRET)
-    code = main(["run", "--event-handler-url", "http://127.0.0.1:9/", "--queue-max-size", "zero"])
+    code = main([
+        "run", "--event-handler-url", "http://127.0.0.1:9/", "--rest-url", "http://127.0.0.1:9/",
+        "--queue-max-size", "zero",
+    ])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2
     assert "configuration error: queue_max_size" in err

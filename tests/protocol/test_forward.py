@@ -633,7 +633,7 @@ def test_create_forwarder_picks_the_client_by_mode_and_scheme():
     assert isinstance(create_forwarder("http", "https://h/e", SECRET), AiohttpForwarder)
     ws = create_forwarder("websocket", "https://h/e", SECRET)
     assert isinstance(ws, WebsocketForwarder) and ws.url == "wss://h/e"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown forward mode 'carrier-pigeon'"):
         create_forwarder("carrier-pigeon", "http://h/e", SECRET)
 
 

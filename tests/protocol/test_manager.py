@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import re
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -30,7 +31,7 @@ from shardgate.shard import ShardOptions
 from shardgate.testing.fake_discord import FakeDiscord, FakeDiscordConfig
 
 SECRET = "handler-secret-123"
-REST_SECRET = "rest-secret-456"
+REST_SECRET = "rest-secret-456789"
 GUILDS_AND_MESSAGES = (1 << 0) | (1 << 9) | (1 << 11) | (1 << 15)
 
 
@@ -39,11 +40,11 @@ class Received:
     """What the bot's handler got, per shard, in arrival order."""
 
     by_shard: dict[int, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
-    ids: list[str] = field(default_factory=list)
+    ids: list[tuple[int, str, dict[str, Any]]] = field(default_factory=list)
 
     async def on_event(self, shard_id: int, data: dict[str, Any], event_id: str) -> None:
         self.by_shard[shard_id].append(data)
-        self.ids.append(event_id)
+        self.ids.append((shard_id, event_id, data))
 
     def dispatch_seqs(self, shard_id: int) -> list[int]:
         return [d["s"] for d in self.by_shard[shard_id] if d.get("s") is not None]
@@ -137,8 +138,11 @@ async def wait_until(predicate: Any, timeout: float = 10.0) -> None:
             await asyncio.sleep(0.01)
 
 
-def unfiltered_accounting(fake: FakeDiscord, manager: GatewayManager, received: Received) -> None:
-    """Every dispatch of every live session arrived, in seq order, except filtered unfurls."""
+def unfiltered_accounting(
+    fake: FakeDiscord, manager: GatewayManager, received: Received, unfurls: set[int]
+) -> None:
+    """Every dispatch of every live session arrived, in seq order, except the unfurls (the
+    fake's event ids of the stream's link unfurls), which the edit filter dropped."""
     for shard_id, shard in manager.shards.items():
         session = fake.sessions[shard.session_id]  # type: ignore[index]
         sent = {r.seq: r.t for r in session.dispatches}
@@ -146,11 +150,31 @@ def unfiltered_accounting(fake: FakeDiscord, manager: GatewayManager, received: 
         assert got == sorted(got), f"shard {shard_id} out of order"
         assert len(got) == len(set(got)), f"shard {shard_id} got duplicates"
         missing = sorted(set(sent) - set(got))
-        assert all(sent[s] == "MESSAGE_UPDATE" for s in missing), missing
+        assert missing == sorted(r.seq for r in session.dispatches if r.event_id in unfurls)
         assert len(missing) == shard.filtered
+        assert len(got) + shard.filtered == len(sent)  # delivered + filtered = sent
         for data in received.by_shard[shard_id]:
             if data.get("s") is not None:
                 assert data["t"] == sent[data["s"]]
+
+
+EVENT_ID = re.compile(r"(\d+):([0-9a-f]{32}):(\d+)(?::(SHARDGATE_[A-Z_]+))?")
+
+
+def assert_event_ids(manager: GatewayManager, received: Received) -> None:
+    """Every event id the bot got is unique and ``shard:session:seq`` of the shard and
+    session it came from (a notice: the seq it follows plus ``:<NAME>``)."""
+    ids = [event_id for _, event_id, _ in received.ids]
+    assert len(ids) == len(set(ids)), "event ids must be unique"
+    for shard_id, event_id, data in received.ids:
+        match = EVENT_ID.fullmatch(event_id)
+        assert match is not None, event_id
+        assert int(match[1]) == shard_id
+        assert match[2] == manager.shards[shard_id].session_id
+        if data.get("s") is not None:
+            assert (int(match[3]), match[4]) == (data["s"], None), event_id
+        else:
+            assert match[4] == data["t"], event_id
 
 
 async def test_every_dispatch_arrives_in_order_and_unfurls_are_filtered() -> None:
@@ -164,8 +188,10 @@ async def test_every_dispatch_arrives_in_order_and_unfurls_are_filtered() -> Non
         await wait_until(
             lambda: sum(len(received.dispatch_seqs(i)) for i in manager.shards) == total - dropped
         )
-        unfiltered_accounting(fake, manager, received)
+        unfiltered_accounting(fake, manager, received, stream.unfurl_ids)
+        assert_event_ids(manager, received)
         assert dropped > 0, "the stream has unfurls; the filter must drop some"
+        assert dropped == len(stream.unfurl_ids)
         # one table for the whole process, not one per shard
         shared = manager.shard_options.edit_filter
         assert isinstance(shared, EditFilter)
@@ -253,7 +279,8 @@ async def test_handler_outage_under_load_loses_nothing() -> None:
         try:
             await stream.wait()
             await wait_until(manager.outbox.is_empty, timeout=20)
-            unfiltered_accounting(fake, manager, received)
+            unfiltered_accounting(fake, manager, received, stream.unfurl_ids)
+            assert_event_ids(manager, received)
             for shard_id, shard in manager.shards.items():
                 session = fake.sessions[shard.session_id]  # type: ignore[index]
                 expected = len(session.dispatches) - shard.filtered
@@ -282,12 +309,11 @@ async def test_queue_overflow_drops_oldest_and_reports_the_gap() -> None:
             for shard_id in manager.shards:
                 seqs = received.dispatch_seqs(shard_id)
                 assert seqs == sorted(seqs)
-                # the newest events survived: the last one the fake sent arrived
+                # the newest events survived: the last one the fake sent that the edit
+                # filter did not drop (an unfurl) arrived
                 session = fake.sessions[manager.shards[shard_id].session_id]  # type: ignore[index]
-                if seqs:
-                    assert seqs[-1] == session.dispatches[-1].seq or (
-                        session.dispatches[-1].t == "MESSAGE_UPDATE"
-                    )
+                kept = [r.seq for r in session.dispatches if r.event_id not in stream.unfurl_ids]
+                assert seqs and seqs[-1] == kept[-1]
         finally:
             await restarted.stop()
 
@@ -360,7 +386,7 @@ async def test_shard_range_outside_the_bot_is_refused() -> None:
 async def test_wrong_rest_secret_is_a_clear_error() -> None:
     fake_cfg = FakeDiscordConfig(token="bot-token-abcdef", rest_authorization=REST_SECRET)
     async with FakeDiscord(fake_cfg) as fake:
-        manager = GatewayManager(make_config(fake, 1, rest_authorization="nope-nope"))
+        manager = GatewayManager(make_config(fake, 1, rest_authorization="nope-nope-nope-nope"))
         with pytest.raises(GatewayError, match="refused \\(401\\)"):
             await manager.start()
         await manager.stop(drain_s=0)

@@ -434,7 +434,7 @@ async def test_the_cli_asks_the_running_gateway_to_reshard() -> None:
         await wait_until(lambda: phase(manager) == "done", timeout=30)
         assert manager.shard_count == 3
         # a second request while none runs works too; a bad secret is refused (exit 2)
-        wrong = dataclasses.replace(config, event_handler_secret="not-the-secret")
+        wrong = dataclasses.replace(config, event_handler_secret="not-the-secret-at-all")
         assert await asyncio.to_thread(request_reshard, wrong, 2) == 2
         closed = dataclasses.replace(config, control_port=1)
         assert await asyncio.to_thread(request_reshard, closed, 2) == 1

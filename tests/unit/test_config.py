@@ -21,7 +21,7 @@ from shardgate.intents import ALL_INTENTS, parse_intents
 BASE_ENV = {
     "SHARDGATE_TOKEN": "tok-ABCDEFGHIJKLMNOP",
     "SHARDGATE_EVENT_HANDLER_URL": "http://127.0.0.1:9000/",
-    "SHARDGATE_EVENT_HANDLER_SECRET": "s3cret-value",
+    "SHARDGATE_EVENT_HANDLER_SECRET": "s3cret-value-0123456",
 }
 
 
@@ -61,11 +61,11 @@ def test_rest_process_authorization_is_used_when_configured():
     env = {
         **BASE_ENV,
         "SHARDGATE_REST_URL": "http://127.0.0.1:8000/",
-        "SHARDGATE_REST_AUTHORIZATION": "rest-secret",
+        "SHARDGATE_REST_AUTHORIZATION": "rest-secret-0123456",
     }
     cfg = load_config(None, env)
     assert cfg.discord_rest_url == "http://127.0.0.1:8000"
-    assert cfg.rest_auth_header == "rest-secret"
+    assert cfg.rest_auth_header == "rest-secret-0123456"
 
 
 @pytest.mark.parametrize(
@@ -121,12 +121,12 @@ def test_secrets_never_in_repr_or_errors():
         None,
         {
             **BASE_ENV,
-            "SHARDGATE_REST_AUTHORIZATION": "rest-secret-xyz",
+            "SHARDGATE_REST_AUTHORIZATION": "rest-secret-xyz-0123456",
             "SHARDGATE_REST_URL": "http://127.0.0.1:1",
         },
     )
     text = repr(cfg)
-    for secret in ("tok-ABCDEFGHIJKLMNOP", "s3cret-value", "rest-secret-xyz"):
+    for secret in ("tok-ABCDEFGHIJKLMNOP", "s3cret-value-0123456", "rest-secret-xyz-0123456"):
         assert secret not in text
     with pytest.raises(ConfigError) as info:
         Config(

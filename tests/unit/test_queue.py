@@ -274,3 +274,105 @@ def test_outbox_against_a_model(max_size, ops):
     assert outbox.is_empty() and outbox.depth == 0
     gaps = sum(c for s in delivered.values() for k, _, c in s if k == "gap")
     assert gaps == outbox.dropped
+
+
+# -- the byte bound ----------------------------------------------------------------------
+
+
+def put_sized(outbox: Outbox, shard: int, seq: int, size: int) -> None:
+    outbox.put(shard, f"{shard}:sess:{seq}", b"x" * size)
+
+
+def test_byte_bound_drops_oldest_waiting_of_the_fullest_shard_with_a_gap_record():
+    outbox = Outbox(1000, max_bytes=10_000)
+    for seq in range(8):
+        put_sized(outbox, 0, seq, 1000)  # shard 0: the backlog, 8 KB
+    put_sized(outbox, 1, 0, 1000)  # shard 1: a quiet one
+    assert (outbox.depth, outbox.bytes, outbox.dropped) == (9, 9000, 0)
+    put_sized(outbox, 0, 8, 3000)  # 12 KB would not fit: two of shard 0's oldest go
+    assert outbox.dropped == 2 and outbox.gap_records == 1
+    assert outbox.bytes == 10_000 and outbox.depth == 8
+    assert outbox.stats()["bytes"] == 10_000 and outbox.stats()["max_bytes"] == 10_000
+    events = drain(outbox, 0)
+    assert isinstance(events[0], GapRecord)
+    data = gap_data(events[0])
+    assert (data["dropped"], data["first_seq"], data["last_seq"]) == (2, 0, 1)
+    assert [e.event_id for e in events[1:]] == [f"0:sess:{s}" for s in range(2, 9)]
+    assert [e.event_id for e in drain(outbox, 1)] == ["1:sess:0"]
+    assert outbox.bytes == 0 and outbox.is_empty()
+
+
+def test_byte_bound_never_drops_in_flight_events_and_releases_restore_it():
+    outbox = Outbox(1000, max_bytes=4000)
+    for seq in range(4):
+        put_sized(outbox, 0, seq, 1000)
+    batch = outbox.take(0, 4)  # all in flight
+    put_sized(outbox, 0, 4, 1000)  # nothing waiting to drop: tolerated overshoot
+    assert (outbox.dropped, outbox.bytes) == (0, 5000)
+    outbox.ack(0, 2)  # two delivered, two still in flight
+    assert outbox.bytes == 3000
+    put_sized(outbox, 0, 5, 1000)
+    put_sized(outbox, 0, 6, 1000)  # 5 KB: the oldest *waiting* one (4) goes
+    assert outbox.dropped == 1 and outbox.bytes == 4000
+    assert [e.event_id for e in batch[2:]] == ["0:sess:2", "0:sess:3"]
+    outbox.release(0)
+    rest = drain(outbox, 0)
+    assert [e.event_id for e in rest if not isinstance(e, GapRecord)] == [
+        "0:sess:2", "0:sess:3", "0:sess:5", "0:sess:6",
+    ]  # fmt: skip
+    assert gap_data(next(e for e in rest if isinstance(e, GapRecord)))["first_event_id"] == (
+        "0:sess:4"
+    )
+
+
+def test_one_event_larger_than_the_byte_bound_is_kept_alone():
+    outbox = Outbox(1000, max_bytes=1000)
+    put_sized(outbox, 0, 0, 500)
+    put_sized(outbox, 0, 1, 5000)  # bigger than the bound: the older one goes, it stays
+    assert outbox.dropped == 1 and outbox.bytes == 5000
+    put_sized(outbox, 0, 2, 10)  # and then it goes too
+    assert outbox.dropped == 2 and outbox.bytes == 10
+    events = drain(outbox, 0)
+    assert gap_data(events[0])["dropped"] == 2
+    assert [e.event_id for e in events[1:]] == ["0:sess:2"]
+
+
+def test_byte_bound_is_validated():
+    with pytest.raises(ValueError, match="max_bytes must be >= 1"):
+        Outbox(10, max_bytes=0)
+    assert Outbox(10).max_bytes == 1 << 30
+
+
+def test_random_workload_keeps_the_byte_bound_and_accounting():
+    rng = random.Random(11)
+    outbox = Outbox(10_000, max_bytes=20_000)
+    seqs = [0] * 4
+    delivered = 0
+    gap_counts = 0
+    for _ in range(3000):
+        shard = rng.randrange(4)
+        if rng.random() < 0.7:
+            put_sized(outbox, shard, seqs[shard], rng.randint(1, 3000))
+            seqs[shard] += 1
+        else:
+            batch = outbox.take(shard, rng.randint(1, 5))
+            for event in batch:
+                if isinstance(event, GapRecord):
+                    gap_counts += int(gap_data(event)["dropped"])  # type: ignore[call-overload]
+                else:
+                    delivered += 1
+            if batch:
+                outbox.ack(shard)
+        assert outbox.bytes <= 20_000
+        waiting = sum(len(e.body) for s in range(4) for e in outbox.pending(s)
+                      if not isinstance(e, GapRecord))  # fmt: skip
+        assert outbox.bytes == waiting
+    for shard in range(4):
+        for event in drain(outbox, shard):
+            if isinstance(event, GapRecord):
+                gap_counts += int(gap_data(event)["dropped"])  # type: ignore[call-overload]
+            else:
+                delivered += 1
+    assert outbox.dropped > 0 and gap_counts == outbox.dropped
+    assert delivered + outbox.dropped == sum(seqs)
+    assert outbox.bytes == 0

@@ -234,8 +234,10 @@ HELP: Final[Mapping[str, str]] = {
     "rest_url": "base URL of your REST process for GET /api/v10/gateway/bot",
     "rest_authorization": "the REST process's secret, sent as Authorization (secret: env)",
     "event_handler_url": "where events go: http(s)://, or ws(s):// with forward_mode websocket",
-    "event_handler_secret": "sent to the handler as Authorization; also guards the control "
-    "API (secret: env)",
+    "event_handler_secret": "sent to the handler as Authorization (secret: env; >= 16 "
+    "printable ASCII)",
+    "control_secret": "unlocks the control API (secret: env; >= 16 printable ASCII, not the "
+    "handler's); unset: event_handler_secret does, with a warning",
     "forward_mode": "http (one POST per event, guide-compatible) or websocket (batched, acked)",
     "first_shard_id": "the first shard id this process runs",
     "last_shard_id": "the last shard id this process runs (inclusive)",
@@ -256,6 +258,8 @@ HELP: Final[Mapping[str, str]] = {
     "max_clusters": "worker ids available to tell_cluster_to_identify",
     "queue_max_size": "events waiting for the bot, all shards together; the oldest are "
     "dropped (and reported) beyond it",
+    "queue_max_bytes": "bytes of event bodies waiting for the bot; the oldest are dropped "
+    "(and reported) beyond it",
     "control_host": "address of the control API",
     "control_port": "port of the control API (0: any free port)",
     "compression": "gateway transport compression: zlib-stream, zstd-stream or none",

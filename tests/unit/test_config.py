@@ -208,9 +208,9 @@ def test_sources_and_the_table_hide_secrets(tmp_path: Path):
     assert sources["compression"] == "default"
     rows = {row[0]: row for row in describe(cfg, sources)}
     assert rows["token"][1] == f"set ({len('tok-ABCDEFGHIJKLMNOP')} chars)"
-    assert rows["event_handler_secret"][1] == f"set ({len('s3cret-value')} chars)"
+    assert rows["event_handler_secret"][1] == f"set ({len('s3cret-value-0123456')} chars)"
     assert rows["rest_authorization"][1:] == ("unset", "default")
     assert rows["max_shards"][1] == "unset"
     assert rows["reshard"][1] == "true"
     text = repr(rows)
-    assert "tok-ABCDEFGHIJKLMNOP" not in text and "s3cret-value" not in text
+    assert "tok-ABCDEFGHIJKLMNOP" not in text and "s3cret-value-0123456" not in text

@@ -56,6 +56,9 @@ class Config:
     use_optimal_large_bot_sharding: bool = True
     shards_per_cluster: int = 25
     max_clusters: int = 4
+    #: Workers hook: ``pkg.mod:Class``, a GatewayManager subclass for this process and
+    #: every worker process (they import it; see shardgate.workers).
+    manager: str | None = None
     queue_max_size: int = 100_000
     control_host: str = "127.0.0.1"
     control_port: int = 8790
@@ -115,6 +118,12 @@ class Config:
         )
         _require(self.shards_per_cluster >= 1, "shards_per_cluster", "must be >= 1")
         _require(self.max_clusters >= 1, "max_clusters", "must be >= 1")
+        if self.manager is not None:
+            _require(
+                _is_import_path(self.manager),
+                "manager",
+                "must be an import path 'package.module:Class' (a GatewayManager subclass)",
+            )
         _require(self.queue_max_size >= 1, "queue_max_size", "must be >= 1")
         _require(bool(self.control_host), "control_host", "is required")
         _require(0 <= self.control_port <= 65535, "control_port", "must be a TCP port (0-65535)")
@@ -156,6 +165,12 @@ class Config:
 def _require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(key, message)
+
+
+def _is_import_path(value: str) -> bool:
+    module, sep, name = value.partition(":")
+    parts = [*module.split("."), *name.split(".")]
+    return bool(sep) and all(part.isidentifier() for part in parts)
 
 
 def _is_url(value: str, schemes: tuple[str, ...]) -> bool:

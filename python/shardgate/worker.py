@@ -20,7 +20,8 @@ are. Its pieces are wired to the main process:
   turns); a ``start`` that carries a session resumes it instead of identifying.
 
 The process ends after a ``stop`` (shards closed, last batch written) or when its stdin
-closes (the main process is gone).
+closes (the main process is gone); it ignores SIGINT and SIGTERM, which a terminal or a
+service manager sends to every process of the group: the main process stops it in order.
 """
 
 from __future__ import annotations
@@ -515,8 +516,11 @@ def main() -> int:
     ipc_fd = os.dup(1)
     os.dup2(2, 1)  # fd 1 is stderr from now on: a stray print cannot corrupt the frames
     sys.stdout = sys.stderr
-    # Ctrl-C reaches the whole process group: the main process decides how workers stop.
+    # Ctrl-C reaches the whole process group, and a service manager may SIGTERM every
+    # process of the service: the main process decides how workers stop (it sends "stop"
+    # and drains them); a worker also ends when its stdin closes. SIGKILL still works.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     import uvloop  # noqa: PLC0415
 
     try:

@@ -13,23 +13,28 @@ import itertools
 import math
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 import worker_overrides
 from worker_overrides import HOOK_EVENT, CrashingGateway, PlacingGateway, PlacingGroup
 
 from shardgate.config import Config
 from shardgate.handler import EventHandlerServer
+from shardgate.ipc import FrameDecoder, encode_message
 from shardgate.manager import ALL_LOADED_EVENT, SHARD_LOADED_EVENT, GatewayManager
 from shardgate.shard import ShardOptions
 from shardgate.testing.fake_discord import FakeDiscord, FakeDiscordConfig
-from shardgate.workers import WorkerPool, load_manager_class
+from shardgate.workers import WorkerPool, load_manager_class, options_to_dict
 
 SECRET = "handler-secret-123"
 REST_SECRET = "rest-secret-456"
@@ -485,3 +490,65 @@ async def test_stop_drains_the_queue_and_ends_every_worker() -> None:
             assert all(sent[s] == "MESSAGE_UPDATE" for s in set(sent) - set(got))
         status = manager.status()["workers"]
         assert all(p["state"] == "stopped" for p in status["processes"])
+
+
+def test_a_worker_ends_when_the_main_process_goes_and_prints_do_not_corrupt_frames(
+    tmp_path: Path,
+) -> None:
+    """Closing a worker's stdin (what the main process's death does) ends it promptly; its
+    frames stay intact though the user's module prints to stdout when the worker imports
+    it; SIGTERM is left to the main process."""
+    (tmp_path / "noisy_gateway.py").write_text(
+        "from shardgate.manager import GatewayManager\n"
+        "print('stray output from a user module')\n"
+        "class Gateway(GatewayManager):\n"
+        "    pass\n"
+    )
+    init = {
+        "op": "init",
+        "worker_id": 0,
+        "manager": "noisy_gateway:Gateway",
+        "token": "t0ken-abc",
+        "gateway_url": "ws://127.0.0.1:9",
+        "intents": 0,
+        "options": options_to_dict(ShardOptions()),
+        "first_shard_id": 0,
+        "shards_per_cluster": 1,
+        "shard_count": 1,
+        "shard_ids": [0],
+        "max_concurrency": 1,
+        "window_s": 5.0,
+        "generation": 0,
+        "announce": True,
+        "log_level": "WARNING",
+        "secrets": ["t0ken-abc"],
+        "sys_path": [str(tmp_path)],
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shardgate.worker"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(encode_message(init))
+        proc.stdin.flush()
+        frames: list[dict[str, Any]] = []
+        decoder = FrameDecoder(lambda _k, d, s, e: frames.append(orjson.loads(d[s:e])))
+        while not frames:
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            assert chunk, "the worker ended"
+            decoder.feed(chunk)
+        assert frames[0]["op"] == "hello" and frames[0]["pid"] == proc.pid
+        proc.send_signal(signal.SIGTERM)  # ignored: the main process decides
+        time.sleep(0.3)
+        assert proc.poll() is None
+        proc.stdin.close()
+        assert proc.wait(timeout=20) == 0
+        assert proc.stderr is not None
+        assert b"stray output from a user module" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -7,7 +7,10 @@ daily budget checked before each, shared by every group), the
 events to the bot, and the control API (:mod:`shardgate.control`). The shards themselves,
 their guild cache and the per-event policy live in a :class:`~shardgate.group.ShardGroup`;
 the manager keeps the *active* one, and a reshard (:mod:`shardgate.reshard`) builds a
-second beside it and switches.
+second beside it and switches. When the shards need more than one worker
+(``shards_per_cluster``, ``max_clusters``), they run in worker processes
+(:mod:`shardgate.workers`): the active group is then the main-process side of the set and
+``workers`` supervises the processes; the services above stay here.
 
 What the bot receives, beside Discord's dispatches as they were sent
 (``{"shardId": N, "data": <payload>}``):

@@ -574,7 +574,8 @@ class WorkerPool:
         handle.cpu_s = 0.0
         handle.send(self._init_message(handle))
         for shard_id in sorted(handle.shards):
-            handle.send(self._start_message(shard_id))
+            if self.records[shard_id].error is None:  # a fatal close stays final
+                handle.send(self._start_message(shard_id))
         log.info(
             "worker %d started (pid %d)%s",
             handle.worker_id,
@@ -851,7 +852,9 @@ class WorkerPool:
                 return
             if seq > floor:
                 del floors[shard_id]
-        self.group.sink(shard_id, event_id, body, None)
+        group = self._group
+        assert group is not None
+        group.sink(shard_id, event_id, body, None)
 
     def on_session(self, shard_id: int, session_id: str, seq: int, resume_url: str) -> None:
         self._floors.pop(shard_id, None)

@@ -29,6 +29,7 @@ import worker_overrides
 from worker_overrides import HOOK_EVENT, CrashingGateway, PlacingGateway, PlacingGroup
 
 from shardgate.config import Config
+from shardgate.errors import FatalClose
 from shardgate.handler import EventHandlerServer
 from shardgate.ipc import FrameDecoder, encode_message
 from shardgate.manager import ALL_LOADED_EVENT, SHARD_LOADED_EVENT, GatewayManager
@@ -310,6 +311,35 @@ async def test_a_worker_killed_under_load_is_replaced_and_its_shards_resume() ->
         assert process["shards"] == shards
         with pytest.raises(ProcessLookupError):
             os.kill(old_pid, 0)
+
+
+async def test_a_fatal_close_in_a_worker_is_reported_and_stays_final() -> None:
+    async with gateway(2) as (fake, manager, _handler, received):
+        await manager.wait_loaded(timeout=30)
+        await fake.close(5, code=4014, reason="Disallowed intent(s).")
+        await wait_until(lambda: rows(manager)[5]["status"] == "fatal")
+        row = rows(manager)[5]
+        assert "4014" in row["error"] and row["worker"] == 1
+        with pytest.raises(FatalClose):
+            await manager.wait_all_ready(timeout=5)
+        # its worker dies: the replacement resumes the others, not the fatal shard
+        pool = pool_of(manager)
+        victim = pool.handles[1]
+        old_pid = victim.pid
+        assert old_pid is not None
+        identifies = len(fake.identifies)
+        os.kill(old_pid, signal.SIGKILL)
+        await wait_until(
+            lambda: all(rows(manager)[s]["status"] == "ready" for s in (4, 6, 7)), timeout=20
+        )
+        await asyncio.sleep(0.5)
+        assert rows(manager)[5]["status"] == "fatal"
+        assert len(fake.identifies) == identifies
+        assert not fake.live_sessions(5)
+        before = len(received.dispatch_seqs(4))
+        stream = fake.start_stream(rate=1000, count=300, seed=4)
+        await stream.wait()
+        await wait_until(lambda: len(received.dispatch_seqs(4)) > before)
 
 
 async def test_commands_reach_the_shard_in_its_worker() -> None:

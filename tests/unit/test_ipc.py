@@ -10,7 +10,8 @@ import pytest
 
 from shardgate._native import EditFilter
 from shardgate.cache import GuildCache
-from shardgate.config import Config
+from shardgate.cli import build_parser
+from shardgate.config import Config, load_config
 from shardgate.errors import ConfigError
 from shardgate.ipc import (
     CACHE_CREATE,
@@ -221,3 +222,17 @@ def test_a_shard_cache_snapshot_restores() -> None:
     fresh = GuildCache()
     fresh.restore(5, {"guilds": [], "loading": None, "unavailable": []})
     assert not fresh.was_ready(5)
+
+
+def test_the_manager_key_comes_from_the_command_line() -> None:
+    args = build_parser().parse_args(["run", "--manager", "mybot.gateway:MyGateway"])
+    env = {
+        "SHARDGATE_TOKEN": "t0ken",
+        "SHARDGATE_EVENT_HANDLER_URL": "http://127.0.0.1:1/",
+        "SHARDGATE_EVENT_HANDLER_SECRET": "s3cret",
+        "SHARDGATE_SHARDS_PER_CLUSTER": "2",
+        "SHARDGATE_MAX_CLUSTERS": "3",
+    }
+    config = load_config(args, env)
+    assert config.manager == "mybot.gateway:MyGateway"
+    assert (config.shards_per_cluster, config.max_clusters) == (2, 3)

@@ -36,6 +36,19 @@ of run per mode:
   per event, too much to pace 100k events/s on a shared core; the gateway's inflate cost
   barely depends on the level).
 
+Worker processes (``--workers 1,2``): every run is repeated for each worker count, in
+turn (run 1 with 1 then 2 workers, run 2 ...), so both see the same machine load. With
+N > 1 the gateway is started with ``shards_per_cluster = ceil(shards / N)`` and
+``max_clusters = N``; CPU is counted per process (the main process and each worker, from
+``/proc``), so the table shows CPU seconds per 100k events in the main process and in the
+workers apart; the difference of the total to the one-process run is what the split
+costs (IPC, per-process work done twice). ``--idle-shards N`` adds an idle memory
+measurement per worker count: N shards connected to an idle fake (``fake_process.py
+--mode idle``, one 40 KB GUILD_CREATE each, 1 s heartbeats), RSS after ``--idle-settle``
+seconds: the main process, each worker, and each worker's baseline (its RSS when it said
+hello, before any shard), so the per-shard cost in the workers is shown apart from the
+per-process cost.
+
 Every run checks for loss: ``lost = sent - filtered - received`` where ``filtered`` is
 the unfurl MESSAGE_UPDATEs the gateway's edit filter filtered (its status endpoint), checked
 against the fake's own count of unfurls in what it sent; ``lost`` must be 0. Medians of
@@ -470,6 +483,7 @@ def gateway_env(
     handler_port: int,
     control_port: int,
     queue: int,
+    workers: int = 1,
 ) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDGATE_")}
     env.update(
@@ -484,6 +498,8 @@ def gateway_env(
         SHARDGATE_QUEUE_MAX_SIZE=str(queue),
         SHARDGATE_CONTROL_PORT=str(control_port),
         SHARDGATE_LOG_LEVEL="WARNING",
+        SHARDGATE_SHARDS_PER_CLUSTER=str(max(1, -(-args.shards // workers))),
+        SHARDGATE_MAX_CLUSTERS=str(workers),
     )
     return env
 
@@ -497,6 +513,7 @@ def run_one(
     cpus: tuple[int | None, int | None],
     profile_to: str | None = None,
     py_spy: tuple[str, str] | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """One run: fresh handler and gateway processes against the series' fake.
 
@@ -504,7 +521,12 @@ def run_one(
     ``(py-spy binary, output path)``, sample the gateway during the measured window.
     """
     cpu_side, cpu_gateway = cpus
-    record: dict[str, Any] = {"mode": mode, "kind": series.kind, "load_before": _procs.loadavg()}
+    record: dict[str, Any] = {
+        "mode": mode,
+        "kind": series.kind,
+        "workers": workers,
+        "load_before": _procs.loadavg(),
+    }
     handler_cmd = [_procs.MAIN_PYTHON, __file__, "--role", "handler", "--kind", mode]
     if rate is not None:
         handler_cmd.append("--latency")
@@ -514,7 +536,9 @@ def run_one(
     try:
         handler_port = handler.reader.tagged("READY", timeout=30)["port"]
         control_port = free_port()
-        env = gateway_env(args, mode, series, handler_port, control_port, 2 * events + 100_000)
+        env = gateway_env(
+            args, mode, series, handler_port, control_port, 2 * events + 100_000, workers
+        )
         gateway_cmd = [_procs.MAIN_PYTHON]
         if profile_to is not None:
             gateway_cmd += ["-m", "cProfile", "-o", profile_to]
@@ -536,7 +560,11 @@ def run_one(
                 stderr=subprocess.DEVNULL,
             )
             time.sleep(1.0)  # attached before the clock starts
+        pids = worker_pids(before)
+        if len(pids) != (workers if workers > 1 else 0):
+            raise RuntimeError(f"expected {workers} worker processes, status has {pids}")
         cpu0 = proc_cpu_s(gateway.pid)
+        wcpu0 = [proc_cpu_s(pid) for pid in pids]
         side0 = proc_cpu_s(series.fake.pid), proc_cpu_s(handler.pid)
         send(series.fake, json.dumps({"cmd": "go"}))
         budget = args.timeout if rate is None else events / rate + args.timeout
@@ -546,12 +574,15 @@ def run_one(
         except TimeoutError:
             record["note"] = f"handler did not receive {expected} events within {budget:.0f} s"
         cpu1 = proc_cpu_s(gateway.pid)
+        wcpu1 = [proc_cpu_s(pid) for pid in pids]
         if sampler is not None:
             sampler.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
             sampler.wait(30)
         side1 = proc_cpu_s(series.fake.pid), proc_cpu_s(handler.pid)
         sent = series.fake.reader.tagged("SENT", timeout=args.timeout)
-        time.sleep(0.3)  # let anything beyond the expected count arrive (it would be counted)
+        # let anything beyond the expected count arrive (it would be counted); workers
+        # report their shards' counters every 0.5 s
+        time.sleep(0.3 if workers == 1 else 1.0)
         after = gateway_status(control_port)
         send(handler, "REPORT")
         final = handler.reader.tagged("REPORT", timeout=10)
@@ -574,7 +605,10 @@ def run_one(
     delivered = final["stream"]
     last_ns = (done or final)["last_ns"]
     wall = (last_ns - sent["first_ns"]) / 1e9
-    cpu = cpu1 - cpu0
+    main_cpu = cpu1 - cpu0
+    workers_cpu = sum(b - a for a, b in zip(wcpu0, wcpu1, strict=True))
+    cpu = main_cpu + workers_cpu
+    per_100k = 100_000 / delivered if delivered else float("nan")
     record.update(
         sent=sent["sent"],
         fake_unfurls=prepared["unfurls"],
@@ -590,6 +624,11 @@ def run_one(
         cpu_s_per_100k=cpu * 100_000 / delivered if delivered else float("nan"),
         events_per_cpu_s=delivered / cpu if cpu > 0 else float("nan"),
         cpu_share=cpu / wall if wall > 0 else float("nan"),
+        main_cpu_s=main_cpu,
+        workers_cpu_s=workers_cpu,
+        main_cpu_s_per_100k=main_cpu * per_100k,
+        workers_cpu_s_per_100k=workers_cpu * per_100k,
+        main_cpu_share=main_cpu / wall if wall > 0 else float("nan"),
         fake_cpu_share=(side1[0] - side0[0]) / wall if wall > 0 else float("nan"),
         handler_cpu_share=(side1[1] - side0[1]) / wall if wall > 0 else float("nan"),
         send_s=(sent["last_ns"] - sent["first_ns"]) / 1e9,
@@ -617,8 +656,90 @@ def run_one(
     return record
 
 
+def worker_pids(status: dict[str, Any]) -> list[int]:
+    """The worker processes' pids from a status (none when the shards run in-process)."""
+    workers = status.get("workers")
+    if not workers:
+        return []
+    return [p["pid"] for p in workers["processes"] if p["pid"] is not None]
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def idle_memory(args: argparse.Namespace, workers: int) -> dict[str, Any]:
+    """RSS with ``--idle-shards`` idle connected shards (see the module docstring)."""
+    n = args.idle_shards
+    fake_cmd = [
+        _procs.MAIN_PYTHON, str(_procs.BENCHES / "fake_process.py"), "--mode", "idle",
+        "--shards", str(n), "--heartbeat-ms", "1000", "--guild-create-bytes", "40000",
+    ]  # fmt: skip
+    fake = _procs.spawn("idle-fake", fake_cmd, None, stdin=True)
+    handler = _procs.spawn(
+        "handler", [_procs.MAIN_PYTHON, __file__, "--role", "handler", "--kind", "http"], None,
+        stdin=True,
+    )  # fmt: skip
+    gateway: _procs.Child | None = None
+    try:
+        series = Series("http", "idle", fake, fake.reader.tagged("READY", timeout=120))
+        handler_port = handler.reader.tagged("READY", timeout=30)["port"]
+        control_port = free_port()
+        env = gateway_env(args, "http", series, handler_port, control_port, 100_000, workers)
+        env["SHARDGATE_SHARDS_PER_CLUSTER"] = str(max(1, -(-n // workers)))
+        gateway = _procs.spawn("gateway", [_procs.MAIN_PYTHON, "-m", "shardgate.cli", "run"],
+                               None, env=env)  # fmt: skip
+        wait_loaded(gateway, control_port, n, args.timeout)
+        time.sleep(args.idle_settle)
+        status = gateway_status(control_port)
+        main = rss_kib(gateway.pid)
+        procs = (status.get("workers") or {}).get("processes") or []
+        rows = [
+            {"id": p["id"], "shards": len(p["shards"]), "rss_kib": rss_kib(p["pid"]),
+             "baseline_kib": p["baseline_rss_kib"]}
+            for p in procs
+        ]  # fmt: skip
+    finally:
+        if gateway is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(gateway.pid, signal.SIGTERM)
+            gateway.wait(30)
+        for child in (handler, fake):
+            child.close_stdin()
+            child.wait(30)
+    beyond = sum(r["rss_kib"] - r["baseline_kib"] for r in rows)
+    total = main + sum(r["rss_kib"] for r in rows)
+    text = f"idle, {n} shards, {workers} worker(s): main process {main / 1024:.1f} MiB"
+    if rows:
+        text += "; workers " + ", ".join(
+            f"#{r['id']} {r['rss_kib'] / 1024:.1f} MiB (baseline {r['baseline_kib'] / 1024:.1f}"
+            f", {r['shards']} shards)"
+            for r in rows
+        )
+        text += (
+            f"; per shard in the workers, beyond their baseline: {beyond / n:.1f} KiB; "
+            f"all processes {total / 1024:.1f} MiB"
+        )
+    else:
+        text += f" ({main / n:.1f} KiB per shard, process included)"
+    return {
+        "workers": workers,
+        "shards": n,
+        "main_rss_kib": main,
+        "processes": rows,
+        "per_shard_beyond_baseline_kib": beyond / n if rows else None,
+        "total_rss_kib": total,
+        "text": text,
+    }
+
+
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     keys = ["events_per_s", "cpu_s_per_100k", "events_per_cpu_s", "cpu_share", "wall_s"]
+    keys += ["main_cpu_s_per_100k", "workers_cpu_s_per_100k", "main_cpu_share"]
     keys += ["fake_cpu_share", "handler_cpu_share"]
     keys += ["p50_ms", "p90_ms", "p99_ms", "max_ms", "rate", "achieved_send_rate"]
     out: dict[str, Any] = {"runs": len(records), "lost": sum(r["lost"] for r in records)}
@@ -652,28 +773,53 @@ def series_runs(
     records = []
     try:
         for run in range(args.runs):
-            try:
-                record = run_one(args, mode, series, events, rate, cpus)
-            except Exception as exc:  # one broken run must not lose the others
-                print(f"  {mode} {kind} run {run + 1} FAILED: {exc}", flush=True)
-                failures.append(f"{mode}/{kind} run {run + 1}: {exc}")
-                continue
-            records.append(record)
-            print(format_run(run, record), flush=True)
+            for workers in worker_counts(args):
+                try:
+                    record = run_one(args, mode, series, events, rate, cpus, workers=workers)
+                except Exception as exc:  # one broken run must not lose the others
+                    print(f"  {mode} {kind} w{workers} run {run + 1} FAILED: {exc}", flush=True)
+                    failures.append(f"{mode}/{kind}/w{workers} run {run + 1}: {exc}")
+                    continue
+                records.append(record)
+                print(format_run(run, record), flush=True)
     finally:
         series.fake.close_stdin()
         series.fake.wait(30)
     return records
 
 
+def worker_counts(args: argparse.Namespace) -> list[int]:
+    return [int(w) for w in str(args.workers).split(",") if w.strip()]
+
+
+def summary_key(args: argparse.Namespace, mode: str, kind: str, workers: int) -> str:
+    """``mode/kind`` as before; ``mode/kind/wN`` when worker counts are compared."""
+    if worker_counts(args) == [1]:
+        return f"{mode}/{kind}"
+    return f"{mode}/{kind}/w{workers}"
+
+
+def by_workers(records: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
+    split: dict[int, list[dict[str, Any]]] = {}
+    for record in records:
+        split.setdefault(record.get("workers", 1), []).append(record)
+    return split
+
+
 def format_run(run: int, r: dict[str, Any]) -> str:
     text = (
-        f"  {r['mode']:<9} {r['kind']:<10} run {run + 1}: {r['events_per_s']:>9,.0f} ev/s  "
+        f"  {r['mode']:<9} {r['kind']:<10} w{r['workers']} run {run + 1}: "
+        f"{r['events_per_s']:>9,.0f} ev/s  "
         f"{r['events_per_cpu_s']:>9,.0f} ev/CPU-s  {r['cpu_s_per_100k']:.3f} CPU s/100k  "
         f"share {r['cpu_share']:.2f} (fake {r['fake_cpu_share']:.2f}, handler "
         f"{r['handler_cpu_share']:.2f})  lost: {r['lost']}  (sent {r['sent']}, filtered "
         f"{r['filtered']}, delivered {r['delivered']}, retries {r['retries']})"
     )
+    if r["workers"] > 1:
+        text += (
+            f"  CPU s/100k: main {r['main_cpu_s_per_100k']:.3f}, workers "
+            f"{r['workers_cpu_s_per_100k']:.3f}"
+        )
     if r.get("p99_ms") is not None:
         text += (
             f"  p50 {r['p50_ms']:.2f} ms p90 {r['p90_ms']:.2f} ms p99 {r['p99_ms']:.2f} ms"
@@ -696,22 +842,28 @@ def print_table(results: dict[str, Any]) -> None:
         f" -> {meta['load_end'][0]:.2f}"
     )
     header = (
-        f"{'mode':<10}{'kind':<11}{'events/s':>10}{'ev/CPU-s':>10}{'CPU s/100k':>11}"
-        f"{'share':>7}{'p50 ms':>8}{'p99 ms':>8}{'max ms':>8}{'lost':>6}"
+        f"{'mode':<10}{'kind':<11}{'wk':>3}{'events/s':>10}{'ev/CPU-s':>10}{'CPU s/100k':>11}"
+        f"{'main':>7}{'workers':>8}{'share':>7}{'p50 ms':>8}{'p99 ms':>8}{'max ms':>8}"
+        f"{'lost':>6}"
     )
     print(header)
     print("-" * len(header))
     for name, s in results["summary"].items():
-        mode, kind = name.split("/")
+        mode, kind, *rest = name.split("/")
+        workers = int(rest[0][1:]) if rest else 1
 
         def ms(key: str, s: dict[str, Any] = s) -> str:
             return f"{s[key]:>8.2f}" if key in s else f"{'-':>8}"
 
         print(
-            f"{mode:<10}{kind:<11}{s['events_per_s']:>10,.0f}{s['events_per_cpu_s']:>10,.0f}"
-            f"{s['cpu_s_per_100k']:>11.3f}{s['cpu_share']:>7.2f}{ms('p50_ms')}{ms('p99_ms')}"
-            f"{ms('max_ms')}{s['lost']:>6}"
+            f"{mode:<10}{kind:<11}{workers:>3}{s['events_per_s']:>10,.0f}"
+            f"{s['events_per_cpu_s']:>10,.0f}{s['cpu_s_per_100k']:>11.3f}"
+            f"{s.get('main_cpu_s_per_100k', float('nan')):>7.3f}"
+            f"{s.get('workers_cpu_s_per_100k', float('nan')):>8.3f}{s['cpu_share']:>7.2f}"
+            f"{ms('p50_ms')}{ms('p99_ms')}{ms('max_ms')}{s['lost']:>6}"
         )
+    for line in results.get("idle", []):
+        print(line["text"])
     for mode, ratio in results["ratios"].items():
         text = (
             f"{mode}: {ratio['events_per_cpu_s']:,.0f} events per gateway CPU-second = "
@@ -832,6 +984,7 @@ def orchestrate(args: argparse.Namespace) -> None:
         "paced_fraction": args.paced_fraction,
         "level": args.level,
         "paced_level": args.paced_level,
+        "workers": args.workers,
         "load_start": _procs.loadavg(),
     }
     records: list[dict[str, Any]] = []
@@ -848,7 +1001,12 @@ def orchestrate(args: argparse.Namespace) -> None:
         records += sat
         if not sat:
             continue
-        summary[f"{mode}/saturation"] = s = summarize(sat)
+        split = by_workers(sat)
+        for workers, group in split.items():
+            summary[summary_key(args, mode, "saturation", workers)] = summarize(group)
+        # ratios and the paced rate: the first worker count given (one process by default)
+        first = next(w for w in worker_counts(args) if w in split)
+        s = summary[summary_key(args, mode, "saturation", first)]
         ratios[mode] = {
             "events_per_cpu_s": s["events_per_cpu_s"],
             "vs_target": s["events_per_cpu_s"] / TARGETS[mode],
@@ -862,15 +1020,22 @@ def orchestrate(args: argparse.Namespace) -> None:
             records += paced_records
             if not paced_records:
                 continue
-            summary[f"{mode}/paced"] = p = summarize(paced_records)
+            paced_split = by_workers(paced_records)
+            for workers, group in paced_split.items():
+                summary[summary_key(args, mode, "paced", workers)] = summarize(group)
+            if first not in paced_split:
+                continue
+            p = summary[summary_key(args, mode, "paced", first)]
             ratios[mode]["paced_rate"] = rate
             ratios[mode]["latency_runs"] = p.get("latency_runs", p["runs"])
             ratios[mode]["paced_runs"] = p["runs"]
             ratios[mode]["p99_ms_all_runs"] = p.get("p99_ms_all_runs")
             if "p99_ms" in p:
                 ratios[mode].update(p99_ms=p["p99_ms"], p99_vs_target=p["p99_ms"] / P99_TARGET_MS)
+    idle = [idle_memory(args, w) for w in worker_counts(args)] if args.idle_shards else []
     meta["load_end"] = _procs.loadavg()
     results = {
+        "idle": idle,
         "meta": meta,
         "summary": summary,
         "ratios": ratios,
@@ -909,6 +1074,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--paced-level", type=int, default=1, help="zlib level, paced runs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument(
+        "--workers",
+        default="1",
+        help="comma-separated worker process counts to compare, e.g. 1,2 (1: in-process)",
+    )
+    p.add_argument(
+        "--idle-shards",
+        type=int,
+        default=0,
+        help="also measure idle RSS with this many shards, per worker count (0: skip)",
+    )
+    p.add_argument("--idle-settle", type=float, default=8.0, help="idle seconds before RSS")
     p.add_argument(
         "--pin",
         action="store_true",

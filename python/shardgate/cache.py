@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 
 class GuildState(enum.Enum):
@@ -110,3 +111,30 @@ class GuildCache:
 
     def guild_ids(self, shard_id: int) -> frozenset[int]:
         return frozenset(self._by_shard.get(shard_id, ()))
+
+    def snapshot(self, shard_id: int) -> dict[str, Any]:
+        """One shard's state as plain lists: a worker that replaces a dead one starts its
+        resumed shards from it (there is no READY on a resume to rebuild it).
+        ``loading`` is None before the shard's first READY."""
+        guilds = self._by_shard.get(shard_id, set())
+        loading = self._loading.get(shard_id)
+        return {
+            "guilds": sorted(guilds),
+            "loading": None if loading is None else sorted(loading),
+            "unavailable": sorted(g for g in guilds if g in self._unavailable),
+        }
+
+    def restore(self, shard_id: int, snapshot: dict[str, Any]) -> None:
+        """The inverse of :meth:`snapshot` (replaces what is known of that shard)."""
+        for guild_id in self._by_shard.pop(shard_id, set()):
+            self._unavailable.discard(guild_id)
+        self._loading.pop(shard_id, None)
+        self._by_shard[shard_id] = {int(g) for g in snapshot.get("guilds") or ()}
+        loading = snapshot.get("loading")
+        if loading is not None:
+            self._loading[shard_id] = {int(g) for g in loading}
+        self._unavailable.update(int(g) for g in snapshot.get("unavailable") or ())
+
+    def was_ready(self, shard_id: int) -> bool:
+        """Whether the shard has had a READY (its load is tracked)."""
+        return shard_id in self._loading

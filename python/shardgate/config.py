@@ -81,6 +81,9 @@ class Config:
     use_optimal_large_bot_sharding: bool = True
     shards_per_cluster: int = 25
     max_clusters: int = 4
+    #: Workers hook: ``pkg.mod:Class``, a GatewayManager subclass for this process and
+    #: every worker process (they import it; see shardgate.workers).
+    manager: str | None = None
     queue_max_size: int = 100_000
     queue_max_bytes: int = 1 << 30
     control_host: str = "127.0.0.1"
@@ -164,6 +167,12 @@ class Config:
         )
         _require(self.shards_per_cluster >= 1, "shards_per_cluster", "must be >= 1")
         _require(self.max_clusters >= 1, "max_clusters", "must be >= 1")
+        if self.manager is not None:
+            _require(
+                _is_import_path(self.manager),
+                "manager",
+                "must be an import path 'package.module:Class' (a GatewayManager subclass)",
+            )
         _require(self.queue_max_size >= 1, "queue_max_size", "must be >= 1")
         _require(self.queue_max_bytes >= 1, "queue_max_bytes", "must be >= 1 (bytes)")
         _require(bool(self.control_host), "control_host", "is required")
@@ -221,6 +230,12 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(key, message)
 
 
+def _is_import_path(value: str) -> bool:
+    module, sep, name = value.partition(":")
+    parts = [*module.split("."), *name.split(".")]
+    return bool(sep) and all(part.isidentifier() for part in parts)
+
+
 def _is_url(value: str, schemes: tuple[str, ...]) -> bool:
     parts = urlsplit(value)
     return parts.scheme in schemes and bool(parts.hostname)
@@ -254,8 +269,9 @@ HELP: Final[Mapping[str, str]] = {
     "allow_fast_identify": "allow spawn_shard_delay under 5000 ms: only against a fake Discord",
     "use_optimal_large_bot_sharding": "from 100 shards, round the count up to a multiple of "
     "max_concurrency",
-    "shards_per_cluster": "shards per worker id passed to tell_cluster_to_identify",
-    "max_clusters": "worker ids available to tell_cluster_to_identify",
+    "shards_per_cluster": "shards per worker process (one worker: all shards in this process)",
+    "max_clusters": "the most worker processes; beyond it shards are spread evenly",
+    "manager": "your GatewayManager subclass as pkg.module:Class, used in every worker too",
     "queue_max_size": "events waiting for the bot, all shards together; the oldest are "
     "dropped (and reported) beyond it",
     "queue_max_bytes": "bytes of event bodies waiting for the bot; the oldest are dropped "

@@ -15,7 +15,9 @@ Replaceable behaviours (override in a subclass and name it in
 - ``create_shard(shard_id)`` -> :class:`~shardgate.shard.Shard` (``shard_class`` for a
   subclass)
 - ``tell_cluster_to_identify(worker_id, shard_id, bucket_id)``: start one shard when its
-  bucket's turn comes (the guide's ``tellClusterToIdentify``)
+  bucket's turn comes (the guide's ``tellClusterToIdentify``); it calls
+  ``start_shard(worker_id, shard_id)``, which an override may call with another worker
+- ``worker_of(shard_id)`` -> the worker a shard goes to by default
 - ``handle_dispatch(shard, message)``: every dispatch (the guide's ``handleDiscordPayload``)
 - ``classify_guild_create(shard, message)`` -> :class:`~shardgate.cache.GuildState`
 - ``on_shard_loaded(shard)`` / ``on_all_loaded(last_shard)``: the loading notices
@@ -37,6 +39,7 @@ from shardgate.cache import GuildCache, GuildState
 from shardgate.envelope import notice_body, notice_id, with_guild_state
 from shardgate.identify import IdentifyGate
 from shardgate.queue import Outbox, stream_id
+from shardgate.session import Session
 from shardgate.shard import Shard, ShardOptions, ShardState
 
 __all__ = [
@@ -188,6 +191,11 @@ class ShardGroup:
         self._spawner: asyncio.Task[None] | None = None
         #: Called after a GUILD_CREATE classified as joined (the automatic reshard check).
         self.on_guild_joined: Callable[[], None] | None = None
+        # Workers hook (shardgate.workers): sessions a replacement worker's shards resume
+        # (create_shard takes them), and whether this group sends SHARDGATE_ALL_LOADED
+        # (a worker's group does not: the main process does, once every worker loaded).
+        self.resume_sessions: dict[int, Session] = {}
+        self.announce_all_loaded = True
 
     def __repr__(self) -> str:
         return f"<ShardGroup gen {self.generation}: {len(self.shard_ids)}/{self.shard_count}>"
@@ -195,6 +203,8 @@ class ShardGroup:
     # ------------------------------------------------------------------ lifecycle
 
     def create_shard(self, shard_id: int) -> Shard:
+        """A new shard; it resumes ``resume_sessions[shard_id]`` if there is one (an
+        override should pass ``session=self.resume_sessions.pop(shard_id, None)`` too)."""
         spec = self.spec
         return self.shard_class(
             spec.token,
@@ -205,6 +215,7 @@ class ShardGroup:
             identify_gate=self.progress,
             dispatch_handler=self._dispatch,
             options=spec.options,
+            session=self.resume_sessions.pop(shard_id, None),
         )
 
     def start(self) -> None:
@@ -223,20 +234,30 @@ class ShardGroup:
         await asyncio.gather(*(self._spawn_bucket(b, ids) for b, ids in sorted(buckets.items())))
 
     async def _spawn_bucket(self, bucket_id: int, shard_ids: list[int]) -> None:
-        spec = self.spec
         for shard_id in shard_ids:
-            worker_id = (shard_id - spec.first_shard_id) // spec.shards_per_cluster
             # The identify gate spaces the IDENTIFYs (spawn_shard_delay); the group never
             # sleeps on its own, it only waits for the previous shard's permit.
-            await self.tell_cluster_to_identify(worker_id, shard_id, bucket_id)
+            await self.tell_cluster_to_identify(self.worker_of(shard_id), shard_id, bucket_id)
+
+    def worker_of(self, shard_id: int) -> int:
+        """The worker ``shard_id`` goes to by default: ``(shard_id - first_shard_id) //
+        shards_per_cluster`` (with worker processes, their placement; see workers.py)."""
+        spec = self.spec
+        return (shard_id - spec.first_shard_id) // spec.shards_per_cluster
 
     async def tell_cluster_to_identify(self, worker_id: int, shard_id: int, bucket_id: int) -> None:
-        """Start ``shard_id``; return once its IDENTIFY permit is granted (or it ended).
+        """The guide's ``tellClusterToIdentify``: ``shard_id``'s identify turn in bucket
+        ``bucket_id`` has come; start it in worker ``worker_id`` (:meth:`worker_of`) and
+        return once its IDENTIFY permit is granted (or it ended).
 
-        ``worker_id`` is ``(shard_id - first_shard_id) // shards_per_cluster``: the worker
-        that would host it. This implementation runs every shard in this process; override
-        to hand the shard to a worker process instead.
+        Override to place shards yourself: call ``await self.start_shard(worker, shard_id)``
+        with the worker you choose. With one worker every shard runs in this process.
         """
+        await self.start_shard(worker_id, shard_id)
+
+    async def start_shard(self, worker_id: int, shard_id: int) -> None:
+        """Start ``shard_id`` (here: in this process; ``worker_id`` is not used) and
+        return once its IDENTIFY permit is granted or it ended."""
         shard = self.shards[shard_id]
         task = shard.start()
         granted = asyncio.ensure_future(self.progress.wait_granted(shard_id))
@@ -334,7 +355,7 @@ class ShardGroup:
         total = self.cache.guild_count()
         elapsed = time.monotonic() - self.started_at
         log.info("all %d shards loaded, %d guilds, in %.1f s", len(self.shards), total, elapsed)
-        if self.announce:
+        if self.announce and self.announce_all_loaded:
             self.notice(last_shard, ALL_LOADED_EVENT, {"shards": len(self.shards), "guilds": total})
 
     # ------------------------------------------------------------------ status

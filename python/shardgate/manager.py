@@ -7,7 +7,10 @@ daily budget checked before each, shared by every group), the
 events to the bot, and the control API (:mod:`shardgate.control`). The shards themselves,
 their guild cache and the per-event policy live in a :class:`~shardgate.group.ShardGroup`;
 the manager keeps the *active* one, and a reshard (:mod:`shardgate.reshard`) builds a
-second beside it and switches.
+second beside it and switches. When the shards need more than one worker
+(``shards_per_cluster``, ``max_clusters``), they run in worker processes
+(:mod:`shardgate.workers`): the active group is then the main-process side of the set and
+``workers`` supervises the processes; the services above stay here.
 
 What the bot receives, beside Discord's dispatches as they were sent
 (``{"shardId": N, "data": <payload>}``):
@@ -66,6 +69,12 @@ from shardgate.queue import Outbox
 from shardgate.reshard import Resharder
 from shardgate.rest import GatewayBot, fetch_gateway_bot
 from shardgate.shard import Shard, ShardOptions
+from shardgate.workers import (
+    WorkerPool,
+    WorkerShardGroup,
+    load_manager_class,
+    main_group_class,
+)
 
 __all__ = [
     "ALL_LOADED_EVENT",
@@ -152,6 +161,9 @@ class GatewayManager:
         self.delivery: Delivery | None = None
         self.control: ControlServer | None = None
         self.resharder = Resharder(self)
+        #: Workers hook: the worker processes when the shards need more than one
+        #: (shardgate.workers); None when every shard runs in this process.
+        self.workers: WorkerPool | None = None
         self._generation = 0
         self._stop_requested: asyncio.Event | None = None
         self._abort_stop: asyncio.Event | None = None
@@ -172,7 +184,8 @@ class GatewayManager:
 
     @property
     def shards(self) -> dict[int, Shard]:
-        """The active group's shards of this process."""
+        """The active group's shards of this process (empty with worker processes: see
+        ``workers``)."""
         return {} if self.active is None else self.active.shards
 
     @property
@@ -190,6 +203,8 @@ class GatewayManager:
         return range(self.config.first_shard_id, last + 1)
 
     def owns_shard(self, shard_id: int) -> bool:
+        if self.workers is not None:  # workers hook
+            return self.workers.owns(shard_id)
         return shard_id in self.shards
 
     # ------------------------------------------------------------------ set-up steps
@@ -259,7 +274,10 @@ class GatewayManager:
             shards_per_cluster=self.config.shards_per_cluster,
         )
         generation, self._generation = self._generation, self._generation + 1
-        group = self.group_class(
+        group_class = self.group_class
+        if self.workers is not None:  # workers hook: the main-process side of the set
+            group_class = main_group_class(group_class)
+        group = group_class(
             spec,
             shard_count=shard_count,
             shard_ids=ids,
@@ -271,6 +289,9 @@ class GatewayManager:
             announce=announce,
         )
         group.on_guild_joined = self.resharder.guild_joined
+        if self.workers is not None:  # workers hook
+            assert isinstance(group, WorkerShardGroup)
+            self.workers.attach(group)
         return group
 
     # ------------------------------------------------------------------ lifecycle
@@ -288,7 +309,10 @@ class GatewayManager:
             self._stop_requested = asyncio.Event()
         bot = self.gateway_bot = await self.fetch_gateway_bot()
         self.identify_gate = self.create_identify_gate(bot)
-        group = self.create_group(self.compute_shard_count(bot))
+        shard_count = self.compute_shard_count(bot)
+        # Workers hook: more shards than one worker takes -> worker processes.
+        self.workers = WorkerPool.plan(self, self.shard_range(shard_count))
+        group = self.create_group(shard_count)
         ids = group.shard_ids
         if bot.remaining < len(ids):
             log.warning(
@@ -467,9 +491,15 @@ class GatewayManager:
     # ------------------------------------------------------------------ control target
 
     async def send_to_shard(self, shard_id: int, payload: Mapping[str, Any]) -> None:
+        if self.workers is not None:  # workers hook: to the worker that holds the shard
+            await self.workers.send_to_shard(shard_id, payload)
+            return
         await self.shards[shard_id].send(payload)
 
     async def send_to_all(self, payload: Mapping[str, Any]) -> None:
+        if self.workers is not None:  # workers hook
+            await self.workers.send_to_all(payload)
+            return
         data = orjson.dumps(payload)
         await asyncio.gather(*(shard.send(data) for shard in self.shards.values()))
 
@@ -504,6 +534,7 @@ class GatewayManager:
             "delivery": delivery,
             "shards": [] if group is None else group.shard_status(),
             "reshard": self.resharder.snapshot(),
+            "workers": None if self.workers is None else self.workers.snapshot(),
         }
 
 
@@ -521,7 +552,7 @@ async def _serve(config: Config, *, hold_signals_at_exit: bool = False) -> int:
     finalization has put the default action back, and kills a process that had stopped
     cleanly (exit 143). SIG_IGN is the one disposition finalization leaves alone.
     """
-    manager = GatewayManager(config)
+    manager = load_manager_class(config.manager)(config)  # workers hook: --manager
     loop = asyncio.get_running_loop()
     first_at: float | None = None
 

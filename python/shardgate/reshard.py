@@ -94,6 +94,10 @@ LAG_ALLOWANCE_S: Final = 2.0
 """After the old group closed, how long the new group's copies of what the old group
 forwarded last are still matched: gateway nodes differ by hundreds of milliseconds."""
 _SILENT_LOAD_KINDS: Final = (KIND_READY, KIND_GUILD_CREATE)
+WORKERS_REFUSAL: Final = (
+    "resharding is not supported yet while the shards run in several worker processes "
+    "(shards_per_cluster/max_clusters); restart the gateway with the new max_shards instead"
+)
 
 
 class ReshardPhase(enum.Enum):
@@ -528,6 +532,8 @@ class Resharder:
                 "this process runs only part of the bot (first_shard_id/last_shard_id); "
                 "resharding several gateway processes together is not supported yet"
             )
+        if self.manager.workers is not None:  # workers hook
+            raise ReshardError(WORKERS_REFUSAL)
 
     def start(self, to: int, reason: str = "requested") -> Reshard:
         """Begin a reshard to ``to`` shards.
@@ -625,6 +631,13 @@ class Resharder:
             log.warning(
                 "%d guilds reach the reshard threshold (%d) but this process runs only part "
                 "of the bot: reshard all gateway processes together by hand", guilds, threshold
+            )
+            self._retry_at = time.monotonic() + manager.config.reshard_check_interval
+            return None
+        if manager.workers is not None:  # workers hook
+            log.warning(
+                "%d guilds reach the reshard threshold (%d): %s", guilds, threshold,
+                WORKERS_REFUSAL,
             )
             self._retry_at = time.monotonic() + manager.config.reshard_check_interval
             return None

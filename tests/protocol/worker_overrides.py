@@ -1,0 +1,70 @@
+"""Manager classes the worker tests name by import path (``worker_overrides:...``).
+
+Worker processes import these (the test process's ``sys.path`` is handed to them), so they
+live in a module of their own rather than in a test function.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, ClassVar
+
+from shardgate._native import Message
+from shardgate.group import ShardGroup
+from shardgate.manager import GatewayManager
+from shardgate.shard import Shard
+from shardgate.workers import current_worker_id
+
+HOOK_EVENT = "TEST_HOOKS_RAN"
+
+
+def in_worker() -> bool:
+    return current_worker_id() is not None
+
+
+class TaggedShard(Shard):
+    """A user's shard class: must be the one the workers build."""
+
+
+class PlacingGroup(ShardGroup):
+    """Per-event hooks (run in the workers) and shard placement (runs in the main process)."""
+
+    shard_class = TaggedShard
+    placements: ClassVar[list[tuple[int, int, int, int]]] = []
+    """(pid, worker_id asked, shard_id, worker chosen) of every placement, main process."""
+
+    async def tell_cluster_to_identify(self, worker_id: int, shard_id: int, bucket_id: int) -> None:
+        chosen = self.worker_count - 1 - worker_id  # type: ignore[attr-defined]
+        PlacingGroup.placements.append((os.getpid(), worker_id, shard_id, chosen))
+        await self.start_shard(chosen, shard_id)
+
+    def handle_dispatch(self, shard: Shard, message: Message) -> None:
+        if message.t == "TYPING_START":
+            return  # this bot does not want typing events
+        super().handle_dispatch(shard, message)
+
+    def on_shard_loaded(self, shard: Shard) -> None:
+        super().on_shard_loaded(shard)
+        d: dict[str, Any] = {
+            "pid": os.getpid(),
+            "in_worker": in_worker(),
+            "shard_class": type(shard).__name__,
+        }
+        self.notice(shard, HOOK_EVENT, d)
+
+
+class PlacingGateway(GatewayManager):
+    group_class = PlacingGroup
+
+
+class CrashingGroup(ShardGroup):
+    """The worker that holds shard 4 dies as soon as it builds its group, every time."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if in_worker() and 4 in self.shard_ids:
+            os._exit(3)
+
+
+class CrashingGateway(GatewayManager):
+    group_class = CrashingGroup

@@ -251,16 +251,20 @@ def test_rounding_off_and_max_shards_override():
 # -- the README's subclass example, as written -----------------------------------------
 
 
-def readme_example() -> str:
+def readme_examples() -> list[str]:
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
     matching = [b for b in blocks if "class MyGroup(ShardGroup)" in b]
-    assert len(matching) == 1, "the README's subclass example is gone"
-    return matching[0]
+    assert matching, "the README's subclass example is gone"
+    return matching
 
 
-async def test_readme_subclass_example_drops_typing_start():
+@pytest.mark.parametrize("index", [0, 1])
+async def test_readme_subclass_example_drops_typing_start(index: int) -> None:
+    """Both places the README shows the example (overrides, and workers by import path)."""
+    examples = readme_examples()
+    assert len(examples) == 2
     namespace: dict[str, Any] = {"__name__": "readme_example"}
-    exec(compile(readme_example(), str(README), "exec"), namespace)
+    exec(compile(examples[index], str(README), "exec"), namespace)
     my_gateway = namespace["MyGateway"]
     assert issubclass(my_gateway, GatewayManager)
     async with gateway(my_gateway) as (fake, manager, _handler, bot):

@@ -37,8 +37,8 @@ from shardgate.shard import ShardOptions
 from shardgate.testing.fake_discord import FakeDiscord, FakeDiscordConfig
 from shardgate.workers import WorkerPool, load_manager_class, options_to_dict
 
-SECRET = "handler-secret-123"
-REST_SECRET = "rest-secret-456"
+SECRET = "handler-secret-0123456789"
+REST_SECRET = "rest-secret-0123456789"
 GUILDS_AND_MESSAGES = (1 << 0) | (1 << 9) | (1 << 11) | (1 << 15)
 FAST_SHARD = ShardOptions(backoff_base_s=0.05, backoff_cap_s=0.2, hello_timeout_s=5.0)
 SHARDS = 8

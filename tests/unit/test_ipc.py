@@ -157,11 +157,11 @@ def test_plan_workers(ids: range, per: int, most: int, sizes: list[int]) -> None
 
 def test_the_manager_key_is_an_import_path() -> None:
     base = {"token": "t0ken", "event_handler_url": "http://127.0.0.1:1/"}
-    config = Config(**base, event_handler_secret="s3cret", manager="pkg.mod:Gateway")
+    config = Config(**base, event_handler_secret="s3cret-0123456789", manager="pkg.mod:Gateway")
     assert config.manager == "pkg.mod:Gateway"
     for bad in ("pkg.mod", "pkg.mod:", ":Gateway", "pkg mod:G", "pkg.mod:G-1"):
         with pytest.raises(ConfigError, match="manager"):
-            Config(**base, event_handler_secret="s3cret", manager=bad)
+            Config(**base, event_handler_secret="s3cret-0123456789", manager=bad)
 
 
 class LocalGateway(GatewayManager):
@@ -229,7 +229,7 @@ def test_the_manager_key_comes_from_the_command_line() -> None:
     env = {
         "SHARDGATE_TOKEN": "t0ken",
         "SHARDGATE_EVENT_HANDLER_URL": "http://127.0.0.1:1/",
-        "SHARDGATE_EVENT_HANDLER_SECRET": "s3cret",
+        "SHARDGATE_EVENT_HANDLER_SECRET": "s3cret-0123456789",
         "SHARDGATE_SHARDS_PER_CLUSTER": "2",
         "SHARDGATE_MAX_CLUSTERS": "3",
     }

@@ -219,29 +219,18 @@ def no_tracebacks(records: _Records, err: str) -> None:
     assert not bad, [r.getMessage() for r in bad]
 
 
-def test_control_api_answers_every_request_with_4xx_or_2xx(servers, capfd):
+@pytest.mark.parametrize("target", ["control", "handler"])
+def test_every_request_gets_4xx_or_2xx(servers, capfd, target):
+    """The control API and the event handler: random methods, paths, headers, bodies."""
     running, records = servers
     records.records.clear()
+    port = running.control.port if target == "control" else running.handler.port
 
     @FUZZ
     @given(requests())
     def fuzz(request: tuple[bytes, bool]) -> None:
         raw, authorised = request
-        check(send(running.control.port, raw), authorised)
-
-    fuzz()
-    no_tracebacks(records, capfd.readouterr().err)
-
-
-def test_event_handler_answers_every_request_with_4xx_or_2xx(servers, capfd):
-    running, records = servers
-    records.records.clear()
-
-    @FUZZ
-    @given(requests())
-    def fuzz(request: tuple[bytes, bool]) -> None:
-        raw, authorised = request
-        check(send(running.handler.port, raw), authorised)
+        check(send(port, raw), authorised)
 
     fuzz()
     no_tracebacks(records, capfd.readouterr().err)

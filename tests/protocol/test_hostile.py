@@ -18,6 +18,7 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
+from harness import gateway_config, wait_until
 
 from shardgate import shard as shard_module
 from shardgate.cli import request_reshard
@@ -103,26 +104,9 @@ async def raw_request(port: int, request: bytes, timeout: float = 10.0) -> tuple
             await writer.wait_closed()
 
 
-async def wait_until(predicate: Any, timeout: float = 15.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
-
-
 def make_config(fake: FakeDiscord, handler_port: int, **overrides: Any) -> Config:
-    values: dict[str, Any] = {
-        "token": TOKEN,
-        "intents": INTENTS,
-        "rest_url": fake.rest_url,
-        "rest_authorization": REST_SECRET,
-        "event_handler_url": f"http://127.0.0.1:{handler_port}/",
-        "event_handler_secret": SECRET,
-        "spawn_shard_delay": 200,
-        "allow_fast_identify": True,
-        "control_port": 0,
-        **overrides,
-    }
-    return Config(**values)
+    values = {"token": TOKEN, "intents": INTENTS, "rest_authorization": REST_SECRET, **overrides}
+    return gateway_config(fake, handler_port, secret=SECRET, **values)
 
 
 @contextlib.asynccontextmanager

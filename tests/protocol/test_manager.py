@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from harness import gateway_config, wait_until
 
 from shardgate._native import EditFilter, Message
 from shardgate.config import Config
@@ -32,7 +33,6 @@ from shardgate.testing.fake_discord import FakeDiscord, FakeDiscordConfig
 
 SECRET = "handler-secret-123"
 REST_SECRET = "rest-secret-456789"
-GUILDS_AND_MESSAGES = (1 << 0) | (1 << 9) | (1 << 11) | (1 << 15)
 
 
 @dataclass
@@ -54,19 +54,9 @@ class Received:
 
 
 def make_config(fake: FakeDiscord, handler_port: int, **overrides: Any) -> Config:
-    values: dict[str, Any] = {
-        "token": fake.config.token,
-        "intents": GUILDS_AND_MESSAGES,
-        "rest_url": fake.rest_url,
-        "rest_authorization": REST_SECRET,
-        "event_handler_url": f"http://127.0.0.1:{handler_port}/",
-        "event_handler_secret": SECRET,
-        "spawn_shard_delay": 200,
-        "allow_fast_identify": True,
-        "control_port": 0,
-    }
-    values.update(overrides)
-    return Config(**values)
+    return gateway_config(
+        fake, handler_port, secret=SECRET, **{"rest_authorization": REST_SECRET, **overrides}
+    )
 
 
 FAST_SHARD = ShardOptions(backoff_base_s=0.05, backoff_cap_s=0.2, hello_timeout_s=5.0)
@@ -132,10 +122,6 @@ async def gateway(
             await handler.stop()
 
 
-async def wait_until(predicate: Any, timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 def unfiltered_accounting(

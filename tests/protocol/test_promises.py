@@ -8,7 +8,6 @@ config file forms.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import re
 from collections import defaultdict
@@ -18,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from harness import wait_until
 
 from shardgate.cli import main
 from shardgate.config import Config, add_config_arguments, load_config
@@ -55,11 +55,6 @@ class Bot:
     def seqs(self, shard_id: int) -> list[int]:
         return [d["s"] for d in self.by_shard[shard_id] if d.get("s") is not None]
 
-
-async def wait_until(predicate: Any, timeout: float = 15.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 @contextlib.asynccontextmanager

@@ -21,10 +21,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+from harness import gateway_config, wait_until
 
 from shardgate._native import Message, ShardCodec
 from shardgate.cli import request_reshard
-from shardgate.config import Config
 from shardgate.group import ShardGroup
 from shardgate.handler import EventHandlerServer
 from shardgate.manager import GatewayManager
@@ -34,7 +34,6 @@ from shardgate.shard import ShardOptions
 from shardgate.testing.fake_discord import FakeDiscord, FakeDiscordConfig, event_id_of
 
 SECRET = "handler-secret-123"
-GUILDS_AND_MESSAGES = (1 << 0) | (1 << 9) | (1 << 11) | (1 << 15)
 FAST_SHARD = ShardOptions(backoff_base_s=0.05, backoff_cap_s=0.2, hello_timeout_s=5.0)
 STREAM_SEED = 7
 
@@ -78,19 +77,10 @@ async def gateway(
     async with FakeDiscord(FakeDiscordConfig(**fake_values)) as fake:
         handler = EventHandlerServer(received.on_event, SECRET, port=0)
         await handler.start()
-        values: dict[str, Any] = {
-            "token": fake.config.token,
-            "intents": GUILDS_AND_MESSAGES,
-            "rest_url": fake.rest_url,
-            "event_handler_url": f"http://127.0.0.1:{handler.port}/",
-            "event_handler_secret": SECRET,
-            "spawn_shard_delay": 200,
-            "allow_fast_identify": True,
-            "control_port": 0,
-            "reshard_overlap": 1.0,
-            **config_overrides,
-        }
-        manager = GatewayManager(Config(**values), shard_options=FAST_SHARD)
+        config = gateway_config(
+            fake, handler.port, secret=SECRET, **{"reshard_overlap": 1.0, **config_overrides}
+        )
+        manager = GatewayManager(config, shard_options=FAST_SHARD)
         try:
             await manager.start()
             yield fake, manager, handler, received
@@ -98,11 +88,6 @@ async def gateway(
             await manager.stop(drain_s=2.0)
             await handler.stop()
 
-
-async def wait_until(predicate: Any, timeout: float = 20.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 async def settled(fake: FakeDiscord, manager: GatewayManager) -> None:

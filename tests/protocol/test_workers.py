@@ -26,6 +26,7 @@ import aiohttp
 import orjson
 import pytest
 import worker_overrides
+from harness import gateway_config, wait_until
 from worker_overrides import HOOK_EVENT, CrashingGateway, PlacingGateway, PlacingGroup
 
 from shardgate.config import Config
@@ -39,7 +40,6 @@ from shardgate.workers import WorkerPool, load_manager_class, options_to_dict
 
 SECRET = "handler-secret-0123456789"
 REST_SECRET = "rest-secret-0123456789"
-GUILDS_AND_MESSAGES = (1 << 0) | (1 << 9) | (1 << 11) | (1 << 15)
 FAST_SHARD = ShardOptions(backoff_base_s=0.05, backoff_cap_s=0.2, hello_timeout_s=5.0)
 SHARDS = 8
 
@@ -75,20 +75,12 @@ def pool_of(manager: GatewayManager) -> WorkerPool:
 
 def make_config(fake: FakeDiscord, handler_port: int, workers: int, **overrides: Any) -> Config:
     values: dict[str, Any] = {
-        "token": fake.config.token,
-        "intents": GUILDS_AND_MESSAGES,
-        "rest_url": fake.rest_url,
         "rest_authorization": REST_SECRET,
-        "event_handler_url": f"http://127.0.0.1:{handler_port}/",
-        "event_handler_secret": SECRET,
-        "spawn_shard_delay": 200,
-        "allow_fast_identify": True,
-        "control_port": 0,
         "shards_per_cluster": math.ceil(SHARDS / workers),
         "max_clusters": workers,
+        **overrides,
     }
-    values.update(overrides)
-    return Config(**values)
+    return gateway_config(fake, handler_port, secret=SECRET, **values)
 
 
 def worker_pids(manager: GatewayManager) -> list[int]:
@@ -134,11 +126,6 @@ async def gateway(
             await handler.stop()
         assert_gone(sorted(pids))
 
-
-async def wait_until(predicate: Any, timeout: float = 20.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 def all_written(fake: FakeDiscord) -> bool:

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import pytest
 import uvloop
 from hypothesis import HealthCheck, settings
+
+from shardgate.testing.redis_server import RedisServer
 
 LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,
@@ -53,3 +55,11 @@ def _no_shardgate_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("SHARDGATE_"):
             monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A real ``redis-server`` (AOF on) on a free loopback port, stopped by its PID after
+    the test. A machine without ``redis-server`` fails the test: it is never skipped."""
+    with RedisServer() as server:
+        yield server

@@ -88,6 +88,7 @@ async def one_run(args: argparse.Namespace, seed: int) -> dict[str, Any]:
             spawn_shard_delay=int(args.window * 1000),
             allow_fast_identify=True,
             control_port=0,
+            metrics_port=0,
             reshard_overlap=args.overlap,
             reshard=False,
         )

@@ -4,6 +4,7 @@
 ``shardgate demo`` run the fake Discord, a sample event handler and the gateway together.
 ``shardgate check-config`` validate the configuration and print it (secrets hidden).
 ``shardgate reshard`` ask a running gateway (its control API) to reshard with zero downtime.
+``shardgate status`` the running gateway's status as a table (``--watch``: refreshed).
 ``shardgate fake-discord`` serve the fake Discord, for a bot or gateway in any language.
 
 Exit status: 0 after a clean stop, 1 on a runtime error, 2 on a configuration error,
@@ -72,6 +73,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="the new shard count (default: Discord's current recommendation)",
     )
     add_config_arguments(reshard)
+
+    status = commands.add_parser(
+        "status",
+        help="the running gateway's status as a table (monitoring server from the same "
+        "config); exit 1 if it cannot be reached",
+    )
+    status.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=2.0,
+        default=None,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 2) until Ctrl-C",
+    )
+    add_config_arguments(status)
 
     demo = commands.add_parser(
         "demo", help="fake Discord + sample handler + gateway on 127.0.0.1, with a summary"
@@ -158,6 +175,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "reshard":
             return request_reshard(config, args.reshard_to)
+        if args.command == "status":
+            from shardgate.status_cli import run_status  # noqa: PLC0415
+
+            if args.watch is not None and args.watch <= 0:
+                raise ConfigError("--watch", "must be > 0 seconds")
+            return run_status(config, args.watch)
         setup_logging(config.log_level.upper(), secrets=config.secrets)
         from shardgate.manager import run_gateway  # noqa: PLC0415
 

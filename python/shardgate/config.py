@@ -88,6 +88,8 @@ class Config:
     queue_max_bytes: int = 1 << 30
     control_host: str = "127.0.0.1"
     control_port: int = 8790
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 8791
     compression: Compression = "zlib-stream"
     large_threshold: int = 50
     edit_filter: bool = True
@@ -177,6 +179,8 @@ class Config:
         _require(self.queue_max_bytes >= 1, "queue_max_bytes", "must be >= 1 (bytes)")
         _require(bool(self.control_host), "control_host", "is required")
         _require(0 <= self.control_port <= 65535, "control_port", "must be a TCP port (0-65535)")
+        _require(bool(self.metrics_host), "metrics_host", "is required")
+        _require(0 <= self.metrics_port <= 65535, "metrics_port", "must be a TCP port (0-65535)")
         _require(
             self.compression in get_args(Compression),
             "compression",
@@ -278,6 +282,9 @@ HELP: Final[Mapping[str, str]] = {
     "(and reported) beyond it",
     "control_host": "address of the control API",
     "control_port": "port of the control API (0: any free port)",
+    "metrics_host": "address of the read-only status page, /status and /metrics (loopback: "
+    "no secret; elsewhere: control_secret)",
+    "metrics_port": "port of the status page and /metrics (0: any free port)",
     "compression": "gateway transport compression: zlib-stream, zstd-stream or none",
     "large_threshold": "members above which Discord omits offline members (50-250)",
     "edit_filter": "drop MESSAGE_UPDATEs whose content and edited_timestamp did not change",

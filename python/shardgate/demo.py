@@ -116,6 +116,7 @@ async def _demo(args: argparse.Namespace) -> int:
             spawn_shard_delay=500,
             allow_fast_identify=True,
             control_port=0,
+            metrics_port=0,
             health_interval=0,
         )
         manager = DemoManager(config, shard_options=ShardOptions(backoff_base_s=0.2))

@@ -102,6 +102,7 @@ class IdentifyProgress:
         self.granted = 0
         self.identified = 0
         self.failed = 0
+        self.waiting = 0  # shards waiting for their permit now (monitoring)
         self.started_at = time.monotonic()
         self._granted: dict[int, asyncio.Event] = {}
 
@@ -112,7 +113,11 @@ class IdentifyProgress:
         return event
 
     async def acquire(self, shard_id: int) -> None:
-        await self.inner.acquire(shard_id)
+        self.waiting += 1
+        try:
+            await self.inner.acquire(shard_id)
+        finally:
+            self.waiting -= 1
         self.granted += 1
         self._event(shard_id).set()
 
@@ -145,6 +150,7 @@ class IdentifyProgress:
             "identified": min(self.identified, self.total),
             "total": self.total,
             "failed": self.failed,
+            "waiting": self.waiting,
             "eta_s": self.eta_s(),
         }
 

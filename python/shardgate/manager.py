@@ -65,6 +65,7 @@ from shardgate.group import (
     outbox_sink,
 )
 from shardgate.identify import IdentifyGate, LocalIdentifyGate
+from shardgate.monitor import Monitor
 from shardgate.queue import Outbox
 from shardgate.reshard import Resharder
 from shardgate.rest import GatewayBot, fetch_gateway_bot
@@ -164,6 +165,9 @@ class GatewayManager:
         #: Workers hook: the worker processes when the shards need more than one
         #: (shardgate.workers); None when every shard runs in this process.
         self.workers: WorkerPool | None = None
+        #: Metrics, rates history and the status page (shardgate.monitor); components
+        #: add their stats with ``monitor.collector.add_source``.
+        self.monitor = Monitor(self)
         self._generation = 0
         self._stop_requested: asyncio.Event | None = None
         self._abort_stop: asyncio.Event | None = None
@@ -346,6 +350,7 @@ class GatewayManager:
             self.config.control_port,
         )
         await self.control.start()
+        await self.monitor.start()
         self.active = group
         group.start()
         self.resharder.start_checking()
@@ -393,6 +398,7 @@ class GatewayManager:
                 await health
         if self.control is not None:
             await self.control.stop()
+        await self.monitor.stop()
         await self.resharder.stop(drain=True)
         groups = {self.active}
         if self.resharder.current is not None:
@@ -535,6 +541,7 @@ class GatewayManager:
             "shards": [] if group is None else group.shard_status(),
             "reshard": self.resharder.snapshot(),
             "workers": None if self.workers is None else self.workers.snapshot(),
+            "monitor": self.monitor.snapshot(),
         }
 
 

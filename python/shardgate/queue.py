@@ -45,6 +45,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from shardgate.envelope import notice_body, parse_event_id
+from shardgate.latency import LatencyHistogram
 
 __all__ = [
     "GAP_EVENT",
@@ -193,8 +194,11 @@ class Outbox:
         "_warned_dropped",
         "dropped",
         "gap_records",
+        "latency",
         "max_bytes",
         "max_size",
+        "probe_armed",
+        "probes",
     )
 
     def __init__(self, max_size: int, max_bytes: int = 1 << 30) -> None:
@@ -214,6 +218,12 @@ class Outbox:
         self._max_level = 0
         self._warn_after = 0.0  # monotonic time of the next allowed overflow warning
         self._warned_dropped = 0  # self.dropped at the last warning
+        #: Sampled delivery latency (shardgate.latency): a sampler sets ``probe_armed``;
+        #: the next put stamps its event (``probes``: stream -> (event id, put time)),
+        #: and its acknowledgement is observed in ``latency``. One flag test per put.
+        self.probe_armed = False
+        self.probes: dict[int, tuple[str, float]] = {}
+        self.latency = LatencyHistogram()
 
     # -- producer side -------------------------------------------------------------------
 
@@ -233,9 +243,26 @@ class Outbox:
         self._bytes += size
         if self._levels is not None:
             self._move(stream, q.nwait - 1, q.nwait)
+        if self.probe_armed:
+            self._stamp(stream, event_id)
         if not q.busy and not q.ready and not q.held:
             q.ready = True
             self._ready.put_nowait(stream)
+
+    def _stamp(self, stream: int, event_id: str) -> None:
+        """Time this event (a stream already timing one keeps that one: it is the older)."""
+        self.probe_armed = False
+        if stream not in self.probes:
+            self.probes[stream] = (event_id, time.monotonic())
+
+    def _probe_done(self, stream: int, done: Sequence[OutEvent]) -> None:
+        """If the timed event of ``stream`` is among ``done``, observe its latency."""
+        event_id, stamped = self.probes[stream]
+        for event in done:
+            if event.event_id == event_id:
+                del self.probes[stream]
+                self.latency.observe(time.monotonic() - stamped)
+                return
 
     def hold(self, stream: int) -> None:
         """Keep ``stream``'s events waiting (they still count against ``max_size`` and can
@@ -259,6 +286,7 @@ class Outbox:
         q = self._queues.get(stream)
         if q is not None and not q.waiting and not q.flight and not q.busy:
             del self._queues[stream]
+            self.probes.pop(stream, None)
 
     # -- consumer side -------------------------------------------------------------------
 
@@ -345,6 +373,8 @@ class Outbox:
         else:
             self._bytes -= sum(len(event.body) for event in done)
         self._size -= len(done) - gaps
+        if self.probes and stream in self.probes:
+            self._probe_done(stream, done)
         q.flight = rest
         if not rest:
             self._finish(q)
@@ -412,6 +442,8 @@ class Outbox:
         assert type(victim) is tuple
         victim_id = victim[0]
         del waiting[index]
+        if self.probes and self.probes.get(stream, ("",))[0] == victim_id:
+            del self.probes[stream]  # a dropped event is never acknowledged
         before = waiting[index - 1] if index else None
         if isinstance(before, GapRecord) and not before.sealed:
             before.count += 1

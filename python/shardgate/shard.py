@@ -482,8 +482,13 @@ class Shard:
         return self._limiter
 
     def stats(self) -> dict[str, int]:
-        """Counters for health reports (allocates; not for the hot path)."""
+        """Counters for health reports and metrics, the codec's bytes and messages
+        included (allocates; not for the hot path)."""
+        codec = self._codec.stats()
         return {
+            "messages": codec["messages"],
+            "bytes_in": codec["bytes_in"],
+            "bytes_out": codec["bytes_out"],
             "dispatches": self.dispatches,
             "filtered": self.filtered,
             "reconnects": self.reconnects,

@@ -272,8 +272,10 @@ class Worker:
                 **shard.stats(),
             }
         usage = resource.getrusage(resource.RUSAGE_SELF)
+        table = self.group.spec.options.edit_filter
         return {
             "op": "report",
+            "edit_filter": table.stats() if isinstance(table, EditFilter) else {},
             "shards": shards,
             "cpu_s": usage.ru_utime + usage.ru_stime,
             "ipc": {

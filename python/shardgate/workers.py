@@ -109,6 +109,9 @@ def current_worker_id() -> int | None:
     without workers). Lets a user's hook tell where it runs."""
     return _current_worker
 _STAT_KEYS: Final = (
+    "messages",
+    "bytes_in",
+    "bytes_out",
     "dispatches",
     "filtered",
     "reconnects",
@@ -343,6 +346,7 @@ class WorkerHandle:
         self.rss_kib = 0
         self.baseline_rss_kib = 0
         self.ipc: dict[str, int] = {}
+        self.edit_filter: dict[str, int] = {}
 
     def send(self, message: dict[str, Any]) -> None:
         stdin = self.stdin
@@ -840,6 +844,7 @@ class WorkerPool:
                 record.row = row
         handle.cpu_s = float(message.get("cpu_s") or 0.0)
         handle.ipc = message.get("ipc") or {}
+        handle.edit_filter = message.get("edit_filter") or {}
 
     # BatchHandler: the records of an EVENTS frame, in order.
 

@@ -27,6 +27,7 @@ def gateway_config(
         "spawn_shard_delay": 200,
         "allow_fast_identify": True,
         "control_port": 0,
+        "metrics_port": 0,
         **overrides,
     }
     return Config(**values)

@@ -117,6 +117,7 @@ async def test_run_serves_until_shutdown_is_requested():
             "SHARDGATE_SPAWN_SHARD_DELAY": "100",
             "SHARDGATE_ALLOW_FAST_IDENTIFY": "true",
             "SHARDGATE_INTENTS": "Guilds",
+            "SHARDGATE_METRICS_PORT": "0",
         }
         process = await asyncio.create_subprocess_exec(
             sys.executable,

@@ -140,6 +140,7 @@ def gateway_env(rest_url: str, handler_url: str, **extra: str) -> dict[str, str]
         "SHARDGATE_ALLOW_FAST_IDENTIFY": "true",
         "SHARDGATE_INTENTS": "Guilds",
         "SHARDGATE_CONTROL_PORT": "0",
+        "SHARDGATE_METRICS_PORT": "0",
         **extra,
     }
     return clean_env(**values)
@@ -289,6 +290,7 @@ async def test_fake_discord_command_serves_a_gateway():
                     spawn_shard_delay=500,
                     allow_fast_identify=True,
                     control_port=0,
+                    metrics_port=0,
                     health_interval=0,
                 )
             )

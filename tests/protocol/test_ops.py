@@ -141,6 +141,7 @@ async def test_health_line_and_stop_summary(caplog):
             spawn_shard_delay=100,
             allow_fast_identify=True,
             control_port=0,
+            metrics_port=0,
             health_interval=0.3,
         )
         manager = GatewayManager(config, shard_options=ShardOptions(backoff_base_s=0.05))

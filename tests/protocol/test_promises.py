@@ -76,6 +76,7 @@ async def gateway(
             "rest_authorization": REST_SECRET, "event_handler_secret": SECRET,
             "event_handler_url": f"http://127.0.0.1:{handler.port}/",
             "spawn_shard_delay": 200, "allow_fast_identify": True, "control_port": 0,
+            "metrics_port": 0,
             **config_overrides,
         })  # fmt: skip
         manager = manager_class(config, shard_options=FAST_SHARD)

@@ -142,7 +142,8 @@ async def test_metrics_parse_and_move_as_events_flow() -> None:
         decoded = sum(per_shard(after, "shardgate_shard_decoded_bytes_total").values())
         assert decoded > sum(received.values())  # zlib-stream: more out than in
         assert sum(per_shard(after, "shardgate_shard_decode_errors_total").values()) == 0
-        assert all(v >= 0 for v in per_shard(after, "shardgate_shard_heartbeat_latency_seconds").values())
+        heartbeat = per_shard(after, "shardgate_shard_heartbeat_latency_seconds")
+        assert all(v >= 0 for v in heartbeat.values())
         # The sampled latency histogram: cumulative buckets, count and sum consistent.
         count = one(after, "shardgate_delivery_latency_seconds_count")
         assert count == manager.outbox.latency.count >= 3
@@ -174,7 +175,8 @@ async def test_a_reconnect_shows_in_the_metrics() -> None:
         assert port is not None
         before = parse((await scrape(port))[1])
         assert await fake.close(1, code=4000) == 1
-        await wait_until(lambda: manager.shards[1].resumes >= 1 and manager.shards[1].status.value == "ready", 30)
+        shard = manager.shards[1]
+        await wait_until(lambda: shard.resumes >= 1 and shard.status.value == "ready", 30)
         after = parse((await scrape(port))[1])
         for name in ("shardgate_shard_reconnects_total", "shardgate_shard_resumes_total"):
             assert per_shard(after, name)[1] == per_shard(before, name)[1] + 1
@@ -224,12 +226,14 @@ async def test_off_loopback_the_secret_is_required() -> None:
             for auth in (CONTROL_SECRET, f"Bearer {CONTROL_SECRET}", f"bearer {CONTROL_SECRET}"):
                 response = await client.get(path, headers={"Authorization": auth})
                 assert response.status == 200, (path, auth)
-        parse(await (await client.get("/metrics", headers={"Authorization": CONTROL_SECRET})).text())
+        response = await client.get("/metrics", headers={"Authorization": CONTROL_SECRET})
+        parse(await response.text())
         # The page itself carries no data: it is served, and asks for the secret.
         response = await client.get("/")
         assert response.status == 200
         assert "sessionStorage" in await response.text()
-        response = await client.get("/status", headers={"Host": "evil.example", "Authorization": CONTROL_SECRET})
+        headers = {"Host": "evil.example", "Authorization": CONTROL_SECRET}
+        response = await client.get("/status", headers=headers)
         assert response.status == 200  # off loopback the secret is the rule, not the Host
 
 
@@ -254,7 +258,7 @@ async def test_a_taken_port_does_not_stop_the_gateway(caplog: pytest.LogCaptureF
         async with gateway(metrics_port=port) as (_fake2, second):
             await second.wait_all_ready(timeout=20)
             assert second.monitor.port is None
-            assert "cannot listen on 127.0.0.1:%d" % port in caplog.text
+            assert f"cannot listen on 127.0.0.1:{port}" in caplog.text
 
 
 async def test_shardgate_status_prints_the_table() -> None:
@@ -308,8 +312,8 @@ def test_status_table_shows_states_errors_reshard_and_workers() -> None:
         "queue": {"depth": 1234, "max_size": 100000, "bytes": 2 * 1048576, "dropped": 5},
         "delivery": {"delivered": 99, "rejected": 1, "retries": 2},
         "identify": {"identified": 7, "total": 8, "failed": 1, "waiting": 1, "eta_s": 5.0},
-        "reshard": {"phase": "loading", "from": 8, "to": 16, "identify": {"identified": 16, "total": 16},
-                    "loading_guilds": 12, "error": None},
+        "reshard": {"phase": "loading", "from": 8, "to": 16, "loading_guilds": 12,
+                    "identify": {"identified": 16, "total": 16}, "error": None},
         "workers": {"processes": [{"id": 0, "state": "running", "pid": 42, "shards": [0, 1, 2, 3],
                                    "events_per_s": 10.0, "restarts": 1}]},
         "monitor": {"history": {"in_per_s": [1.0, 250.5], "out_per_s": [240.0]},

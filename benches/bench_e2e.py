@@ -49,6 +49,13 @@ seconds: the main process, each worker, and each worker's baseline (its RSS when
 hello, before any shard), so the per-shard cost in the workers is shown apart from the
 per-process cost.
 
+Monitoring (``--scrape 0,1``): every run is repeated per scrape interval, in turn like
+the worker counts; with an interval > 0 this script GETs the gateway's ``/metrics`` every
+that many seconds (as Prometheus would) from just before the first event is sent until the
+handler has them all. Printed: the median events per gateway CPU-second per interval, the
+difference, and the median of the per-run ratios (scraped over not scraped, same run
+number, so the same machine load).
+
 Every run checks for loss: ``lost = sent - filtered - received`` where ``filtered`` is
 the unfurl MESSAGE_UPDATEs the gateway's edit filter filtered (its status endpoint), checked
 against the fake's own count of unfurls in what it sent; ``lost`` must be 0. Medians of
@@ -72,6 +79,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections import Counter
@@ -476,6 +484,35 @@ def send(child: _procs.Child, line: str) -> None:
     child.proc.stdin.flush()
 
 
+class Scraper(threading.Thread):
+    """GETs ``/metrics`` every ``interval`` seconds, start to start, until stopped (as
+    Prometheus would; a slow answer makes the next one start at once, never two at a
+    time)."""
+
+    def __init__(self, port: int, interval: float) -> None:
+        super().__init__(daemon=True)
+        self.url = f"http://127.0.0.1:{port}/metrics"
+        self.interval = interval
+        self.stopped = threading.Event()
+        self.scrapes = 0
+        self.errors = 0
+        self.last_bytes = 0
+        self.slowest_s = 0.0
+
+    def run(self) -> None:
+        due = time.monotonic() + self.interval
+        while not self.stopped.wait(max(0.0, due - time.monotonic())):
+            started = time.monotonic()
+            due = started + self.interval
+            try:
+                with urllib.request.urlopen(self.url, timeout=30) as response:
+                    self.last_bytes = len(response.read())
+                self.scrapes += 1
+            except OSError:
+                self.errors += 1
+            self.slowest_s = max(self.slowest_s, time.monotonic() - started)
+
+
 def gateway_env(
     args: argparse.Namespace,
     mode: str,
@@ -484,6 +521,7 @@ def gateway_env(
     control_port: int,
     queue: int,
     workers: int = 1,
+    metrics_port: int = 0,
 ) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDGATE_")}
     env.update(
@@ -497,6 +535,7 @@ def gateway_env(
         SHARDGATE_ALLOW_FAST_IDENTIFY="true",
         SHARDGATE_QUEUE_MAX_SIZE=str(queue),
         SHARDGATE_CONTROL_PORT=str(control_port),
+        SHARDGATE_METRICS_PORT=str(metrics_port),
         SHARDGATE_LOG_LEVEL="WARNING",
         SHARDGATE_SHARDS_PER_CLUSTER=str(max(1, -(-args.shards // workers))),
         SHARDGATE_MAX_CLUSTERS=str(workers),
@@ -514,6 +553,7 @@ def run_one(
     profile_to: str | None = None,
     py_spy: tuple[str, str] | None = None,
     workers: int = 1,
+    scrape: float = 0.0,
 ) -> dict[str, Any]:
     """One run: fresh handler and gateway processes against the series' fake.
 
@@ -525,6 +565,7 @@ def run_one(
         "mode": mode,
         "kind": series.kind,
         "workers": workers,
+        "scrape_s": scrape,
         "load_before": _procs.loadavg(),
     }
     handler_cmd = [_procs.MAIN_PYTHON, __file__, "--role", "handler", "--kind", mode]
@@ -533,12 +574,15 @@ def run_one(
     handler = _procs.spawn("handler", handler_cmd, cpu_side, stdin=True)
     gateway: _procs.Child | None = None
     sampler: subprocess.Popen[bytes] | None = None
+    scraper: Scraper | None = None
     try:
         handler_port = handler.reader.tagged("READY", timeout=30)["port"]
         control_port = free_port()
+        metrics_port = free_port()
         env = gateway_env(
-            args, mode, series, handler_port, control_port, 2 * events + 100_000, workers
-        )
+            args, mode, series, handler_port, control_port, 2 * events + 100_000, workers,
+            metrics_port,
+        )  # fmt: skip
         gateway_cmd = [_procs.MAIN_PYTHON]
         if profile_to is not None:
             gateway_cmd += ["-m", "cProfile", "-o", profile_to]
@@ -566,6 +610,9 @@ def run_one(
         cpu0 = proc_cpu_s(gateway.pid)
         wcpu0 = [proc_cpu_s(pid) for pid in pids]
         side0 = proc_cpu_s(series.fake.pid), proc_cpu_s(handler.pid)
+        if scrape > 0:
+            scraper = Scraper(metrics_port, scrape)
+            scraper.start()
         send(series.fake, json.dumps({"cmd": "go"}))
         budget = args.timeout if rate is None else events / rate + args.timeout
         done: dict[str, Any] | None = None
@@ -575,6 +622,13 @@ def run_one(
             record["note"] = f"handler did not receive {expected} events within {budget:.0f} s"
         cpu1 = proc_cpu_s(gateway.pid)
         wcpu1 = [proc_cpu_s(pid) for pid in pids]
+        if scraper is not None:
+            scraper.stopped.set()
+            scraper.join(10)
+            record.update(
+                scrapes=scraper.scrapes, scrape_errors=scraper.errors,
+                metrics_bytes=scraper.last_bytes, slowest_scrape_s=scraper.slowest_s,
+            )  # fmt: skip
         if sampler is not None:
             sampler.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
             sampler.wait(30)
@@ -774,14 +828,20 @@ def series_runs(
     try:
         for run in range(args.runs):
             for workers in worker_counts(args):
-                try:
-                    record = run_one(args, mode, series, events, rate, cpus, workers=workers)
-                except Exception as exc:  # one broken run must not lose the others
-                    print(f"  {mode} {kind} w{workers} run {run + 1} FAILED: {exc}", flush=True)
-                    failures.append(f"{mode}/{kind}/w{workers} run {run + 1}: {exc}")
-                    continue
-                records.append(record)
-                print(format_run(run, record), flush=True)
+                for scrape in scrape_intervals(args):
+                    try:
+                        record = run_one(
+                            args, mode, series, events, rate, cpus, workers=workers,
+                            scrape=scrape,
+                        )  # fmt: skip
+                    except Exception as exc:  # one broken run must not lose the others
+                        print(f"  {mode} {kind} w{workers} run {run + 1} FAILED: {exc}",
+                              flush=True)  # fmt: skip
+                        failures.append(f"{mode}/{kind}/w{workers} run {run + 1}: {exc}")
+                        continue
+                    record["run"] = run
+                    records.append(record)
+                    print(format_run(run, record), flush=True)
     finally:
         series.fake.close_stdin()
         series.fake.wait(30)
@@ -790,6 +850,41 @@ def series_runs(
 
 def worker_counts(args: argparse.Namespace) -> list[int]:
     return [int(w) for w in str(args.workers).split(",") if w.strip()]
+
+
+def scrape_intervals(args: argparse.Namespace) -> list[float]:
+    return [float(s) for s in str(args.scrape).split(",") if s.strip()]
+
+
+def scrape_comparison(records: list[dict[str, Any]]) -> list[str]:
+    """Per scrape interval: median events per gateway CPU-second, and the median of the
+    per-run ratios against the runs without scraping (same run number and worker count)."""
+    by_scrape: dict[float, list[dict[str, Any]]] = {}
+    for r in records:
+        by_scrape.setdefault(r.get("scrape_s", 0.0), []).append(r)
+    if len(by_scrape) < 2 or 0.0 not in by_scrape:
+        return []
+    base = {(r["run"], r["workers"]): r for r in by_scrape[0.0]}
+    base_median = _procs.median([r["events_per_cpu_s"] for r in by_scrape[0.0]])
+    lines = []
+    for interval, group in sorted(by_scrape.items()):
+        if interval == 0.0:
+            continue
+        median = _procs.median([r["events_per_cpu_s"] for r in group])
+        ratios = [
+            r["events_per_cpu_s"] / base[(r["run"], r["workers"])]["events_per_cpu_s"]
+            for r in group
+            if (r["run"], r["workers"]) in base
+        ]
+        scrapes = sum(r.get("scrapes", 0) for r in group)
+        lines.append(
+            f"{group[0]['mode']} {group[0]['kind']}: /metrics every {interval:g} s: "
+            f"{median:,.0f} vs {base_median:,.0f} events per gateway CPU-second not scraped "
+            f"({(median / base_median - 1) * 100:+.1f} %); median per-run ratio "
+            f"{_procs.median(ratios):.3f} over {len(ratios)} pairs; {scrapes} scrapes, "
+            f"{max(r.get('metrics_bytes', 0) for r in group):,} bytes each"
+        )
+    return lines
 
 
 def summary_key(args: argparse.Namespace, mode: str, kind: str, workers: int) -> str:
@@ -825,6 +920,11 @@ def format_run(run: int, r: dict[str, Any]) -> str:
             f"  p50 {r['p50_ms']:.2f} ms p90 {r['p90_ms']:.2f} ms p99 {r['p99_ms']:.2f} ms"
             f" max {r['max_ms']:.1f} ms"
             f" at {r['rate']:,.0f}/s (fake's largest burst {r['fake_max_burst']})"
+        )
+    if r.get("scrape_s"):
+        text += (
+            f"  scraped every {r['scrape_s']:g} s ({r.get('scrapes', 0)}x in "
+            f"{r['wall_s']:.1f} s, slowest answer {r.get('slowest_scrape_s', 0):.2f} s)"
         )
     text += f"  load {r['load_before'][0]:.2f}"
     if r.get("note"):
@@ -985,9 +1085,11 @@ def orchestrate(args: argparse.Namespace) -> None:
         "level": args.level,
         "paced_level": args.paced_level,
         "workers": args.workers,
+        "scrape": args.scrape,
         "load_start": _procs.loadavg(),
     }
     records: list[dict[str, Any]] = []
+    scraped: list[str] = []
     summary: dict[str, Any] = {}
     ratios: dict[str, Any] = {}
     print(
@@ -1001,6 +1103,8 @@ def orchestrate(args: argparse.Namespace) -> None:
         records += sat
         if not sat:
             continue
+        scraped.extend(scrape_comparison(sat))
+        sat = [r for r in sat if r.get("scrape_s", 0.0) == scrape_intervals(args)[0]]
         split = by_workers(sat)
         for workers, group in split.items():
             summary[summary_key(args, mode, "saturation", workers)] = summarize(group)
@@ -1018,6 +1122,10 @@ def orchestrate(args: argparse.Namespace) -> None:
             n = max(1000, int(rate * args.paced_seconds))
             paced_records = series_runs(args, mode, "paced", n, rate, cpus)
             records += paced_records
+            scraped.extend(scrape_comparison(paced_records))
+            paced_records = [
+                r for r in paced_records if r.get("scrape_s", 0.0) == scrape_intervals(args)[0]
+            ]
             if not paced_records:
                 continue
             paced_split = by_workers(paced_records)
@@ -1039,10 +1147,13 @@ def orchestrate(args: argparse.Namespace) -> None:
         "meta": meta,
         "summary": summary,
         "ratios": ratios,
+        "scrape": scraped,
         "runs": records,
         "failures": failures,
     }
     print_table(results)
+    for line in scraped:
+        print(line)
     for failure in failures:
         print(f"FAILED {failure}")
     if args.profile:
@@ -1086,6 +1197,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also measure idle RSS with this many shards, per worker count (0: skip)",
     )
     p.add_argument("--idle-settle", type=float, default=8.0, help="idle seconds before RSS")
+    p.add_argument(
+        "--scrape",
+        default="0",
+        help="comma-separated /metrics scrape intervals to compare, e.g. 0,1 (0: never)",
+    )
     p.add_argument(
         "--pin",
         action="store_true",

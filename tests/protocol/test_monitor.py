@@ -183,6 +183,42 @@ async def test_a_reconnect_shows_in_the_metrics() -> None:
             assert per_shard(after, name)[0] == per_shard(before, name)[0]
 
 
+async def test_metrics_with_worker_processes() -> None:
+    """Shards in two worker processes: per-shard counters come from their reports."""
+    async with gateway(shards_per_cluster=1, max_clusters=2) as (fake, manager):
+        await manager.wait_loaded(timeout=60)
+        pool = manager.workers
+        assert pool is not None and len(pool.handles) == 2
+        stream = fake.start_stream(rate=1000, count=600, seed=4)
+        await stream.wait()
+        # Workers report every 0.5 s; wait for the counters to cover the stream.
+        await wait_until(
+            lambda: all(h.edit_filter.get("entries") for h in pool.handles)
+            and sum(int(r["dispatches"]) for r in manager.status()["shards"])
+            >= fake_dispatches(fake) - len(stream.unfurl_ids),
+            60,
+        )
+        port = manager.monitor.port
+        assert port is not None
+        samples = parse((await scrape(port))[1])
+        assert per_shard(samples, "shardgate_shard_ready") == {0: 1.0, 1: 1.0}
+        received = per_shard(samples, "shardgate_shard_received_bytes_total")
+        assert all(v > 0 for v in received.values())
+        assert sum(per_shard(samples, "shardgate_shard_filtered_events_total").values()) == len(
+            stream.unfurl_ids
+        )
+        for worker in ("0", "1"):
+            assert one(samples, "shardgate_worker_up", worker=worker) == 1
+            assert one(samples, "shardgate_worker_resident_memory_bytes", worker=worker) > 1 << 20
+            assert one(samples, "shardgate_edit_filter_entries", process=f"worker-{worker}") > 0
+        assert one(samples, "shardgate_worker_resent_events_total") == 0
+
+
+def fake_dispatches(fake: FakeDiscord) -> int:
+    """Dispatches the fake sent to every session it has (one per shard here)."""
+    return sum(len(session.dispatches) for session in fake.sessions.values())
+
+
 async def test_loopback_server_needs_no_secret_but_a_loopback_host() -> None:
     async with gateway() as (_fake, manager):
         port = manager.monitor.port

@@ -256,11 +256,14 @@ class Handover:
     def _new_owner_has_session(self, message: Message) -> bool:
         """Whether the guild's owner in the new group has a session: it gets (or, after a
         resume, gets replayed) a copy of this event. READY status would not do: a shard
-        that is resuming is not READY, yet its replay brings the copies."""
+        that is resuming is not READY, yet its replay brings the copies. Nor would the
+        session id alone: Discord starts the session when IDENTIFY arrives, so events
+        between then and READY's arrival here reach the new shard too (after its READY);
+        an old copy not remembered in that window came back as a duplicate under load."""
         guild_id = message.route_guild_id()
         owner = 0 if guild_id is None else (guild_id >> 22) % self.new.shard_count
         shard = self.new.shards.get(owner)
-        return shard is not None and shard.session_id is not None
+        return shard is not None and (shard.session_id is not None or shard.identify_sent)
 
     def _forward_kept(self, key: int, entry: list[Any]) -> None:
         """Forward the oldest kept copy of ``entry``: the old group will not match it."""

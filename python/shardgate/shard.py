@@ -469,6 +469,14 @@ class Shard:
         return self._session_id
 
     @property
+    def identify_sent(self) -> bool:
+        """This link holds an identify permit (IDENTIFY is sent or about to be) and no
+        READY has come yet: Discord may have started the session already, and events from
+        that moment on reach this shard after its READY."""
+        conn = self._conn
+        return conn is not None and conn.permit and self._session_id is None
+
+    @property
     def seq(self) -> int:
         """Last sequence number received on this session (0: none yet)."""
         return self._seq

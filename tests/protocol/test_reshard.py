@@ -68,7 +68,9 @@ async def gateway(
         "token": "bot-token-abcdef",
         "shards": 4,
         "guilds": 48,
-        "heartbeat_interval_ms": 1000,
+        # Long enough that a loaded machine stalling this one process (fake, gateway and
+        # handler share its loop) does not miss heartbeats: no test here is about them.
+        "heartbeat_interval_ms": 5000,
         "identify_window_s": 0.2,
         "stamp_event_ids": True,
         **(fake_overrides or {}),

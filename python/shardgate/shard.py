@@ -364,6 +364,7 @@ class Shard:
         "heartbeats_sent",
         "identifies",
         "latency",
+        "lost_session",
         "protocol_errors",
         "ready_at",
         "reconnects",
@@ -436,6 +437,11 @@ class Shard:
         #: ``time.monotonic()`` of the last READY (a new session), None before one.
         self.ready_at: float | None = None
         self.guild_ids: list[int] = []
+        #: The session Discord would not let this shard resume (op 9 ``false``, a refused
+        #: RESUME, a session-ending close code), kept until the next READY: what Discord
+        #: sent it after ``lost_session.seq`` never arrived, nor what it sent while no
+        #: session existed. The group turns it into a ``SHARDGATE_GAP`` before that READY.
+        self.lost_session: Session | None = None
         self.dispatches = 0
         self.filtered = 0
         self.reconnects = 0
@@ -556,6 +562,8 @@ class Shard:
                     self._set_status(ShardState.FATAL)
                     raise self.fatal_error
                 if action == _IDENTIFY or not self._session_id:
+                    if self._session_id and self.lost_session is None:
+                        self.lost_session = self.session
                     self._drop_session()
                     plan = _IDENTIFY
                 else:

@@ -654,6 +654,34 @@ async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout_s: float, w
     raise TimeoutError(f"{what} within {timeout_s:.0f} s")
 
 
+def explain(
+    fake: FakeDiscord, event_id: int, t: str, at: float, reached: tuple[tuple[str, int], ...]
+) -> dict[str, Any]:
+    """What the fake knows of a lost event: enough to find the fault that lost it."""
+    out: dict[str, Any] = {"event_id": event_id, "t": t, "at": round(at, 3), "copies": []}
+    conns = {c.conn_id: c for c in fake.connections}
+    for session_id, seq in reached:
+        session = fake.sessions[session_id]
+        record = session.record_for(seq)
+        copy: dict[str, Any] = {
+            "session": f"[{session.shard_id},{session.num_shards}] {session_id[:8]}",
+            "seq": seq, "session_seq": session.seq, "ended_at": session.ended_at,
+            "end_reason": session.end_reason,
+        }  # fmt: skip
+        if record is not None:
+            copy.update(sent_on=record.sent_on, sent_at=record.sent_at,
+                        replayed_on=record.replayed_on)  # fmt: skip
+            conn = conns.get(record.sent_on) if record.sent_on is not None else None
+            if conn is not None:
+                copy["conn"] = {
+                    "close_sent": conn.close_sent, "close_received": conn.close_received,
+                    "dropped": conn.dropped, "closed_at": conn.closed_at,
+                    "opened_at": conn.opened_at,
+                }  # fmt: skip
+        out["copies"].append(copy)
+    return out
+
+
 def classify(fake: FakeDiscord, bot: Bot, unfurls: set[int]) -> dict[str, Any]:
     """Every bot-wide event the fake generated, in one of the module docstring's classes."""
     lost_gaps: dict[str, int] = {}  # lost session -> first seq the gap covers
@@ -702,7 +730,7 @@ def classify(fake: FakeDiscord, bot: Bot, unfurls: set[int]) -> dict[str, Any]:
         if written:
             counts["lost"] += 1
             if len(lost_examples) < 20:
-                lost_examples.append({"event_id": g.event_id, "t": g.t, "reached": g.reached})
+                lost_examples.append(explain(fake, g.event_id, g.t, g.at, g.reached))
             continue
         counts["lost_by_discord"] += 1
         if not covered:

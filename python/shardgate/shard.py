@@ -223,7 +223,9 @@ class _Connection(WSListener):
         # ``close_handshake`` before this callback, PINGs are answered by picows itself,
         # and a link we are closing is ``dead``. What remains are TEXT, BINARY and
         # CONTINUATION frames, all for the codec.
-        if self.dead or transport.close_handshake is not None:
+        if (self.dead or transport.close_handshake is not None) and self._closing_frame(
+            transport, frame
+        ):
             self._on_frame_while_closing(transport, frame)
             return
         if self.trace:
@@ -274,6 +276,20 @@ class _Connection(WSListener):
         except Exception:
             shard.handler_errors += 1
             shard._log.exception("dispatch handler raised on %s", message.t)
+
+    def _closing_frame(self, transport: WSTransport, frame: WSFrame) -> bool:
+        """Off the hot path: whether ``frame`` belongs to the close, not to the stream.
+
+        picows parses the frame *after* the current one before calling back for it, so a
+        server CLOSE read together with the dispatch before it is already recorded when
+        that dispatch arrives here. That dispatch is still Discord's, sent before the
+        close: after a session-ending code (4007, 4009, ...) nothing would ever replay it.
+        Only the CLOSE itself, and anything once we have closed or sent a close, is.
+        """
+        if self.dead or frame.msg_type is _CLOSE:
+            return True
+        handshake = transport.close_handshake
+        return handshake is not None and handshake.sent is not None
 
     def _on_frame_while_closing(self, transport: WSTransport, frame: WSFrame) -> None:
         """Off the hot path: answer a CLOSE; ignore data on a link we are leaving."""

@@ -147,3 +147,25 @@ async def test_a_resumed_session_gets_no_gap_record() -> None:
         await wait_until(manager.outbox.is_empty)
         assert shard.session_id == old
         assert received.gaps(0) == [] and received.gaps(1) == []
+
+
+async def test_the_last_event_before_a_session_ending_close_is_not_thrown_away() -> None:
+    """picows parses the frame after the current one before calling back for it, so an
+    event and the server's CLOSE read together used to reach the shard with the CLOSE
+    already recorded: the event was taken for a frame after the close and ignored (the
+    soak lost the last TYPING_START before a 4007). Nothing Discord wrote may be lost."""
+    async with gateway() as (fake, manager, received):
+        shard = manager.shards[0]
+        old = shard.session_id
+        assert old is not None
+        session = fake.sessions[old]
+        guild = fake.guilds_of(0, 2)[0]
+        # One write each, no await between: the shard reads them in one go.
+        fake.dispatch_nowait("MESSAGE_CREATE", message(guild, 7))
+        await fake.close(0, code=4009, reason="Session timed out")
+        await new_session(manager, old)
+        names = received.names(0)
+        before_gap = received.by_shard[0][names.index(GAP_EVENT) - 1][1]
+        assert before_gap["d"]["content"] == "m7"
+        [(_, gap)] = received.gaps(0)
+        assert gap["first_seq"] == session.seq + 1  # the shard had every seq Discord sent

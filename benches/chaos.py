@@ -46,7 +46,9 @@ at-least-once and counted, ``handler.duplicates``); per gateway session, first a
 come in seq order; the gateway exits 0 on SIGTERM, never before, with no traceback in
 its log, and its workers restarted only as often as we killed them; the gateway's RSS
 (main process, and each worker that lived through the leg) at the end is at most 1.2x
-what it was after warm-up (``--warmup`` of the leg's events sent); every fault kind of
+what it was after warm-up (once every fault kind of the leg has fired, the first handler
+outages being the longest, and at least the profile's ``warmup`` share of the leg's events
+sent; at half the leg at the latest); every fault kind of
 the leg fired at least once; the whole run ends before ``--deadline-s`` (a hard deadline:
 past it the run fails). The exit status is 1 when any check fails.
 
@@ -73,6 +75,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import random
 import signal
@@ -129,7 +132,7 @@ class Profile:
 PROFILES = {
     "full": Profile(events=1_000_000, rate=4000.0, fault_every=5000),
     "bounded": Profile(
-        events=30_000, rate=1000.0, fault_every=600, outage_s=(0.5, 1.5), warmup=0.25
+        events=30_000, rate=1000.0, fault_every=500, outage_s=(0.5, 1.5), warmup=0.25
     ),
 }
 
@@ -179,7 +182,8 @@ class Bot(EventHandlerServer):
         self.notices: Counter[str] = Counter()
         self.unstamped = 0
         self.out_of_order = 0
-        self._max_seq: dict[str, int] = {}
+        self._max_seq: dict[str, tuple[int, int]] = {}  # session prefix -> (seq, fake id)
+        self.disorder: list[tuple[str, int, str, int]] = []  # (late id, its fid, after, fid)
         self.mode: str | None = None  # "503" or "slow" while such an outage runs
 
     async def _on_event(self, shard_id: int, data: dict[str, Any], event_id: str) -> None:
@@ -202,10 +206,13 @@ class Bot(EventHandlerServer):
             self.first_id[fid] = event_id
             prefix, _, seq = event_id.rpartition(":")
             s = int(seq)
-            if s < self._max_seq.get(prefix, 0):
+            top = self._max_seq.get(prefix)
+            if top is not None and s < top[0]:
                 self.out_of_order += 1
+                if len(self.disorder) < 20:
+                    self.disorder.append((event_id, fid, f"{prefix}:{top[0]}", top[1]))
             else:
-                self._max_seq[prefix] = s
+                self._max_seq[prefix] = (s, fid)
         elif first != event_id:
             self.doubles.append((fid, first, event_id))
 
@@ -316,7 +323,7 @@ class Gateway:
 # ------------------------------------------------------------------ faults
 
 
-class Skip(Exception):  # noqa: N818 - a fault kind's way to say "not now", not an error
+class Skip(Exception):  # a fault kind's way to say "not now", not an error
     """This fault could not be injected now (no target); the reason is recorded."""
 
 
@@ -334,6 +341,7 @@ class Ctx:
     reshards: int = 0
     background: set[asyncio.Task[None]] = field(default_factory=set)
     handler_busy: bool = False
+    outages: Counter[str] = field(default_factory=Counter)
 
     def live(self) -> list[FakeSession]:
         """Sessions with an open connection, in a stable order (for a seeded pick)."""
@@ -493,7 +501,11 @@ def handler_outage(kind: str) -> FaultFn:
     async def outage(ctx: Ctx) -> str:
         if ctx.handler_busy:
             raise Skip("a handler outage is running")
-        seconds = ctx.rng.uniform(*ctx.profile.outage_s)
+        # The first outage of each kind is the longest: the deepest backlog comes before
+        # the warm-up RSS is taken, so the RSS check measures growth, not one high tide.
+        low, high = ctx.profile.outage_s
+        seconds = ctx.rng.uniform(low, high) if ctx.outages[kind] else high
+        ctx.outages[kind] += 1
         ctx.handler_busy = True
         bot = ctx.bot
 
@@ -682,6 +694,14 @@ def explain(
     return out
 
 
+def where(fake: FakeDiscord, fid: int) -> tuple[str, float, tuple[tuple[str, int], ...]]:
+    """``(t, at, reached)`` of a generated event by its id (session-local ones: unknown)."""
+    for g in fake.generated:
+        if g.event_id == fid:
+            return g.t, g.at, g.reached
+    return "?", 0.0, ()
+
+
 def classify(fake: FakeDiscord, bot: Bot, unfurls: set[int]) -> dict[str, Any]:
     """Every bot-wide event the fake generated, in one of the module docstring's classes."""
     lost_gaps: dict[str, int] = {}  # lost session -> first seq the gap covers
@@ -789,7 +809,11 @@ async def run_leg(
                         if p["pid"]
                     ]  # fmt: skip
                     peak_rss = max(peak_rss, rss_kib(gateway.pid))
-                    if not warm_rss and stream.sent >= profile.warmup * events:
+                    warm = stream.sent >= profile.warmup * events and (
+                        all(fired[k] for k in kinds) or stream.sent >= events // 2
+                    )
+                    if not warm_rss and warm:
+                        report["warmup_at_event"] = stream.sent
                         warm_rss.update({pid: rss_kib(pid) for pid in pids})
                     await asyncio.sleep(1.0)
 
@@ -809,7 +833,8 @@ async def run_leg(
                         log.append((stream.sent, kind, what))
                     except (Skip, LookupError) as exc:
                         skipped[kind] += 1
-                        schedule.round.insert(0, kind)  # try it again next time
+                        # Again after the next kind: a short run must still see it fire.
+                        schedule.round.insert(max(0, len(schedule.round) - 1), kind)
                         log.append((stream.sent, kind, f"skipped: {exc}"))
                     next_at += profile.fault_every * rng.uniform(0.5, 1.5)
                 await asyncio.sleep(0.02)
@@ -853,6 +878,15 @@ async def run_leg(
             ]  # fmt: skip
             end_rss = {pid: rss_kib(pid) for pid in end_pids}
             accounting = classify(fake, bot, stream.unfurl_ids)
+            disorder = [
+                {
+                    "late": late,
+                    "after": after,
+                    "late_event": explain(fake, fl, *where(fake, fl)),
+                    "after_event": explain(fake, fa, *where(fake, fa)),
+                }
+                for late, fl, after, fa in bot.disorder[:5]
+            ]
             exit_code = await gateway.stop()
         finally:
             await gateway.close()
@@ -874,6 +908,7 @@ async def run_leg(
         doubles=len(bot.doubles),
         double_examples=bot.doubles[:10],
         out_of_order=bot.out_of_order,
+        disorder_examples=disorder,
         unstamped=bot.unstamped,
         notices=dict(bot.notices),
         faults_fired=dict(fired),
@@ -927,7 +962,8 @@ def print_leg(result: LegResult) -> None:
           f"{r['resends_same_id']:,}; doubles {r['doubles']}; out of order {r['out_of_order']}; "
           f"notices {r['notices']}")
     total = sum(r["faults_fired"].values())
-    print(f"  faults fired {total} ({', '.join(f'{k} {v}' for k, v in sorted(r['faults_fired'].items()))})")
+    fired = ", ".join(f"{k} {v}" for k, v in sorted(r["faults_fired"].items()))
+    print(f"  faults fired {total} ({fired})")
     if r["faults_skipped"]:
         print(f"  skipped (retried later): {r['faults_skipped']}")
     print(f"  gateway: exit {r['gateway_exit']}, tracebacks {r['gateway_tracebacks']}, ERROR lines "
@@ -938,6 +974,8 @@ def print_leg(result: LegResult) -> None:
           f"per process (warm-up, end) KiB: {r['rss_pairs_kib']}")
     for example in r["lost_examples"][:5]:
         print(f"  lost: {example}")
+    for example in r["disorder_examples"][:3]:
+        print(f"  out of order: {example}")
     for example in r["uncovered_examples"][:5]:
         print(f"  uncovered: {example}")
     for name, ok in result.checks.items():
@@ -952,7 +990,11 @@ async def run(args: argparse.Namespace, profile: Profile) -> int:
     legs = legs_for(profile.shards)
     names = args.legs.split(",")
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="shardgate-chaos-"))
-    log_dir.mkdir(parents=True, exist_ok=True)
+    log_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before anything runs
+    # This process's own warnings (the fake writing to links a fault just cut, aiohttp)
+    # go to a file beside the gateway logs, not between the report's lines.
+    logging.basicConfig(filename=log_dir / "soak.log", level=logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
     print(f"chaos soak: {profile.events:,} events over legs {names}, {profile.shards} shards, "
           f"{profile.rate:.0f} events/s, a fault every ~{profile.fault_every:,} events, "
           f"{args.forward_mode} mode, seed {args.seed}, hard deadline {limit:.0f} s; "
@@ -979,7 +1021,8 @@ async def run(args: argparse.Namespace, profile: Profile) -> int:
     ok = not timed_out and len(results) == len(names) and all(
         all(r.checks.values()) for r in results
     )
-    print(f"\n== total: {elapsed:.0f} s (deadline {limit:.0f} s); generated {total['generated']:,}, "
+    print(f"\n== total: {elapsed:.0f} s (deadline {limit:.0f} s); "
+          f"generated {total['generated']:,}, "
           f"delivered {total['delivered']:,}, unfurls filtered {total['unfurl_filtered']:,}, "
           f"lost by Discord {total['lost_by_discord']:,} + no session {total['no_session']:,} "
           f"(all covered by gap records: "
@@ -996,8 +1039,7 @@ async def run(args: argparse.Namespace, profile: Profile) -> int:
             "total": dict(total),
             "legs": [{"report": r.report, "checks": r.checks} for r in results],
         }
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=1, default=str)
+        Path(args.json).write_text(json.dumps(doc, indent=1, default=str))  # noqa: ASYNC240
     return 0 if ok else 1
 
 

@@ -33,9 +33,11 @@ The accounting, per leg, per bot-wide event the fake generated (``FakeDiscord.ge
 
 - **delivered**: the bot got it (by its stamped id);
 - **unfurl filtered**: a link unfurl the edit filter drops by design (``stream.unfurl_ids``);
-- **lost by Discord**: every session it was numbered for ended before writing it (op 9
-  ``false`` and co.): must be covered by a ``SHARDGATE_GAP`` of reason ``session_lost``
-  naming that session with ``first_seq`` <= its seq;
+- **lost by Discord**: no session it was numbered for ever wrote it (op 9 ``false`` and
+  co. ended the session first, or the session was one the gateway had left: a reshard's
+  old shard stopped while disconnected leaves its session to time out at Discord): must be
+  covered by a ``SHARDGATE_GAP`` of reason ``session_lost`` naming that session with
+  ``first_seq`` <= its seq, or by such a gap's window (below) for the guild's shard;
 - **no session**: Discord had no live session for its guild (between a lost session and
   the next READY): must be covered by such a gap whose old session ended before it and
   whose new session started after it;
@@ -641,7 +643,7 @@ def gateway_env(fake: FakeDiscord, bot: Bot, leg: Leg, args: argparse.Namespace,
         SHARDGATE_ALLOW_FAST_IDENTIFY="true",
         SHARDGATE_QUEUE_MAX_SIZE="2000000",
         SHARDGATE_RESHARD="false",
-        SHARDGATE_LOG_LEVEL="WARNING",
+        SHARDGATE_LOG_LEVEL=args.gateway_log_level,
         SHARDGATE_HEALTH_INTERVAL="0",
         **leg.env,
     )
@@ -727,18 +729,17 @@ def classify(fake: FakeDiscord, bot: Bot, unfurls: set[int]) -> dict[str, Any]:
         if g.event_id in unfurls:
             counts["unfurl_filtered"] += 1
             continue
+        in_window = g.guild_id is not None and any(
+            shard_of(g.guild_id, n) == s and start <= g.at <= end for s, n, start, end in windows
+        )
         if not g.reached:
             counts["no_session"] += 1
-            covered = g.guild_id is not None and any(
-                shard_of(g.guild_id, n) == s and start <= g.at <= end
-                for s, n, start, end in windows
-            )
-            if not covered:
+            if not in_window:
                 counts["no_session_uncovered"] += 1
                 uncovered.append({"event_id": g.event_id, "t": g.t, "at": g.at})
             continue
         written = False
-        covered = False
+        covered = in_window  # a lost session's owner had no session meanwhile: the gap says
         for session_id, seq in g.reached:
             session = fake.sessions[session_id]
             record = session.record_for(seq)
@@ -1057,6 +1058,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", help="fault kinds to use (default: all)")
     parser.add_argument("--log-dir", help="where the gateway logs go (default: a temp dir)")
     parser.add_argument("--json", help="write the report as JSON here")
+    parser.add_argument("--gateway-log-level", default="INFO", help="the gateway's log_level")
     args = parser.parse_args(argv)
     profile = PROFILES[args.profile]
     overrides = {

@@ -59,6 +59,7 @@ from shardgate.envelope import notice_body, notice_id
 from shardgate.errors import ReshardError
 from shardgate.group import ShardGroup, outbox_sink
 from shardgate.queue import Outbox, stream_id
+from shardgate.shard import ShardState
 
 if TYPE_CHECKING:
     from shardgate.manager import GatewayManager
@@ -254,13 +255,19 @@ class Handover:
         return self._new_base + shard_id
 
     def _new_owner_has_session(self, message: Message) -> bool:
-        """Whether the guild's owner in the new group has a session: it gets (or, after a
-        resume, gets replayed) a copy of this event. READY status would not do: a shard
-        that is resuming is not READY, yet its replay brings the copies."""
+        """Whether the guild's owner in the new group gets a copy of this event: it has a
+        session (a resuming shard is not READY, yet its replay brings the copies), or it
+        is identifying. Discord routes to a session from its IDENTIFY on, before the shard
+        has read the READY that names it: an event sent in that window reaches both
+        groups, so the old copy must be remembered or the new one, unmatched, goes out
+        too (the chaos soak caught that double). Remembering while the shard still waits
+        for its identify permit costs only entries the horizon expires."""
         guild_id = message.route_guild_id()
         owner = 0 if guild_id is None else (guild_id >> 22) % self.new.shard_count
         shard = self.new.shards.get(owner)
-        return shard is not None and shard.session_id is not None
+        return shard is not None and (
+            shard.session_id is not None or shard.status is ShardState.IDENTIFYING
+        )
 
     def _forward_kept(self, key: int, entry: list[Any]) -> None:
         """Forward the oldest kept copy of ``entry``: the old group will not match it."""

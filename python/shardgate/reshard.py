@@ -54,7 +54,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
-from shardgate._native import KIND_GUILD_CREATE, KIND_READY, Message
+from shardgate._native import KIND_GUILD_CREATE, KIND_READY, KIND_RESUMED, Message
 from shardgate.envelope import notice_body, notice_id
 from shardgate.errors import ReshardError
 from shardgate.group import ShardGroup, outbox_sink
@@ -94,7 +94,9 @@ reach it alone and are forwarded at once."""
 LAG_ALLOWANCE_S: Final = 2.0
 """After the old group closed, how long the new group's copies of what the old group
 forwarded last are still matched: gateway nodes differ by hundreds of milliseconds."""
-_SILENT_LOAD_KINDS: Final = (KIND_READY, KIND_GUILD_CREATE)
+_SILENT_LOAD_KINDS: Final = (KIND_READY, KIND_RESUMED, KIND_GUILD_CREATE)
+_SESSION_KINDS: Final = (KIND_READY, KIND_RESUMED)
+"""Session-local: Discord sends them to one session, so the other group never has a copy."""
 WORKERS_REFUSAL: Final = (
     "resharding is not supported yet while the shards run in several worker processes "
     "(shards_per_cluster/max_clusters); restart the gateway with the new max_shards instead"
@@ -170,7 +172,10 @@ class Handover:
     def _old_stream(self, message: Message | None, shard_id: int) -> int:
         """The stream of the guild's owner in the old group (no guild: shard 0, as Discord
         routes DMs; a notice: the old shard of the same index)."""
-        if message is None:
+        if message is None or message.kind in _SESSION_KINDS:
+            # A new shard's own READY/RESUMED (it lost its session in the overlap) goes
+            # where that shard's guilds go when the new count is a multiple of the old one;
+            # routed as a DM (shard 0) it overtook, or trailed, its own GUILD_CREATEs.
             return self._old_base + shard_id % self.old.shard_count
         guild_id = message.route_guild_id()
         if guild_id is None:
@@ -237,7 +242,9 @@ class Handover:
         elif message.drop:
             entry[2] += 1  # the first copy, filtered: the old copy will match it
             self.filtered += 1
-        elif phase == _AFTER or (phase == _OVERLAP and message.t in REPLY_EVENTS):
+        elif phase == _AFTER or (
+            phase == _OVERLAP and (message.t in REPLY_EVENTS or message.kind in _SESSION_KINDS)
+        ):
             self.outbox.put(self._stream_for_new(message, shard_id), event_id, body)
             entry[2] += 1
         else:

@@ -70,3 +70,29 @@ async def test_an_owner_not_identifying_yet_is_not_waited_for() -> None:
     handover.old_sink(1, "1:old:7", b"old copy", typing(7))
     assert forwarded(outbox) == [b"old copy"]
     assert handover.stats()["entries"] == 0
+
+
+def ready(shard: int, count: int) -> Message:
+    d = (b'{"v":10,"user":{"id":"1","username":"b"},"guilds":[],"session_id":"s%d",'
+         b'"resume_gateway_url":"wss://gateway.example","shard":[%d,%d],'
+         b'"application":{"id":"1"}}' % (shard, shard, count))  # fmt: skip
+    message = ShardCodec(shard, None).feed(b'{"t":"READY","s":1,"op":0,"d":%s}' % d, True)
+    assert message is not None
+    return message
+
+
+async def test_a_new_shard_that_identifies_again_in_the_overlap_keeps_its_order() -> None:
+    """Found by the soak: a new shard whose session ended during the overlap identified
+    again; its READY (no guild) was kept for an old copy that never comes and then went
+    into old shard 0's stream, its GUILD_CREATEs into their guilds' old streams: the bot
+    got the new session's seq 5 before its seq 1. Now the READY goes at once, into the
+    stream its guilds use."""
+    outbox = Outbox(100)
+    old, new = group(0, 4), group(1, 8)
+    handover = Handover(outbox, old, new)
+    handover.begin_overlap()
+    handover.new_sink(5, "5:s5:1", b"ready", ready(5, 8))
+    assert [e.body for e in outbox.pending(1)] == [b"ready"]  # 5 % 4: where its guilds go
+    assert not outbox.pending(0) and handover.stats()["held"] == 0
+    handover.begin_after()
+    assert [e.body for e in outbox.pending(1)] == [b"ready"]  # nothing kept went out

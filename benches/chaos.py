@@ -47,7 +47,8 @@ Besides: no event arrives under two event ids (a double; resends of the same id 
 at-least-once and counted, ``handler.duplicates``); first arrivals out of Discord's order
 per guild and per gateway session are counted and reported, not checked (a reshard's
 handover forwards a copy only the new group got late, behind later events, by design);
-the gateway exits 0 on SIGTERM, never before, with no traceback in its log, and its workers restarted only as often as we killed them; the gateway's RSS
+the gateway exits 0 on SIGTERM, never before, with no traceback in its log, and its
+workers restarted only as often as we killed them; the gateway's RSS
 (main process, and each worker that lived through the leg) at the end is at most 1.2x
 what it was after warm-up (once every fault kind of the leg has fired, the first handler
 outages being the longest, and at least the profile's ``warmup`` share of the leg's events

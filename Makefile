@@ -3,6 +3,7 @@
 #   make test         set everything up, then run every check CI runs (Rust and Python)
 #   make wheel        build the manylinux wheel and the sdist into dist/
 #   make wheel-check  build them, install the wheel where there is no Rust, run it
+#   make chaos        the chaos soak at full length (1M events under faults; minutes)
 # demo and test create .venv and build the native extension (release) on first use.
 
 PYTHON ?= python3
@@ -12,7 +13,7 @@ export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: venv build build-runtime demo test test-rust test-python lint wheel wheel-check \
-	bench bench-codec bench-shard bench-e2e clean
+	bench bench-codec bench-shard bench-e2e chaos clean
 
 $(BIN)/python:
 	@$(PYTHON) -m venv $(VENV)
@@ -79,6 +80,11 @@ bench-codec: build
 
 bench-e2e: build
 	$(BIN)/python benches/bench_e2e.py
+
+# The chaos soak at full length: 1,000,000 events, a fault every ~5,000 (benches/chaos.py;
+# a bounded variant runs in `make test`). Niced: it takes minutes on a shared machine.
+chaos: build
+	nice $(BIN)/python benches/chaos.py
 
 # The peer libraries (hikari, discord.py) live in their own venv, never beside shardgate's.
 .venv-bench/bin/python: benches/peers/requirements.txt

@@ -38,7 +38,7 @@ from shardgate._native import KIND_GUILD_CREATE, KIND_GUILD_DELETE, KIND_READY, 
 from shardgate.cache import GuildCache, GuildState
 from shardgate.envelope import notice_body, notice_id, with_guild_state
 from shardgate.identify import IdentifyGate
-from shardgate.queue import Outbox, stream_id
+from shardgate.queue import GAP_EVENT, Outbox, stream_id
 from shardgate.session import Session
 from shardgate.shard import Shard, ShardOptions, ShardState
 
@@ -50,6 +50,7 @@ __all__ = [
     "ShardSpec",
     "Sink",
     "outbox_sink",
+    "session_gap",
 ]
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,28 @@ Sink = Callable[[int, str, bytes, Message | None], None]
 """Where a group's events go: ``(shard_id, event_id, body, message)``; ``message`` is the
 codec's result for a dispatch, None for a notice. Called synchronously per event: it must
 not block (the outbox's ``put`` never does)."""
+
+
+def session_gap(shard_id: int, lost: Session, new_session_id: str | None) -> dict[str, Any]:
+    """``d`` of the ``SHARDGATE_GAP`` for a session Discord would not resume.
+
+    The outbox's gap records say exactly what was dropped; this one can only say where
+    the loss starts: everything Discord sent ``lost`` after ``lost.seq``, and whatever
+    it sent this shard's guilds before ``new_session_id``'s READY, never arrived.
+    ``dropped``, ``last_event_id`` and ``last_seq`` are therefore null.
+    """
+    first_seq = lost.seq + 1
+    return {
+        "shard_id": shard_id,
+        "reason": "session_lost",
+        "dropped": None,
+        "first_event_id": f"{shard_id}:{lost.session_id}:{first_seq}",
+        "last_event_id": None,
+        "session_id": lost.session_id,
+        "first_seq": first_seq,
+        "last_seq": None,
+        "new_session_id": new_session_id,
+    }
 
 
 def outbox_sink(outbox: Outbox, generation: int) -> Sink:
@@ -318,6 +341,10 @@ class ShardGroup:
         body = message.body
         loaded = False
         if message.kind == KIND_READY:
+            lost = shard.lost_session
+            if lost is not None:
+                shard.lost_session = None
+                self.on_session_lost(shard, lost)
             loaded = self.cache.on_ready(shard_id, message.guild_ids or [])
         elif message.guild_id is not None:
             if message.kind == KIND_GUILD_CREATE:
@@ -338,6 +365,20 @@ class ShardGroup:
         """Initial load, joined, back from an outage, or a repeat (see :class:`GuildState`)."""
         assert message.guild_id is not None
         return self.cache.on_guild_create(shard.shard_id, message.guild_id).state
+
+    def on_session_lost(self, shard: Shard, lost: Session) -> None:
+        """A new session replaces one Discord would not resume: tell the bot, in the
+        shard's order just before the new READY, with a ``SHARDGATE_GAP`` (see
+        :func:`session_gap`). How many events were lost nobody knows here (Discord does
+        not say how far the old session got), so ``dropped`` is null."""
+        log.warning(
+            "shard %d: session %s lost after seq %d (Discord would not resume it); "
+            "the bot gets a SHARDGATE_GAP", shard.shard_id, lost.session_id, lost.seq,
+        )  # fmt: skip
+        shard_id = shard.shard_id
+        event_id = notice_id(shard_id, lost.session_id, lost.seq, GAP_EVENT)
+        d = session_gap(shard_id, lost, shard.session_id)
+        self.sink(shard_id, event_id, notice_body(shard_id, GAP_EVENT, d), None)
 
     def notice(self, shard: Shard, name: str, d: Mapping[str, Any]) -> None:
         """Send a ``SHARDGATE_*`` dispatch in ``shard``'s order, right after its last event."""

@@ -65,9 +65,12 @@ OVERFLOW_WARN_INTERVAL_S: Final = 10.0
 GAP_EVENT: Final = "SHARDGATE_GAP"
 """Dispatch name (``t``) of a gap record, delivered as
 ``{"shardId":N,"data":{"op":0,"t":"SHARDGATE_GAP","s":null,"d":{...}}}`` with ``d``:
-``shard_id``, ``dropped`` (how many events), ``first_event_id``, ``last_event_id`` and,
-when both ids are ``shard:session:seq`` of one session, ``session_id``, ``first_seq``,
-``last_seq`` (else those three are null). Its own event id is ``gap:<first_event_id>``."""
+``shard_id``, ``reason`` (``"outbox_overflow"``), ``dropped`` (how many events),
+``first_event_id``, ``last_event_id`` and, when both ids are ``shard:session:seq`` of one
+session, ``session_id``, ``first_seq``, ``last_seq`` (else those three are null). Its own
+event id is ``gap:<first_event_id>``. The other gap, ``reason`` ``"session_lost"`` (a
+session Discord would not resume), is sent by the shard's group: see
+:func:`shardgate.group.session_gap`."""
 
 
 STREAM_STRIDE: Final = 1 << 20
@@ -123,6 +126,7 @@ class GapRecord(OutEvent):
             session, first_seq, last_seq = first[1], first[2], last[2]
         d = {
             "shard_id": self.shard_id,
+            "reason": "outbox_overflow",
             "dropped": self.count,
             "first_event_id": self.first_event_id,
             "last_event_id": self.last_event_id,

@@ -54,11 +54,12 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
-from shardgate._native import KIND_GUILD_CREATE, KIND_READY, Message
+from shardgate._native import KIND_GUILD_CREATE, KIND_READY, KIND_RESUMED, Message
 from shardgate.envelope import notice_body, notice_id
 from shardgate.errors import ReshardError
 from shardgate.group import ShardGroup, outbox_sink
 from shardgate.queue import Outbox, stream_id
+from shardgate.shard import ShardState
 
 if TYPE_CHECKING:
     from shardgate.manager import GatewayManager
@@ -93,7 +94,9 @@ reach it alone and are forwarded at once."""
 LAG_ALLOWANCE_S: Final = 2.0
 """After the old group closed, how long the new group's copies of what the old group
 forwarded last are still matched: gateway nodes differ by hundreds of milliseconds."""
-_SILENT_LOAD_KINDS: Final = (KIND_READY, KIND_GUILD_CREATE)
+_SILENT_LOAD_KINDS: Final = (KIND_READY, KIND_RESUMED, KIND_GUILD_CREATE)
+_SESSION_KINDS: Final = (KIND_READY, KIND_RESUMED)
+"""Session-local: Discord sends them to one session, so the other group never has a copy."""
 WORKERS_REFUSAL: Final = (
     "resharding is not supported yet while the shards run in several worker processes "
     "(shards_per_cluster/max_clusters); restart the gateway with the new max_shards instead"
@@ -169,7 +172,10 @@ class Handover:
     def _old_stream(self, message: Message | None, shard_id: int) -> int:
         """The stream of the guild's owner in the old group (no guild: shard 0, as Discord
         routes DMs; a notice: the old shard of the same index)."""
-        if message is None:
+        if message is None or message.kind in _SESSION_KINDS:
+            # A new shard's own READY/RESUMED (it lost its session in the overlap) goes
+            # where that shard's guilds go when the new count is a multiple of the old one;
+            # routed as a DM (shard 0) it overtook, or trailed, its own GUILD_CREATEs.
             return self._old_base + shard_id % self.old.shard_count
         guild_id = message.route_guild_id()
         if guild_id is None:
@@ -236,7 +242,9 @@ class Handover:
         elif message.drop:
             entry[2] += 1  # the first copy, filtered: the old copy will match it
             self.filtered += 1
-        elif phase == _AFTER or (phase == _OVERLAP and message.t in REPLY_EVENTS):
+        elif phase == _AFTER or (
+            phase == _OVERLAP and (message.t in REPLY_EVENTS or message.kind in _SESSION_KINDS)
+        ):
             self.outbox.put(self._stream_for_new(message, shard_id), event_id, body)
             entry[2] += 1
         else:
@@ -254,16 +262,19 @@ class Handover:
         return self._new_base + shard_id
 
     def _new_owner_has_session(self, message: Message) -> bool:
-        """Whether the guild's owner in the new group has a session: it gets (or, after a
-        resume, gets replayed) a copy of this event. READY status would not do: a shard
-        that is resuming is not READY, yet its replay brings the copies. Nor would the
-        session id alone: Discord starts the session when IDENTIFY arrives, so events
-        between then and READY's arrival here reach the new shard too (after its READY);
-        an old copy not remembered in that window came back as a duplicate under load."""
+        """Whether the guild's owner in the new group gets a copy of this event: it has a
+        session (a resuming shard is not READY, yet its replay brings the copies), or it
+        is identifying. Discord routes to a session from its IDENTIFY on, before the shard
+        has read the READY that names it: an event sent in that window reaches both
+        groups, so the old copy must be remembered or the new one, unmatched, goes out
+        too (the chaos soak caught that double). Remembering while the shard still waits
+        for its identify permit costs only entries the horizon expires."""
         guild_id = message.route_guild_id()
         owner = 0 if guild_id is None else (guild_id >> 22) % self.new.shard_count
         shard = self.new.shards.get(owner)
-        return shard is not None and (shard.session_id is not None or shard.identify_sent)
+        return shard is not None and (
+            shard.session_id is not None or shard.status is ShardState.IDENTIFYING
+        )
 
     def _forward_kept(self, key: int, entry: list[Any]) -> None:
         """Forward the oldest kept copy of ``entry``: the old group will not match it."""

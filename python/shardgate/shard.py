@@ -223,7 +223,9 @@ class _Connection(WSListener):
         # ``close_handshake`` before this callback, PINGs are answered by picows itself,
         # and a link we are closing is ``dead``. What remains are TEXT, BINARY and
         # CONTINUATION frames, all for the codec.
-        if self.dead or transport.close_handshake is not None:
+        if (self.dead or transport.close_handshake is not None) and self._closing_frame(
+            transport, frame
+        ):
             self._on_frame_while_closing(transport, frame)
             return
         if self.trace:
@@ -274,6 +276,20 @@ class _Connection(WSListener):
         except Exception:
             shard.handler_errors += 1
             shard._log.exception("dispatch handler raised on %s", message.t)
+
+    def _closing_frame(self, transport: WSTransport, frame: WSFrame) -> bool:
+        """Off the hot path: whether ``frame`` belongs to the close, not to the stream.
+
+        picows parses the frame *after* the current one before calling back for it, so a
+        server CLOSE read together with the dispatch before it is already recorded when
+        that dispatch arrives here. That dispatch is still Discord's, sent before the
+        close: after a session-ending code (4007, 4009, ...) nothing would ever replay it.
+        Only the CLOSE itself, and anything once we have closed or sent a close, is.
+        """
+        if self.dead or frame.msg_type is _CLOSE:
+            return True
+        handshake = transport.close_handshake
+        return handshake is not None and handshake.sent is not None
 
     def _on_frame_while_closing(self, transport: WSTransport, frame: WSFrame) -> None:
         """Off the hot path: answer a CLOSE; ignore data on a link we are leaving."""
@@ -364,6 +380,7 @@ class Shard:
         "heartbeats_sent",
         "identifies",
         "latency",
+        "lost_session",
         "protocol_errors",
         "ready_at",
         "reconnects",
@@ -436,6 +453,11 @@ class Shard:
         #: ``time.monotonic()`` of the last READY (a new session), None before one.
         self.ready_at: float | None = None
         self.guild_ids: list[int] = []
+        #: The session Discord would not let this shard resume (op 9 ``false``, a refused
+        #: RESUME, a session-ending close code), kept until the next READY: what Discord
+        #: sent it after ``lost_session.seq`` never arrived, nor what it sent while no
+        #: session existed. The group turns it into a ``SHARDGATE_GAP`` before that READY.
+        self.lost_session: Session | None = None
         self.dispatches = 0
         self.filtered = 0
         self.reconnects = 0
@@ -467,14 +489,6 @@ class Shard:
     @property
     def session_id(self) -> str | None:
         return self._session_id
-
-    @property
-    def identify_sent(self) -> bool:
-        """This link holds an identify permit (IDENTIFY is sent or about to be) and no
-        READY has come yet: Discord may have started the session already, and events from
-        that moment on reach this shard after its READY."""
-        conn = self._conn
-        return conn is not None and conn.permit and self._session_id is None
 
     @property
     def seq(self) -> int:
@@ -569,6 +583,8 @@ class Shard:
                     self._set_status(ShardState.FATAL)
                     raise self.fatal_error
                 if action == _IDENTIFY or not self._session_id:
+                    if self._session_id and self.lost_session is None:
+                        self.lost_session = self.session
                     self._drop_session()
                     plan = _IDENTIFY
                 else:

@@ -367,6 +367,7 @@ async def test_overflow_drops_oldest_and_the_bot_gets_a_gap_record(kind):
         {
             "id": "gap:0:sess:1",
             "shard_id": 0,
+            "reason": "outbox_overflow",
             "dropped": 30,
             "first_event_id": "0:sess:1",
             "last_event_id": "0:sess:30",

@@ -86,6 +86,7 @@ def test_full_drops_oldest_of_fullest_shard_and_reports_gap_in_place():
     assert gap.event_id == "gap:0:sess:0"
     assert gap_data(gap) == {
         "shard_id": 0,
+        "reason": "outbox_overflow",
         "dropped": 4,
         "first_event_id": "0:sess:0",
         "last_event_id": "0:sess:3",

@@ -924,6 +924,10 @@ class FakeDiscord:
             if end is not None and now >= end:
                 return
             due = int((now - start) * rate) + 1
+            # Behind schedule (a busy machine), catch up in slices of ~10 ms of events,
+            # yielding between them: one burst of seconds of events starved the fake's own
+            # heartbeat ACKs and accepts, and every client saw a zombie link at once.
+            due = min(due, stream.sent + max(64, int(rate * 0.01)))
             if count is not None:
                 due = min(due, count)
             while stream.sent < due:

@@ -101,6 +101,10 @@ class GatewayConnection(WSListener):
         self.writable = asyncio.Event()
         self.writable.set()
         self.hold: list[bytes] | None = None
+        #: How this connection cuts its messages into frames: from the config, and a test
+        #: may change them while it runs (the chaos soak fragments one link for a while).
+        self.split_frame_bytes = self.config.split_frame_bytes
+        self.split_mode = self.config.split_mode
         self._compress: Compressor | None = (
             make_compressor(compression, self.config.compression_level, self.config.zlib_backend)
             if compression
@@ -412,13 +416,13 @@ class GatewayConnection(WSListener):
         if transport is None:
             return
         msg_type = WSMsgType.BINARY if self._compress else WSMsgType.TEXT
-        size = self.config.split_frame_bytes
+        size = self.split_frame_bytes
         if size is None or len(data) <= size:
             transport.send(msg_type, data)
             return
         view = memoryview(data)
         pieces = [view[i : i + size] for i in range(0, len(data), size)]
-        if self.config.split_mode == "messages" and self.compression == "zlib-stream":
+        if self.split_mode == "messages" and self.compression == "zlib-stream":
             for piece in pieces:
                 transport.send(WSMsgType.BINARY, piece)
             return

@@ -14,6 +14,7 @@ replay buffer, and a RESUME replays them like any other missed dispatch).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 from collections import deque
 from dataclasses import dataclass, field
@@ -124,6 +125,7 @@ class FakeSession:
         "dispatches",
         "end_reason",
         "ended",
+        "ended_at",
         "flush_timer",
         "intents",
         "num_shards",
@@ -158,6 +160,7 @@ class FakeSession:
         self.connection: GatewayConnection | None = None
         self.detached_at: float | None = None
         self.ended = False
+        self.ended_at: float | None = None
         self.end_reason: str | None = None
         self.ready = False
         self.resumes = 0
@@ -275,6 +278,8 @@ class FakeSession:
         if not self.ended:
             self.ended = True
             self.end_reason = reason
+            with contextlib.suppress(RuntimeError):  # no running loop: no time to note
+                self.ended_at = asyncio.get_running_loop().time()
             self.replay.clear()
             self.clear_pending()
 

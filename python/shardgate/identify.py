@@ -16,9 +16,15 @@ import time
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
-__all__ = ["IdentifyGate", "LocalIdentifyGate"]
+__all__ = ["IdentifyGate", "LocalIdentifyGate", "default_margin_s"]
 
 log = logging.getLogger(__name__)
+
+
+def default_margin_s(window_s: float) -> float:
+    """The gap added to every window (see :class:`LocalIdentifyGate`): 2 % of the window,
+    at least 50 ms, never more than the window itself."""
+    return min(window_s, max(0.05, window_s * 0.02))
 
 
 @runtime_checkable
@@ -101,9 +107,7 @@ class LocalIdentifyGate:
             raise ValueError("window_s must be >= 0")
         self._max_concurrency = max_concurrency
         self._window = window_s
-        self._margin = (
-            min(window_s, max(0.05, window_s * 0.02)) if margin_s is None else max(0.0, margin_s)
-        )
+        self._margin = default_margin_s(window_s) if margin_s is None else max(0.0, margin_s)
         self._clock = clock
         self._buckets: dict[int, _Bucket] = {}
         self._total = total if total is not None else (remaining if remaining is not None else 0)

@@ -4,8 +4,9 @@ Discord allows one IDENTIFY per bucket (``shard_id % max_concurrency``) per 5 s,
 daily budget of session starts (``session_start_limit``). A shard never spaces its own
 IDENTIFYs: it asks its owner's :class:`IdentifyGate` for a permit right before sending one
 and gives it back when the outcome is known. :class:`LocalIdentifyGate` is the
-in-process implementation; a Redis-backed one (several processes, several machines) can
-replace it without the shard noticing.
+in-process implementation; :class:`shardgate.identify_redis.RedisIdentifyGate`
+(``identify_url``) shares buckets and budget between processes and machines, without the
+shard noticing.
 """
 
 from __future__ import annotations

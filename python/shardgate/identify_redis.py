@@ -416,7 +416,7 @@ class RedisIdentifyGate:
         poll (the lower ``remaining`` of the same budget window wins)."""
         if total is not None:
             self._total = total
-        self._remaining = remaining if self._remaining is None else min(remaining, self._remaining)
+        self._remaining = remaining
         self._reset_at = time.monotonic() + (reset_after_s if reset_after_s > 0 else 5.0)
         self._budget_pending = (remaining, reset_after_s, self._total)
 

@@ -298,3 +298,29 @@ async def test_a_cancelled_acquire_gives_its_place_up(
 
 async def _zcard_is_zero(client: aioredis.Redis, key: str) -> bool:
     return int(await client.zcard(key)) == 0
+
+
+def test_identify_url_is_checked_and_its_password_never_shown():
+    from shardgate.config import describe, load_config  # noqa: PLC0415
+    from shardgate.errors import ConfigError  # noqa: PLC0415
+
+    base = {
+        "token": "bot-token-abcdef",
+        "event_handler_url": "http://127.0.0.1:8081/",
+        "event_handler_secret": "handler-secret-0123",
+    }
+    for bad in ("http://127.0.0.1:6379", "redis://", "redis://host:99999", "localhost:6379"):
+        with pytest.raises(ConfigError) as error:
+            load_config(env={}, overrides={**base, "identify_url": bad})
+        assert error.value.key == "identify_url"
+    assert load_config(env={"SHARDGATE_IDENTIFY_URL": ""}, overrides=base).identify_url == ""
+    url = "redis://:pw-0123456789abcdef@10.0.0.5:6379/0"
+    config = load_config(env={"SHARDGATE_IDENTIFY_URL": url}, overrides=base)
+    assert config.identify_url == url
+    assert "pw-0123456789abcdef" in config.secrets  # the log filter scrubs it
+    assert "pw-0123456789abcdef" not in repr(config)
+    shown = dict((row[0], row[1]) for row in describe(config))
+    assert shown["identify_url"] == "redis://***@10.0.0.5:6379/0"
+    assert load_config(
+        env={}, overrides={**base, "identify_url": "unix:///run/redis.sock"}
+    ).identify_url == "unix:///run/redis.sock"

@@ -138,8 +138,12 @@ if not redis.call('ZSCORE', KEYS[6], ticket) then
   redis.call('ZADD', KEYS[6], redis.call('INCR', KEYS[4]), ticket)
 end
 redis.call('ZADD', KEYS[7], now + lease_ms, ticket)
-redis.call('PEXPIRE', KEYS[6], lease_ms)
-redis.call('PEXPIRE', KEYS[7], lease_ms)
+-- Abandoned queues vanish; never shorten one another process's longer lease keeps.
+for i = 6, 7 do
+  if tonumber(redis.call('PTTL', KEYS[i])) < lease_ms then
+    redis.call('PEXPIRE', KEYS[i], lease_ms)
+  end
+end
 
 local fence_left = math.max(tonumber(redis.call('PTTL', KEYS[2])), 0)
 local window_left = math.max(tonumber(redis.call('PTTL', KEYS[5])), 0)
@@ -540,7 +544,7 @@ class RedisIdentifyGate:
 
     def _note_up(self) -> None:
         if self._down_since is not None:
-            log.warning(
+            log.info(
                 "identify gate: Redis at %s answers again after %.1f s",
                 self.url_for_logs,
                 time.monotonic() - self._down_since,

@@ -148,7 +148,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     rounds = math.ceil(args.shards / args.max_concurrency)
     floor = (rounds - 1) * args.window
     with RedisServer(appendfsync="everysec") as redis:
-        await asyncio.sleep(args.window + 1)  # a Redis that has been up: no restart fence
+        await asyncio.sleep(args.window + 2)  # a Redis that has been up: no restart fence
         results: dict[str, list[dict[str, Any]]] = {"shared": [], "single": []}
         load_before = loadavg()
         for run in range(args.runs):

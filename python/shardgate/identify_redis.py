@@ -28,8 +28,9 @@ because every decision is one Lua script run atomically by Redis, on Redis's clo
   ``marker``: when they differ (a restart, a failover), every bucket is closed for one
   full window (``fence``) from that moment, which is later than any lost grant. When
   ``marker`` is missing (a new Redis, or one that lost everything), the fence lasts
-  until one window after the server started (``uptime_in_seconds``): a Redis that has
-  been up longer than a window cannot have lost a grant still inside it. The first use of
+  until one window after the server started (``uptime_in_seconds``, less a second: Redis
+  counts it in whole wall-clock seconds): a Redis that has been up longer than a window
+  cannot have lost a grant still inside it. The first use of
   a freshly started Redis therefore waits up to one window, logged.
 
   Relied on: Redis does not evict these keys (``maxmemory-policy noeviction``, the
@@ -116,9 +117,10 @@ local marker = redis.call('GET', KEYS[1])
 if marker ~= run_id then
   local fence = window_ms
   if not marker then
-    -- No state at all: a grant can only have been lost at the server's start.
+    -- No state at all: a grant can only have been lost at the server's start. Redis
+    -- counts uptime as a difference of whole wall-clock seconds, up to 1 s too much.
     local uptime = tonumber(string.match(info, 'uptime_in_seconds:(%d+)')) or 0
-    fence = window_ms - uptime * 1000
+    fence = window_ms - math.max(uptime - 1, 0) * 1000
   end
   redis.call('SET', KEYS[1], run_id)
   if fence > 0 and tonumber(redis.call('PTTL', KEYS[2])) < fence then

@@ -23,6 +23,7 @@ from typing import Any, Final, Literal, get_args
 from urllib.parse import urlsplit
 
 from shardgate.errors import ConfigError
+from shardgate.identify_redis import redacted_url
 from shardgate.intents import INTENT_BITS, parse_intents
 
 ENV_PREFIX: Final = "SHARDGATE_"
@@ -84,6 +85,9 @@ class Config:
     #: Workers hook: ``pkg.mod:Class``, a GatewayManager subclass for this process and
     #: every worker process (they import it; see shardgate.workers).
     manager: str | None = None
+    #: ``redis://`` URL of the shared identify gate (shardgate.identify_redis); unset or
+    #: empty: this process's own gate. May carry a password, hence no repr.
+    identify_url: str | None = field(default=None, repr=False)
     queue_max_size: int = 100_000
     queue_max_bytes: int = 1 << 30
     control_host: str = "127.0.0.1"
@@ -175,6 +179,12 @@ class Config:
                 "manager",
                 "must be an import path 'package.module:Class' (a GatewayManager subclass)",
             )
+        if self.identify_url:
+            _require(
+                _is_redis_url(self.identify_url),
+                "identify_url",
+                "must be a redis://host[:port][/db], rediss:// or unix:// URL",
+            )
         _require(self.queue_max_size >= 1, "queue_max_size", "must be >= 1")
         _require(self.queue_max_bytes >= 1, "queue_max_bytes", "must be >= 1 (bytes)")
         _require(bool(self.control_host), "control_host", "is required")
@@ -225,6 +235,7 @@ class Config:
             self.rest_authorization,
             self.event_handler_secret,
             self.control_secret,
+            _url_password(self.identify_url),
         )
         return tuple(value for value in values if value)
 
@@ -238,6 +249,22 @@ def _is_import_path(value: str) -> bool:
     module, sep, name = value.partition(":")
     parts = [*module.split("."), *name.split(".")]
     return bool(sep) and all(part.isidentifier() for part in parts)
+
+
+def _is_redis_url(value: str) -> bool:
+    parts = urlsplit(value)
+    if parts.scheme == "unix":
+        return bool(parts.path)
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        return False
+    return parts.scheme in ("redis", "rediss") and bool(parts.hostname)
+
+
+def _url_password(value: str | None) -> str | None:
+    """The password in a URL key, for the log filter (a URL key is shown redacted)."""
+    return None if not value else urlsplit(value).password
 
 
 def _is_url(value: str, schemes: tuple[str, ...]) -> bool:
@@ -276,6 +303,8 @@ HELP: Final[Mapping[str, str]] = {
     "shards_per_cluster": "shards per worker process (one worker: all shards in this process)",
     "max_clusters": "the most worker processes; beyond it shards are spread evenly",
     "manager": "your GatewayManager subclass as pkg.module:Class, used in every worker too",
+    "identify_url": "redis:// URL of the identify gate shared by every gateway process of "
+    "the bot (unset: this process's own)",
     "queue_max_size": "events waiting for the bot, all shards together; the oldest are "
     "dropped (and reported) beyond it",
     "queue_max_bytes": "bytes of event bodies waiting for the bot; the oldest are dropped "
@@ -300,6 +329,7 @@ UNSET_MEANS: Final[Mapping[str, str]] = {
     "max_shards": "Discord's recommendation",
     "reshard_identify_reserve": "this process's shard count",
     "reshard_timeout": "2 * ceil(N / max_concurrency) * 5 s + 600 s",
+    "identify_url": "this process's own gate",
 }
 """What a key whose default is None does when it stays unset."""
 
@@ -484,6 +514,8 @@ def describe(config: Config, sources: Mapping[str, str] | None = None) -> list[t
             text = f"{value} ({'|'.join(names)})" if names else str(value)
         elif value is None:
             text = "unset"
+        elif name == "identify_url":
+            text = redacted_url(value) if value else "unset"
         else:
             text = format_value(value)
         rows.append((name, text, (sources or {}).get(name, "")))

@@ -4,8 +4,9 @@ Discord allows one IDENTIFY per bucket (``shard_id % max_concurrency``) per 5 s,
 daily budget of session starts (``session_start_limit``). A shard never spaces its own
 IDENTIFYs: it asks its owner's :class:`IdentifyGate` for a permit right before sending one
 and gives it back when the outcome is known. :class:`LocalIdentifyGate` is the
-in-process implementation; a Redis-backed one (several processes, several machines) can
-replace it without the shard noticing.
+in-process implementation; :class:`shardgate.identify_redis.RedisIdentifyGate`
+(``identify_url``) shares buckets and budget between processes and machines, without the
+shard noticing.
 """
 
 from __future__ import annotations
@@ -16,9 +17,15 @@ import time
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
-__all__ = ["IdentifyGate", "LocalIdentifyGate"]
+__all__ = ["IdentifyGate", "LocalIdentifyGate", "default_margin_s"]
 
 log = logging.getLogger(__name__)
+
+
+def default_margin_s(window_s: float) -> float:
+    """The gap added to every window (see :class:`LocalIdentifyGate`): 2 % of the window,
+    at least 50 ms, never more than the window itself."""
+    return min(window_s, max(0.05, window_s * 0.02))
 
 
 @runtime_checkable
@@ -101,9 +108,7 @@ class LocalIdentifyGate:
             raise ValueError("window_s must be >= 0")
         self._max_concurrency = max_concurrency
         self._window = window_s
-        self._margin = (
-            min(window_s, max(0.05, window_s * 0.02)) if margin_s is None else max(0.0, margin_s)
-        )
+        self._margin = default_margin_s(window_s) if margin_s is None else max(0.0, margin_s)
         self._clock = clock
         self._buckets: dict[int, _Bucket] = {}
         self._total = total if total is not None else (remaining if remaining is not None else 0)

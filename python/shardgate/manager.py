@@ -240,6 +240,22 @@ class GatewayManager:
         return count
 
     def create_identify_gate(self, bot: GatewayBot) -> IdentifyGate:
+        """The process's own gate, or with ``identify_url`` the one every gateway process
+        of the bot shares through Redis (:mod:`shardgate.identify_redis`)."""
+        if self.config.identify_url:
+            from shardgate.identify_redis import RedisIdentifyGate, bot_key  # noqa: PLC0415
+
+            gate = RedisIdentifyGate(
+                self.config.identify_url,
+                bot.max_concurrency,
+                self.identify_window_s,
+                bot=bot_key(self.config.token),
+                remaining=bot.remaining,
+                total=bot.total,
+                reset_after_s=bot.reset_after_ms / 1000,
+            )
+            log.info("identify gate: shared, Redis at %s", gate.url_for_logs)
+            return gate
         return LocalIdentifyGate(
             bot.max_concurrency,
             self.identify_window_s,
@@ -412,6 +428,9 @@ class GatewayManager:
             await self.resharder.stop()
             await self.delivery.stop()
             await self.delivery.forwarder.close()
+        close_gate = getattr(self.identify_gate, "aclose", None)
+        if close_gate is not None:  # a Redis gate's connections
+            await close_gate()
         report = StopReport(
             delivered=0 if self.delivery is None else self.delivery.delivered,
             rejected=0 if self.delivery is None else self.delivery.rejected,

@@ -653,6 +653,11 @@ class FakeDiscord:
             found.append(session)
         return found
 
+    @property
+    def identify_violations(self) -> int:
+        """IDENTIFYs refused for coming within a bucket's window of the previous one."""
+        return sum(1 for r in self.identifies if r.outcome == "concurrency")
+
     def identify_times(self, bucket: int | None = None) -> list[float]:
         """Loop times of accepted IDENTIFYs (of one bucket if given), for spacing checks."""
         return [

@@ -71,6 +71,7 @@ async def run_gateways(
             "SHARDGATE_ALLOW_FAST_IDENTIFY": "true",
             "SHARDGATE_INTENTS": "Guilds",
             "SHARDGATE_CONTROL_PORT": "0",
+            "SHARDGATE_METRICS_PORT": "0",
             "SHARDGATE_FIRST_SHARD_ID": str(first),
             "SHARDGATE_LAST_SHARD_ID": str(last),
             "SHARDGATE_IDENTIFY_URL": identify_url,

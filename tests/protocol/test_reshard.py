@@ -102,9 +102,23 @@ async def settled(fake: FakeDiscord, manager: GatewayManager) -> None:
         )
         return written and manager.outbox.is_empty()
 
-    await wait_until(idle, timeout=30)
-    await asyncio.sleep(0.2)  # a last frame being decoded or posted
-    await wait_until(manager.outbox.is_empty, timeout=30)
+    try:
+        await wait_until(idle, timeout=30)
+        await asyncio.sleep(0.2)  # a last frame being decoded or posted
+        await wait_until(manager.outbox.is_empty, timeout=30)
+    except TimeoutError:
+        unwritten = {
+            s.session_id: sum(1 for r in s.dispatches if r.sent_on is None)
+            for s in fake.live_sessions()
+        }
+        queues = manager.outbox._queues
+        raise AssertionError(
+            "not settled: unwritten per live session "
+            f"{ {k: v for k, v in unwritten.items() if v} }, outbox depths "
+            f"{ {k: v for k, v in manager.outbox.depths().items() if v} }, held "
+            f"{ sorted(k for k, q in queues.items() if q.held) }, reshard "
+            f"{ manager.resharder.snapshot() }"
+        ) from None
 
 
 async def control(

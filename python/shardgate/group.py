@@ -283,6 +283,18 @@ class ShardGroup:
         for shard in self.shards.values():
             shard.dispatch_filtered = on
 
+    def may_have_session(self, shard_id: int) -> bool:
+        """Whether Discord may route events to ``shard_id`` of this group now: a reshard's
+        handover remembers the old group's copy of an event only then. (Not READY: a
+        shard that is resuming is not READY, yet its replay brings the copies.)"""
+        shard = self.shards.get(shard_id)
+        return shard is not None and shard.session_id is not None
+
+    def resume_point(self, shard_id: int) -> tuple[str | None, int]:
+        """(session id, last seq) of ``shard_id``: a notice sent now is ordered after it."""
+        shard = self.shards[shard_id]
+        return shard.session_id, shard.seq
+
     def fatal_errors(self) -> dict[int, str]:
         """Shards that stopped for good, with the reason."""
         return {sid: str(s.fatal_error) for sid, s in self.shards.items() if s.fatal_error}

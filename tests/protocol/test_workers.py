@@ -360,8 +360,6 @@ async def test_commands_reach_the_shard_in_its_worker() -> None:
         ]:
             status, answer = await control(manager, path, body)
             assert status == 400 and "error" in answer, path
-        status, answer = await control(manager, "/reshard", {"shards": 16})
-        assert status == 409 and "worker processes" in answer["error"]
         status, answer = await control(manager, "/status")
         assert status == 200
         assert [p["id"] for p in answer["workers"]["processes"]] == [0, 1]

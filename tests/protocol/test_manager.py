@@ -122,8 +122,6 @@ async def gateway(
             await handler.stop()
 
 
-
-
 def unfiltered_accounting(
     fake: FakeDiscord, manager: GatewayManager, received: Received, unfurls: set[int]
 ) -> None:

@@ -128,7 +128,6 @@ async def gateway(
         assert_gone(sorted(pids))
 
 
-
 def all_written(fake: FakeDiscord) -> bool:
     """The fake has written (live or in a RESUME's replay) every dispatch it numbered."""
     return all(
@@ -275,13 +274,16 @@ async def test_a_worker_killed_under_load_is_replaced_and_its_shards_resume(work
         replaced_s = time.monotonic() - killed_at
         await wait_until(lambda: all(r["status"] == "ready" for r in rows(manager).values()), 30)
         resumed_s = time.monotonic() - killed_at
-        print(f"worker replaced {replaced_s:.3f} s, its shards resumed {resumed_s:.3f} s after SIGKILL")
+        print(
+            f"worker replaced {replaced_s:.3f} s, its shards resumed {resumed_s:.3f} s after SIGKILL"
+        )
         await stream.wait()
         await wait_until(lambda: all_written(fake))
         await wait_until(
-            lambda: manager.outbox.is_empty()
-            and received.dispatch_count()
-            >= sent_total(fake, manager) - len(stream.unfurl_ids),
+            lambda: (
+                manager.outbox.is_empty()
+                and received.dispatch_count() >= sent_total(fake, manager) - len(stream.unfurl_ids)
+            ),
             timeout=30,
         )
         await asyncio.sleep(0.5)  # anything more (an unfurl replayed past a fresh filter)
@@ -336,8 +338,10 @@ async def test_a_worker_killed_right_after_a_ready_loses_nothing(
         await stream.wait()
         await wait_until(lambda: all_written(fake))
         await wait_until(
-            lambda: manager.outbox.is_empty()
-            and received.dispatch_count() >= sent_total(fake, manager) - len(stream.unfurl_ids),
+            lambda: (
+                manager.outbox.is_empty()
+                and received.dispatch_count() >= sent_total(fake, manager) - len(stream.unfurl_ids)
+            ),
             timeout=30,
         )
         await asyncio.sleep(0.5)
@@ -388,8 +392,10 @@ async def test_a_worker_killed_while_reading_a_ready_reports_the_lost_session(
             )
         )
         await wait_until(
-            lambda: manager.outbox.is_empty()
-            and received.dispatch_count() >= sent_total(fake, manager) - len(stream.unfurl_ids),
+            lambda: (
+                manager.outbox.is_empty()
+                and received.dispatch_count() >= sent_total(fake, manager) - len(stream.unfurl_ids)
+            ),
             timeout=30,
         )
         await asyncio.sleep(0.5)

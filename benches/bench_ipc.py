@@ -48,6 +48,9 @@ class Discard:
     def on_cache(self, shard_id: int, op: int, guild_ids: list[int]) -> None:
         pass
 
+    def on_filtered(self, shard_id: int, seq: int, event_id: str, body: bytes) -> None:
+        pass
+
 
 class ToOutbox(Discard):
     def __init__(self, outbox: Outbox) -> None:

@@ -40,6 +40,13 @@ ones of the same guild.)
 What the bot gets from the new group: nothing of its READY and initial GUILD_CREATEs (it
 already has those guilds), then, from the switch on, its dispatches under the new shard
 ids; guilds it joins afterwards arrive as ``guildState: "joined"`` as usual.
+
+With worker processes (:mod:`shardgate.workers`) each group has its own set, planned by
+``shards_per_cluster``/``max_clusters`` for its count (so a bot can also go from one
+process to workers, or back): both sets run during the handover and the old one stops
+with the old group. Events from workers arrive as bytes; while the handover runs the main
+process scans them again (:mod:`shardgate.rescan`) for what the handover reads, and the
+workers also send the updates their edit filter marked. The handover itself is the same.
 """
 
 from __future__ import annotations

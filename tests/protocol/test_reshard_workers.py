@@ -65,7 +65,10 @@ def gone(pid: int) -> bool:
 
 @contextlib.asynccontextmanager
 async def gateway(
-    shards: int, fake_overrides: dict[str, Any] | None = None, **config_overrides: Any
+    shards: int,
+    fake_overrides: dict[str, Any] | None = None,
+    manager_class: type[GatewayManager] = GatewayManager,
+    **config_overrides: Any,
 ) -> AsyncIterator[tuple[FakeDiscord, GatewayManager, Received, Pids]]:
     fake_values: dict[str, Any] = {
         "token": "bot-token-abcdef",
@@ -87,7 +90,7 @@ async def gateway(
         # IDENTIFY that comes too early.
         values = {"reshard_overlap": 1.0, "spawn_shard_delay": 300, **config_overrides}
         config = gateway_config(fake, handler.port, secret=SECRET, **values)
-        manager = GatewayManager(config, shard_options=FAST_SHARD)
+        manager = manager_class(config, shard_options=FAST_SHARD)
         watcher: asyncio.Task[None] | None = None
         try:
             await manager.start()
@@ -285,3 +288,26 @@ async def test_a_worker_killed_during_the_handover_loses_nothing() -> None:
         resumed = [c for c in fake.connections if c.resumed and c.shard is not None]
         assert {c.shard for c in resumed} >= {(2, 4), (3, 4), (0, 8), (1, 8), (2, 8), (3, 8)}
         assert gone(old_pid) and gone(new_pid)
+
+
+async def test_a_reshard_into_workers_needs_an_importable_manager() -> None:
+    """Workers import the manager class: one defined in a function cannot go there, so a
+    reshard whose new count needs workers is refused up front (409), not half-started."""
+
+    class InlineGateway(GatewayManager):
+        pass
+
+    async with gateway(4, None, InlineGateway, shards_per_cluster=4, max_clusters=2) as (
+        _fake,
+        manager,
+        _got,
+        _pids,
+    ):
+        await manager.wait_all_ready(timeout=30)
+        assert manager.workers is None
+        code, answer = await control(manager, "/reshard", {"shards": 8})
+        assert code == 409, answer
+        assert "needs worker processes" in answer["error"] and "manager" in answer["error"]
+        assert manager.resharder.current is None
+        code, answer = await control(manager, "/reshard", {"shards": 3})  # fits one process
+        assert code == 202, answer

@@ -274,9 +274,7 @@ async def test_a_worker_killed_under_load_is_replaced_and_its_shards_resume(work
         replaced_s = time.monotonic() - killed_at
         await wait_until(lambda: all(r["status"] == "ready" for r in rows(manager).values()), 30)
         resumed_s = time.monotonic() - killed_at
-        print(
-            f"worker replaced {replaced_s:.3f} s, its shards resumed {resumed_s:.3f} s after SIGKILL"
-        )
+        print(f"worker replaced {replaced_s:.3f} s, shards resumed {resumed_s:.3f} s after SIGKILL")
         await stream.wait()
         await wait_until(lambda: all_written(fake))
         await wait_until(

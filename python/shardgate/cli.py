@@ -108,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
         "fake-discord",
         help="serve the fake Discord (REST + gateway) on 127.0.0.1 with a steady event stream",
     )
-    fake.add_argument("--shards", type=int, default=1, help="recommended shard count (default: 1)")
+    fake.add_argument(
+        "--shards", type=int, default=1, help="recommended shard count (default: 1)"
+    )
     fake.add_argument("--guilds", type=int, default=20, help="the bot's guilds (default: 20)")
     fake.add_argument(
         "--rate",

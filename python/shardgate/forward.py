@@ -75,7 +75,9 @@ def _check_sendable(batch: Sequence[OutEvent], index: int) -> None:
     """Reject (never retry) an event whose id cannot go into the event id header."""
     event_id = batch[index].event_id
     if not header_safe(event_id):
-        raise RejectedError(f"event id {event_id[:80]!r} cannot go into an HTTP header", index, 1)
+        raise RejectedError(
+            f"event id {event_id[:80]!r} cannot go into an HTTP header", index, 1
+        )
 
 
 RETRYABLE_4XX = frozenset((401, 403, 408, 429))
@@ -272,11 +274,7 @@ class Delivery:
         log.error(
             "event handler rejected %d event(s) (%d in total; latest: shard %d, %s): %s; "
             "not retried",
-            self._rejected_unlogged,
-            self.rejected,
-            shard_id,
-            event_id,
-            reason,
+            self._rejected_unlogged, self.rejected, shard_id, event_id, reason,
         )
         self._rejection_logged_at, self._rejected_unlogged = time.monotonic(), 0
 
@@ -290,9 +288,7 @@ class Delivery:
         if since is not None:
             log.info(
                 "event handler back after %.1f s; outbox depth %d, dropped so far %d",
-                time.monotonic() - since,
-                self.outbox.depth,
-                self.outbox.dropped,
+                time.monotonic() - since, self.outbox.depth, self.outbox.dropped,
             )
 
 

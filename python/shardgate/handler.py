@@ -148,12 +148,7 @@ class EventHandlerServer:
         self, message: Any, payload: Any, protocol: Any, writer: Any, task: Any
     ) -> web.BaseRequest:
         return web.BaseRequest(
-            message,
-            payload,
-            protocol,
-            writer,
-            task,
-            asyncio.get_running_loop(),
+            message, payload, protocol, writer, task, asyncio.get_running_loop(),
             client_max_size=self.max_message_size,
         )
 
@@ -260,10 +255,7 @@ class EventHandlerServer:
         if not isinstance(frame, dict):
             raise _BadEvent("frame must be a JSON object")
         batch_id, shard, ids, events = (
-            frame.get("batch"),
-            frame.get("shard"),
-            frame.get("ids"),
-            frame.get("events"),
+            frame.get("batch"), frame.get("shard"), frame.get("ids"), frame.get("events")
         )
         if type(batch_id) is not int or type(shard) is not int:
             raise _BadEvent("batch and shard must be integers")

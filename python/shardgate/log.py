@@ -69,6 +69,7 @@ def _unformattable(record: logging.LogRecord) -> str:
         return f"unformattable log message from {record.name} at {record.pathname}:{record.lineno}"
 
 
+
 class ShardLogger(logging.LoggerAdapter[logging.Logger]):
     """Prefixes messages with the shard id so thousands of shards stay readable."""
 

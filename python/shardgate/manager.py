@@ -419,10 +419,8 @@ class GatewayManager:
             undelivered=self.outbox.depth,
         )
         if not drained and report.undelivered:
-            why = (
-                "the stop was forced"
-                if self._abort_stop.is_set()
-                else (f"the event handler did not take them within shutdown_drain = {drain_s:g} s")
+            why = "the stop was forced" if self._abort_stop.is_set() else (
+                f"the event handler did not take them within shutdown_drain = {drain_s:g} s"
             )
             log.warning("%d events undelivered: %s", report.undelivered, why)
         level = logging.WARNING if report.lost or report.rejected else logging.INFO

@@ -284,7 +284,9 @@ class Handover:
         """The old group is closed: forward the copies it will now never match, in the
         new group's order, then hold the new streams until the old ones are drained."""
         entries = self._entries
-        kept = sorted((item[0], key) for key, entry in entries.items() for item in entry[4])
+        kept = sorted(
+            (item[0], key) for key, entry in entries.items() for item in entry[4]
+        )
         for _order, key in kept:
             self._forward_kept(key, entries[key])
             self.flushed += 1
@@ -476,12 +478,8 @@ class Reshard:
         self.phase = ReshardPhase.FAILED
         self.error = reason
         self.finished_at = time.monotonic()
-        log.error(
-            "reshard to %d shards failed: %s; the %d old shards keep serving",
-            self.to,
-            reason,
-            self.old.shard_count,
-        )
+        log.error("reshard to %d shards failed: %s; the %d old shards keep serving",
+                  self.to, reason, self.old.shard_count)
         self.old.set_dispatch_filtered(False)
         self.old.sink = outbox_sink(self.manager.outbox, self.old.generation)
         if self.new is not None:
@@ -649,9 +647,7 @@ class Resharder:
         if not self.covers_whole_bot():
             log.warning(
                 "%d guilds reach the reshard threshold (%d) but this process runs only part "
-                "of the bot: reshard all gateway processes together by hand",
-                guilds,
-                threshold,
+                "of the bot: reshard all gateway processes together by hand", guilds, threshold
             )
             self._retry_at = time.monotonic() + manager.config.reshard_check_interval
             return None
@@ -666,14 +662,8 @@ class Resharder:
                 "%d guilds reach %.0f%% of %d shards' capacity, but a reshard to %d shards "
                 "needs %d session starts (+%d reserve) and %d are left; retrying after the "
                 "budget resets in %.0f s",
-                guilds,
-                manager.config.reshard_percentage,
-                group.shard_count,
-                to,
-                to,
-                reserve,
-                bot.remaining,
-                wait_s,
+                guilds, manager.config.reshard_percentage, group.shard_count, to, to, reserve,
+                bot.remaining, wait_s,
             )
             self._retry_at = time.monotonic() + max(wait_s, 1.0)
             return None

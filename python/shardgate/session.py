@@ -43,7 +43,9 @@ class Session:
 
     def __post_init__(self) -> None:
         if not is_valid_session_id(self.session_id):
-            raise ValueError(f"session_id must be 1-{SESSION_ID_MAX} characters of [A-Za-z0-9_-]")
+            raise ValueError(
+                f"session_id must be 1-{SESSION_ID_MAX} characters of [A-Za-z0-9_-]"
+            )
         if self.seq < 0:
             raise ValueError("seq must be >= 0")
 

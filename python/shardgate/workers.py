@@ -122,8 +122,6 @@ def current_worker_id() -> int | None:
     """The id of the worker process this code runs in; None in the main process (or
     without workers). Lets a user's hook tell where it runs."""
     return _current_worker
-
-
 _STAT_KEYS: Final = (
     "dispatches",
     "filtered",

@@ -242,7 +242,6 @@ def test_known_hostile_requests(servers, capfd, target):
     running, records = servers
     records.records.clear()
     port = running.control.port if target == "control" else running.handler.port
-
     def post(path: bytes, body: bytes) -> bytes:
         return (
             b"POST " + path + b" HTTP/1.1\r\nAuthorization: " + SECRET.encode()

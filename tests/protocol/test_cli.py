@@ -133,12 +133,9 @@ async def test_run_serves_until_shutdown_is_requested():
                 while "SHARDGATE_ALL_LOADED" not in received:
                     await asyncio.sleep(0.05)
             assert received.count("GUILD_CREATE") == 3
-            async with (
-                aiohttp.ClientSession() as http,
-                http.post(
-                    f"http://127.0.0.1:{control_port}/shutdown", headers={"Authorization": SECRET}
-                ) as response,
-            ):
+            async with aiohttp.ClientSession() as http, http.post(
+                f"http://127.0.0.1:{control_port}/shutdown", headers={"Authorization": SECRET}
+            ) as response:
                 assert response.status == 200
             async with asyncio.timeout(15):
                 code = await process.wait()

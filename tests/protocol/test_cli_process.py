@@ -260,18 +260,14 @@ async def test_a_second_sigterm_stops_at_once():
 
 
 async def test_fake_discord_command_serves_a_gateway():
-    async with spawn(
-        "-m", "shardgate", "fake-discord", "--port", "0", "--shards", "2", "--rate", "200"
-    ) as proc:
+    async with spawn("-m", "shardgate", "fake-discord", "--port", "0", "--shards", "2",
+                     "--rate", "200") as proc:
         rest = (await proc.wait_for(r"REST\s+(http://127\.0\.0\.1:\d+)")).group(1)
         await proc.wait_for(r"SHARDGATE_ALLOW_FAST_IDENTIFY=true")
         assert f"SHARDGATE_REST_URL={rest}" in proc.output
-        async with (
-            aiohttp.ClientSession() as http,
-            http.get(
-                f"{rest}/api/v10/gateway/bot", headers={"Authorization": "Bot fake-bot-token"}
-            ) as response,
-        ):
+        async with aiohttp.ClientSession() as http, http.get(
+            f"{rest}/api/v10/gateway/bot", headers={"Authorization": "Bot fake-bot-token"}
+        ) as response:
             assert response.status == 200
             bot = await response.json()
         assert bot["shards"] == 2 and bot["url"].startswith("ws://127.0.0.1:")

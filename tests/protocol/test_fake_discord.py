@@ -949,7 +949,6 @@ async def _ready_drained(fake: FakeDiscord, shard: list[int]) -> tuple[RawClient
 
 TIMER_RESOLUTION_S = 0.002
 
-
 async def _recv_at(client: RawClient, timeout_s: float = 10.0) -> tuple[dict[str, Any], float]:
     message = await client.recv(timeout_s)
     return message, asyncio.get_running_loop().time()

@@ -127,10 +127,8 @@ async def test_http_posts_each_body_exactly_with_headers(kind):
 
     assert delivery.delivered == 30
     assert len(seen) == 30
-    by_id = {
-        headers["X-Shardgate-Event-Id"]: (method, path, headers, data)
-        for method, path, headers, data in seen
-    }
+    by_id = {headers["X-Shardgate-Event-Id"]: (method, path, headers, data)
+             for method, path, headers, data in seen}
     for event_id, sent_body in sent:
         method, path, headers, data = by_id[event_id]
         assert (method, path) == ("POST", "/events")
@@ -588,7 +586,6 @@ async def test_bad_secret_keeps_events_waiting_until_the_secret_is_fixed(kind, c
 
 async def test_forwarder_errors_carry_progress():
     """The contract the delivery loop relies on: how far a failed batch got."""
-
     async def fail_third(request: web.Request) -> web.Response:
         return web.Response(status=500 if request.headers["X-Shardgate-Event-Id"] == "c" else 200)
 

@@ -52,10 +52,9 @@ class Calls:
 
 
 async def post(port: int, data: bytes, **headers: str) -> tuple[int, bytes]:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(f"http://127.0.0.1:{port}/anything", data=data, headers=headers) as response,
-    ):
+    async with aiohttp.ClientSession() as session, session.post(
+        f"http://127.0.0.1:{port}/anything", data=data, headers=headers
+    ) as response:
         return response.status, await response.read()
 
 
@@ -232,10 +231,7 @@ def test_standalone_module_runs_and_refuses_without_secret():
     env = {k: v for k, v in os.environ.items() if k != "SHARDGATE_EVENT_HANDLER_SECRET"}
     refused = subprocess.run(
         [sys.executable, "-m", "shardgate.handler", "--port", "0"],
-        env=env,
-        capture_output=True,
-        timeout=30,
-        check=False,
+        env=env, capture_output=True, timeout=30, check=False,
     )
     assert refused.returncode != 0
     assert b"SHARDGATE_EVENT_HANDLER_SECRET" in refused.stderr
@@ -246,23 +242,15 @@ def test_standalone_module_runs_and_refuses_without_secret():
     env["SHARDGATE_EVENT_HANDLER_SECRET"] = SECRET
     proc = spawn_interruptible(
         [sys.executable, "-m", "shardgate.handler", "--port", str(port)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     try:
         deadline = time.monotonic() + 20
         status = None
         while time.monotonic() < deadline:
             try:
-                status = asyncio.run(
-                    post(
-                        port,
-                        body(5, 42),
-                        Authorization=SECRET,
-                        **{"X-Shardgate-Event-Id": "5:s:42"},
-                    )
-                )[0]
+                status = asyncio.run(post(port, body(5, 42), Authorization=SECRET,
+                                          **{"X-Shardgate-Event-Id": "5:s:42"}))[0]
                 break
             except aiohttp.ClientConnectionError:
                 time.sleep(0.1)

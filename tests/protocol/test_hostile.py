@@ -310,10 +310,9 @@ async def test_without_control_secret_the_handler_secret_guards_it_with_a_warnin
     async with gateway() as (_fake, manager, _received):
         assert manager.control is not None
         url = f"http://127.0.0.1:{manager.control.port}/status"
-        async with (
-            aiohttp.ClientSession() as http,
-            http.get(url, headers={"Authorization": SECRET}) as response,
-        ):
+        async with aiohttp.ClientSession() as http, http.get(
+            url, headers={"Authorization": SECRET}
+        ) as response:
             assert response.status == 200
     assert "control_secret is not set" in caplog.text
     assert SECRET not in caplog.text

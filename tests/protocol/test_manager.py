@@ -122,6 +122,8 @@ async def gateway(
             await handler.stop()
 
 
+
+
 def unfiltered_accounting(
     fake: FakeDiscord, manager: GatewayManager, received: Received, unfurls: set[int]
 ) -> None:

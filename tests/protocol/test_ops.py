@@ -129,10 +129,9 @@ async def test_health_line_and_stop_summary(caplog):
     async def on_event(shard_id: int, data: dict[str, Any], event_id: str) -> None:
         seen.append(data["t"])
 
-    async with (
-        FakeDiscord(fake_config) as fake,
-        EventHandlerServer(on_event, SECRET, port=0) as handler,
-    ):
+    async with FakeDiscord(fake_config) as fake, EventHandlerServer(
+        on_event, SECRET, port=0
+    ) as handler:
         config = Config(
             token=fake_config.token,
             intents=(1 << 0) | (1 << 9),

@@ -56,6 +56,7 @@ class Bot:
         return [d["s"] for d in self.by_shard[shard_id] if d.get("s") is not None]
 
 
+
 @contextlib.asynccontextmanager
 async def gateway(
     manager_class: type[GatewayManager] = GatewayManager,
@@ -94,10 +95,8 @@ async def control(
     url = f"http://127.0.0.1:{manager.control.port}{path}"
     async with aiohttp.ClientSession() as http:
         headers = {"Authorization": secret}
-        call = (
-            http.get(url, headers=headers)
-            if body is None
-            else http.post(url, json=body, headers=headers)
+        call = http.get(url, headers=headers) if body is None else http.post(
+            url, json=body, headers=headers
         )
         async with call as response:
             return response.status, await response.json()
@@ -133,13 +132,8 @@ async def test_voice_state_and_raw_send_succeed_on_the_owning_shard():
         guild = fake.guilds_of(1, 2)[0]
         body = {"guild_id": str(guild), "channel_id": "1234", "self_mute": True}
         assert await control(manager, "/voice-state", body) == (200, {"shard_id": 1})
-        raw = {
-            "shard_id": 0,
-            "payload": {
-                "op": 3,
-                "d": {"since": None, "activities": [], "status": "idle", "afk": False},
-            },
-        }
+        raw = {"shard_id": 0, "payload": {"op": 3, "d": {"since": None, "activities": [],
+                                                          "status": "idle", "afk": False}}}
         assert await control(manager, "/send", raw) == (200, {"shard_id": 0})
         conns = {c.shard: c for c in fake.connections if c.closed_at is None and c.shard}
         await wait_until(lambda: 4 in conns[(1, 2)].ops_received())
@@ -198,12 +192,9 @@ async def test_every_route_answers_401_to_a_wrong_or_missing_secret(method, path
     await server.start()
     try:
         headers = {} if given is None else {"Authorization": given}
-        async with (
-            aiohttp.ClientSession() as http,
-            http.request(
-                method, f"http://127.0.0.1:{server.port}{path}", json={}, headers=headers
-            ) as response,
-        ):
+        async with aiohttp.ClientSession() as http, http.request(
+            method, f"http://127.0.0.1:{server.port}{path}", json={}, headers=headers
+        ) as response:
             assert response.status == 401
             assert (await response.json()) == {"error": "missing or wrong Authorization"}
     finally:
@@ -300,10 +291,8 @@ async def test_websocket_forward_mode_end_to_end():
         }
         filtered = sum(s.filtered for s in manager.shards.values())
         await wait_until(
-            lambda: (
-                sum(len(bot.seqs(i)) for i in expected)
-                == sum(map(len, expected.values())) - filtered
-            ),
+            lambda: sum(len(bot.seqs(i)) for i in expected)
+            == sum(map(len, expected.values())) - filtered,
             timeout=30,
         )
         for shard_id, seqs in expected.items():
@@ -337,10 +326,8 @@ async def test_an_idle_running_shard_hibernates_its_codec():
             # A dispatch wakes it, decoded as if nothing had happened.
             guild = fake.guilds_of(0, 1)[0]
             before = shard.dispatches
-            await fake.dispatch(
-                "MESSAGE_CREATE",
-                {"id": "1", "guild_id": str(guild), "channel_id": "2", "content": "wake"},
-            )
+            await fake.dispatch("MESSAGE_CREATE", {"id": "1", "guild_id": str(guild),
+                                                   "channel_id": "2", "content": "wake"})
             await wait_until(lambda: shard.dispatches == before + 1)
             assert shard.decode_errors == 0
         finally:

@@ -89,12 +89,15 @@ async def gateway(
             await handler.stop()
 
 
+
 async def settled(fake: FakeDiscord, manager: GatewayManager) -> None:
     """The fake has written every delayed event of its live sessions and the gateway has
     delivered everything it received."""
 
     def idle() -> bool:
-        written = all(r.sent_on is not None for s in fake.live_sessions() for r in s.dispatches)
+        written = all(
+            r.sent_on is not None for s in fake.live_sessions() for r in s.dispatches
+        )
         return written and manager.outbox.is_empty()
 
     await wait_until(idle, timeout=30)
@@ -122,9 +125,7 @@ def phase(manager: GatewayManager) -> str | None:
 
 
 def assert_exactly_once_in_guild_order(
-    fake: FakeDiscord,
-    received: Received,
-    filterable: set[int] = frozenset(),  # type: ignore[assignment]
+    fake: FakeDiscord, received: Received, filterable: set[int] = frozenset()  # type: ignore[assignment]
 ) -> None:
     """Every event the fake generated for a guild or DM reached the bot once (``filterable``
     ones at most once), in order per guild; raises with the first problem."""
@@ -199,7 +200,9 @@ def check_switch(fake: FakeDiscord, manager: GatewayManager, received: Received,
     ]
     assert len(old_closes) == old
     assert min(old_closes) > new_ready
-    assert all(c.close_received == 1000 for c in fake.connections if c.shard and c.shard[1] == old)
+    assert all(
+        c.close_received == 1000 for c in fake.connections if c.shard and c.shard[1] == old
+    )
     # the new group's READY and initial GUILD_CREATEs were not presented as joins
     generated = {g.event_id for g in fake.generated}
     loads = [

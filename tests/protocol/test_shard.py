@@ -105,7 +105,9 @@ def make_shard(
         shard_count,
         gateway_url=fake.gateway_url,
         intents=INTENTS,
-        identify_gate=gate if gate is not None else LocalIdentifyGate(1, FAST.identify_window_s),
+        identify_gate=gate
+        if gate is not None
+        else LocalIdentifyGate(1, FAST.identify_window_s),
         dispatch_handler=recorder,
         options=options,
         **kwargs,

@@ -128,6 +128,7 @@ async def gateway(
         assert_gone(sorted(pids))
 
 
+
 def all_written(fake: FakeDiscord) -> bool:
     """The fake has written (live or in a RESUME's replay) every dispatch it numbered."""
     return all(
@@ -278,10 +279,9 @@ async def test_a_worker_killed_under_load_is_replaced_and_its_shards_resume(work
         await stream.wait()
         await wait_until(lambda: all_written(fake))
         await wait_until(
-            lambda: (
-                manager.outbox.is_empty()
-                and received.dispatch_count() >= sent_total(fake, manager) - len(stream.unfurl_ids)
-            ),
+            lambda: manager.outbox.is_empty()
+            and received.dispatch_count()
+            >= sent_total(fake, manager) - len(stream.unfurl_ids),
             timeout=30,
         )
         await asyncio.sleep(0.5)  # anything more (an unfurl replayed past a fresh filter)

@@ -215,9 +215,8 @@ async def test_next_ready_wakes_on_put_and_skips_busy_shards():
 @given(
     max_size=st.integers(1, 12),
     ops=st.lists(
-        st.tuples(
-            st.sampled_from(["put", "take", "ack", "release"]), st.integers(0, 3), st.integers(0, 6)
-        ),
+        st.tuples(st.sampled_from(["put", "take", "ack", "release"]), st.integers(0, 3),
+                  st.integers(0, 6)),
         max_size=120,
     ),
 )

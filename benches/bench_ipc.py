@@ -8,7 +8,10 @@ as the codec builds them, ``shard:session:seq`` ids) goes through the worker sid
 holds at saturation) and then the main side (:func:`read_batch` into a handler that puts
 each event into an :class:`~shardgate.queue.Outbox`, as the main process does). Reported
 per event: pack (worker), unpack (main, without the outbox put), and the outbox put alone
-(which the single-process gateway pays too), medians of ``--runs``. The pipe itself (one
+(which the single-process gateway pays too), and the rescan the main process adds per
+event only while a reshard's handover runs (:mod:`shardgate.rescan`: the body's payload
+through a plain codec, plus ``d_hash()`` and ``route_guild_id()`` as the handover calls
+them), medians of ``--runs``. The pipe itself (one
 write and one read syscall per batch) and the second process's loop are not in these
 numbers; ``bench_e2e.py --workers 1,2`` measures the whole difference.
 """
@@ -25,8 +28,10 @@ from typing import Any
 
 import orjson
 
+from shardgate._native import EditFilter
 from shardgate.ipc import FRAME, BatchWriter, read_batch
 from shardgate.queue import Outbox
+from shardgate.rescan import Rescanner
 from shardgate.testing import payloads
 
 SESSION = "0123456789abcdef0123456789abcdef"
@@ -48,6 +53,9 @@ class Discard:
     def on_cache(self, shard_id: int, op: int, guild_ids: list[int]) -> None:
         pass
 
+    def on_filtered(self, shard_id: int, seq: int, event_id: str, body: bytes) -> None:
+        pass
+
 
 class ToOutbox(Discard):
     def __init__(self, outbox: Outbox) -> None:
@@ -61,7 +69,8 @@ def events(n: int) -> list[tuple[int, str, bytes]]:
     out = []
     for seq, (t, d) in enumerate(payloads.mixed_stream(0, n, GUILDS, guild_create_rate=0.0), 1):
         shard = (int(d["guild_id"]) >> 22) % 8
-        body = b'{"shardId":%d,"data":' % shard + orjson.dumps({"t": t, "s": seq, "d": d}) + b"}"
+        payload = orjson.dumps({"t": t, "s": seq, "op": 0, "d": d})  # Discord's key order
+        body = b'{"shardId":%d,"data":' % shard + payload + b"}"
         out.append((shard, f"{shard}:{SESSION}:{seq}", body))
     return out
 
@@ -93,6 +102,13 @@ def one_run(stream: list[tuple[int, str, bytes]]) -> dict[str, float]:
         for shard, event_id, body in stream:
             put(shard, event_id, body)
         t4 = time.perf_counter()
+        scan = Rescanner(EditFilter(65536)).scan
+        for _shard, _event_id, body in stream:
+            message = scan(body)
+            assert message is not None
+            message.d_hash()
+            message.route_guild_id()
+        t5 = time.perf_counter()
     finally:
         loop.close()
     n = len(stream)
@@ -101,6 +117,7 @@ def one_run(stream: list[tuple[int, str, bytes]]) -> dict[str, float]:
         "unpack_ns": (t2 - t1) / n * 1e9,
         "unpack_put_ns": (t3 - t2) / n * 1e9,
         "put_ns": (t4 - t3) / n * 1e9,
+        "rescan_ns": (t5 - t4) / n * 1e9,
         "bytes_per_event": sum(len(f) for f in frames) / n,
     }
 
@@ -126,7 +143,8 @@ def main() -> None:
         f"  main side, unpack:            {med['unpack_ns']:7.0f} ns/event\n"
         f"  main side, unpack + outbox:   {med['unpack_put_ns']:7.0f} ns/event\n"
         f"  outbox put alone (any mode):  {med['put_ns']:7.0f} ns/event\n"
-        f"  IPC cost (pack + unpack):     {med['pack_ns'] + med['unpack_ns']:7.0f} ns/event"
+        f"  IPC cost (pack + unpack):     {med['pack_ns'] + med['unpack_ns']:7.0f} ns/event\n"
+        f"  rescan (during a handover):   {med['rescan_ns']:7.0f} ns/event"
     )
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

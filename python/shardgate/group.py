@@ -312,6 +312,26 @@ class ShardGroup:
         for shard in self.shards.values():
             shard.dispatch_filtered = on
 
+    def may_have_session(self, shard_id: int) -> bool:
+        """Whether Discord may route events to ``shard_id`` of this group now: a reshard's
+        handover remembers the old group's copy of an event only then.
+
+        It has a session (not READY: a shard that is resuming is not READY, yet its replay
+        brings the copies), or it is identifying: Discord routes to a session from its
+        IDENTIFY on, before the shard has read the READY that names it, so an event sent
+        in that window reaches both groups (the chaos soak caught that double).
+        Remembering while the shard still waits for its permit costs only entries the
+        handover's horizon expires."""
+        shard = self.shards.get(shard_id)
+        return shard is not None and (
+            shard.session_id is not None or shard.status is ShardState.IDENTIFYING
+        )
+
+    def resume_point(self, shard_id: int) -> tuple[str | None, int]:
+        """(session id, last seq) of ``shard_id``: a notice sent now is ordered after it."""
+        shard = self.shards[shard_id]
+        return shard.session_id, shard.seq
+
     def fatal_errors(self) -> dict[int, str]:
         """Shards that stopped for good, with the reason."""
         return {sid: str(s.fatal_error) for sid, s in self.shards.items() if s.fatal_error}

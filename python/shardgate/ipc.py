@@ -25,9 +25,15 @@ Record kinds (``num`` and the two byte fields by kind):
   included); the resume point if the worker dies now.
 - ``CACHE``: a guild-cache operation (``num`` one of the ``CACHE_*`` ops), ``b`` the guild
   ids as packed u64le; the main process replays them on its mirror of the cache.
+- ``FILTERED``: laid out as ``EVENT``, a MESSAGE_UPDATE the worker's edit filter found
+  unchanged. Sent only while a reshard's handover wants filtered updates too
+  (:meth:`BatchWriter.mark_filtered`); the main process decides on it there.
 
 A worker appends ``SESSION``/``SEQ`` records at the end of each batch, after the events they
-cover, so the frame that carries an event also carries the resume point past it.
+cover, so the frame that carries an event also carries the resume point past it. A READY
+is written at once (with its session's first resume point), not at the end of the loop
+iteration: the main process then knows a new session as soon as possible, so a worker
+killed right after it leaves a session to RESUME, not one nobody knows.
 """
 
 from __future__ import annotations
@@ -40,7 +46,12 @@ from typing import Any, Final, Protocol
 
 import orjson
 
-from shardgate._native import KIND_GUILD_CREATE, KIND_GUILD_DELETE, KIND_READY, Message
+from shardgate._native import (
+    KIND_GUILD_CREATE,
+    KIND_GUILD_DELETE,
+    KIND_READY,
+    Message,
+)
 
 __all__ = [
     "CACHE",
@@ -51,6 +62,7 @@ __all__ = [
     "CACHE_READY",
     "EVENT",
     "EVENTS",
+    "FILTERED",
     "FRAME",
     "MAX_FRAME",
     "MESSAGE",
@@ -80,6 +92,7 @@ EVENT: Final = 1
 SESSION: Final = 2
 SEQ: Final = 3
 CACHE: Final = 4
+FILTERED: Final = 5
 
 CACHE_READY: Final = 1
 """READY: the shard's guild list (starts loading them)."""
@@ -175,6 +188,8 @@ class BatchHandler(Protocol):
 
     def on_cache(self, shard_id: int, op: int, guild_ids: list[int]) -> None: ...
 
+    def on_filtered(self, shard_id: int, seq: int, event_id: str, body: bytes) -> None: ...
+
 
 def read_batch(data: bytes, start: int, end: int, handler: BatchHandler) -> int:
     """Hand every record of ``data[start:end]`` to ``handler``, in order; returns the
@@ -202,6 +217,9 @@ def read_batch(data: bytes, start: int, end: int, handler: BatchHandler) -> int:
                 handler.on_session(shard_id, session_id, num, data[a_end:b_end].decode())
             elif kind == CACHE:
                 handler.on_cache(shard_id, num, unpack_ids(data[a_end:b_end]))
+            elif kind == FILTERED:
+                event_id = data[offset:a_end].decode("ascii")
+                handler.on_filtered(shard_id, num, event_id, data[a_end:b_end])
             else:
                 raise FrameError(f"unknown record kind {kind}")
             offset = b_end
@@ -226,13 +244,17 @@ class BatchWriter:
     after a dispatch that is not a guild event: a guild event's cache operation, the event
     and the loading notice it may cause stay in one frame, so the main process never sees
     a shard loaded without its notice. ``before_flush`` appends the SESSION/SEQ records
-    that make the frame's resume points.
+    that make the frame's resume points. After :meth:`flush_after_next` the next event is
+    written at once (a new session's READY); :meth:`sink_filtered` is the sink while a
+    reshard's handover wants the edit filter's decisions too.
     """
 
     __slots__ = (
         "_buf",
+        "_limit",
         "_loop",
         "_scheduled",
+        "_urgent",
         "_write",
         "before_flush",
         "bytes_out",
@@ -253,6 +275,8 @@ class BatchWriter:
         self._loop = loop
         self._buf = bytearray(FRAME.size)
         self._scheduled = False
+        self._urgent = False
+        self._limit = limit
         self.limit = limit
         self.before_flush = before_flush
         self.events_out = 0
@@ -280,11 +304,47 @@ class BatchWriter:
         buf += event
         buf += body
         self.events_out += 1
-        if len(buf) >= self.limit and message is not None and message.kind not in _GUILD_KINDS:
-            self.flush()
+        if len(buf) >= self.limit:  # full, or flush_after_next() lowered the limit to 0
+            self._full(message)
         elif not self._scheduled:
             self._scheduled = True
             self._loop.call_soon(self._flush_soon)
+
+    def _full(self, message: Message | None) -> None:
+        if self._urgent:
+            self._urgent = False
+            self.limit = self._limit
+            # A READY without guilds is loaded at once: its loading notice follows in
+            # this call stack and must share the frame (see the class docstring).
+            if message is None or message.kind != KIND_READY or message.guild_ids:
+                self.flush()
+                return
+        elif message is not None and message.kind not in _GUILD_KINDS:
+            self.flush()
+            return
+        self._schedule()
+
+    def sink_filtered(
+        self, shard_id: int, event_id: str, body: bytes, message: Message | None
+    ) -> None:
+        """:meth:`sink` that also takes the MESSAGE_UPDATEs the edit filter marked
+        (``message.drop``), as FILTERED records: during a reshard's handover the main
+        process decides on them (reshard.py)."""
+        if message is None or not message.drop:
+            self.sink(shard_id, event_id, body, message)
+            return
+        event = event_id.encode()
+        self._buf += RECORD.pack(FILTERED, shard_id, message.seq or 0, len(event), len(body))
+        self._buf += event
+        self._buf += body
+        self._schedule()
+
+    def flush_after_next(self) -> None:
+        """Write the next event at once, with the resume points: called when a shard's
+        IDENTIFY succeeded, so its READY (and the new session) reach the main process
+        before anything else of that session is read."""
+        self._urgent = True
+        self.limit = 0
 
     def session(
         self, shard_id: int, session_id: str | None, seq: int, resume_url: str | None

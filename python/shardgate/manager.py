@@ -162,9 +162,6 @@ class GatewayManager:
         self.delivery: Delivery | None = None
         self.control: ControlServer | None = None
         self.resharder = Resharder(self)
-        #: Workers hook: the worker processes when the shards need more than one
-        #: (shardgate.workers); None when every shard runs in this process.
-        self.workers: WorkerPool | None = None
         #: Metrics, rates history and the status page (shardgate.monitor); components
         #: add their stats with ``monitor.collector.add_source``.
         self.monitor = Monitor(self)
@@ -180,6 +177,14 @@ class GatewayManager:
         if self.active is None:
             raise GatewayError("the gateway has not started")
         return self.active
+
+    @property
+    def workers(self) -> WorkerPool | None:
+        """Workers hook: the worker processes of the active group when its shards need
+        more than one (shardgate.workers); None when they run in this process. (During a
+        reshard the other group has its own: ``group.pool``.)"""
+        group = self.active
+        return group.pool if isinstance(group, WorkerShardGroup) else None
 
     @property
     def shard_count(self) -> int:
@@ -293,9 +298,12 @@ class GatewayManager:
             first_shard_id=self.config.first_shard_id,
             shards_per_cluster=self.config.shards_per_cluster,
         )
+        # Workers hook: more shards than one worker takes -> worker processes of its own
+        # (a reshard's new group gets its own set, planned by the same keys).
+        pool = WorkerPool.plan(self, ids)
         generation, self._generation = self._generation, self._generation + 1
         group_class = self.group_class
-        if self.workers is not None:  # workers hook: the main-process side of the set
+        if pool is not None:  # the main-process side of the set
             group_class = main_group_class(group_class)
         group = group_class(
             spec,
@@ -309,9 +317,9 @@ class GatewayManager:
             announce=announce,
         )
         group.on_guild_joined = self.resharder.guild_joined
-        if self.workers is not None:  # workers hook
+        if pool is not None:  # workers hook
             assert isinstance(group, WorkerShardGroup)
-            self.workers.attach(group)
+            pool.attach(group)
         return group
 
     # ------------------------------------------------------------------ lifecycle
@@ -330,8 +338,6 @@ class GatewayManager:
         bot = self.gateway_bot = await self.fetch_gateway_bot()
         self.identify_gate = self.create_identify_gate(bot)
         shard_count = self.compute_shard_count(bot)
-        # Workers hook: more shards than one worker takes -> worker processes.
-        self.workers = WorkerPool.plan(self, self.shard_range(shard_count))
         group = self.create_group(shard_count)
         ids = group.shard_ids
         if bot.remaining < len(ids):

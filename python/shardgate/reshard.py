@@ -40,6 +40,13 @@ ones of the same guild.)
 What the bot gets from the new group: nothing of its READY and initial GUILD_CREATEs (it
 already has those guilds), then, from the switch on, its dispatches under the new shard
 ids; guilds it joins afterwards arrive as ``guildState: "joined"`` as usual.
+
+With worker processes (:mod:`shardgate.workers`) each group has its own set, planned by
+``shards_per_cluster``/``max_clusters`` for its count (so a bot can also go from one
+process to workers, or back): both sets run during the handover and the old one stops
+with the old group. Events from workers arrive as bytes; while the handover runs the main
+process scans them again (:mod:`shardgate.rescan`) for what the handover reads, and the
+workers also send the updates their edit filter marked. The handover itself is the same.
 """
 
 from __future__ import annotations
@@ -56,10 +63,10 @@ from typing import TYPE_CHECKING, Any, Final
 
 from shardgate._native import KIND_GUILD_CREATE, KIND_READY, KIND_RESUMED, Message
 from shardgate.envelope import notice_body, notice_id
-from shardgate.errors import ReshardError
+from shardgate.errors import ConfigError, ReshardError
 from shardgate.group import ShardGroup, outbox_sink
 from shardgate.queue import Outbox, stream_id
-from shardgate.shard import ShardState
+from shardgate.workers import WorkerPool, WorkerShardGroup
 
 if TYPE_CHECKING:
     from shardgate.manager import GatewayManager
@@ -97,10 +104,6 @@ forwarded last are still matched: gateway nodes differ by hundreds of millisecon
 _SILENT_LOAD_KINDS: Final = (KIND_READY, KIND_RESUMED, KIND_GUILD_CREATE)
 _SESSION_KINDS: Final = (KIND_READY, KIND_RESUMED)
 """Session-local: Discord sends them to one session, so the other group never has a copy."""
-WORKERS_REFUSAL: Final = (
-    "resharding is not supported yet while the shards run in several worker processes "
-    "(shards_per_cluster/max_clusters); restart the gateway with the new max_shards instead"
-)
 
 
 class ReshardPhase(enum.Enum):
@@ -262,19 +265,12 @@ class Handover:
         return self._new_base + shard_id
 
     def _new_owner_has_session(self, message: Message) -> bool:
-        """Whether the guild's owner in the new group gets a copy of this event: it has a
-        session (a resuming shard is not READY, yet its replay brings the copies), or it
-        is identifying. Discord routes to a session from its IDENTIFY on, before the shard
-        has read the READY that names it: an event sent in that window reaches both
-        groups, so the old copy must be remembered or the new one, unmatched, goes out
-        too (the chaos soak caught that double). Remembering while the shard still waits
-        for its identify permit costs only entries the horizon expires."""
+        """Whether the guild's owner in the new group gets a copy of this event (see
+        :meth:`~shardgate.group.ShardGroup.may_have_session`): if so the old copy is
+        remembered, or the new one, unmatched, would go out too."""
         guild_id = message.route_guild_id()
         owner = 0 if guild_id is None else (guild_id >> 22) % self.new.shard_count
-        shard = self.new.shards.get(owner)
-        return shard is not None and (
-            shard.session_id is not None or shard.status is ShardState.IDENTIFYING
-        )
+        return self.new.may_have_session(owner)
 
     def _forward_kept(self, key: int, entry: list[Any]) -> None:
         """Forward the oldest kept copy of ``entry``: the old group will not match it."""
@@ -439,13 +435,13 @@ class Reshard:
         handover.begin_overlap()
         manager.active = new  # commands route by the new count from now on
         guilds = new.cache.guild_count()
-        first = new.shards[min(new.shards)]
+        first = new.shard_ids.start
         name = RESHARDED_EVENT
         d = {"from": old.shard_count, "to": new.shard_count, "guilds": guilds}
         handover.new_sink(
-            first.shard_id,
-            notice_id(first.shard_id, first.session_id, first.seq, name),
-            notice_body(first.shard_id, name, d),
+            first,
+            notice_id(first, *new.resume_point(first), name),
+            notice_body(first, name, d),
             None,
         )
         log.info(
@@ -514,7 +510,19 @@ class Reshard:
             "error": self.error,
             "dedup": self.handover.stats() if self.handover is not None else None,
             "old_queue_draining": self.barrier is not None and not self.barrier.done(),
+            "workers": self._workers_snapshot(),
         }
+
+    def _workers_snapshot(self) -> dict[str, Any] | None:
+        """Both sets of worker processes (old and new group), when either has any."""
+        pools = {"old": _pool_of(self.old), "new": _pool_of(self.new)}
+        if all(p is None for p in pools.values()):
+            return None
+        return {k: None if p is None else p.snapshot() for k, p in pools.items()}
+
+
+def _pool_of(group: ShardGroup | None) -> WorkerPool | None:
+    return group.pool if isinstance(group, WorkerShardGroup) else None
 
 
 class Resharder:
@@ -546,8 +554,6 @@ class Resharder:
                 "this process runs only part of the bot (first_shard_id/last_shard_id); "
                 "resharding several gateway processes together is not supported yet"
             )
-        if self.manager.workers is not None:  # workers hook
-            raise ReshardError(WORKERS_REFUSAL)
 
     def start(self, to: int, reason: str = "requested") -> Reshard:
         """Begin a reshard to ``to`` shards.
@@ -558,6 +564,10 @@ class Resharder:
         self.check_can_start()
         if to < 1:
             raise ReshardError("the new shard count must be >= 1")
+        try:  # workers hook: the new group's workers must be able to import the manager
+            WorkerPool.plan(self.manager, self.manager.shard_range(to))
+        except ConfigError as exc:
+            raise ReshardError(f"the new group needs worker processes, but {exc}") from None
         old = self.manager.active
         assert old is not None
         reshard = self.current = Reshard(self.manager, old, to, reason)
@@ -645,13 +655,6 @@ class Resharder:
             log.warning(
                 "%d guilds reach the reshard threshold (%d) but this process runs only part "
                 "of the bot: reshard all gateway processes together by hand", guilds, threshold
-            )
-            self._retry_at = time.monotonic() + manager.config.reshard_check_interval
-            return None
-        if manager.workers is not None:  # workers hook
-            log.warning(
-                "%d guilds reach the reshard threshold (%d): %s", guilds, threshold,
-                WORKERS_REFUSAL,
             )
             self._retry_at = time.monotonic() + manager.config.reshard_check_interval
             return None

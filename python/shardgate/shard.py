@@ -817,7 +817,12 @@ class Shard:
             return
         if not transport.is_close_frame_sent:
             transport.send_close(WSCloseCode(code))
-        transport.disconnect()
+        if action != _STOP:
+            transport.disconnect()
+        # else: a stop waits for the peer's CLOSE (the closing handshake), which also reads
+        # what is still in flight: closing a socket with unread data resets it (RST), and
+        # the peer may then lose our CLOSE unread, keeping the session alive (a worker
+        # process exits right after its stop; see workers.py).
         asyncio.get_running_loop().call_later(self._opts.close_timeout_s, _abort, conn)
 
     async def _heartbeat_loop(self, conn: _Connection, interval_s: float) -> None:

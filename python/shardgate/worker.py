@@ -87,11 +87,14 @@ class RemoteGate:
     process (one gate for every worker: buckets and budget stay global).
 
     A cancelled acquire tells the main process, which cancels its wait or, if the permit
-    was already on its way, counts it as spent and failed.
+    was already on its way, counts it as spent and failed. These messages are about
+    permits only, so ``send`` writes them at once, not behind the events in the batch; a
+    successful IDENTIFY also calls ``on_identified`` (the READY then goes out at once).
     """
 
-    def __init__(self, send: Any) -> None:
+    def __init__(self, send: Any, on_identified: Any = None) -> None:
         self._send = send
+        self._on_identified = on_identified
         self._next = 0
         self._waiting: dict[int, asyncio.Future[None]] = {}
         self._held: dict[int, int] = {}  # shard id -> request id of its permit
@@ -120,6 +123,10 @@ class RemoteGate:
         if req is None:
             log.warning("shard %d released an identify permit it did not hold", shard_id)
             return
+        if identified and self._on_identified is not None:
+            self._on_identified()
+        # Before the READY that comes next: the main process learns that a session started
+        # even if this process dies before the READY's frame is written (see workers.py).
         self._send({"op": "release", "req": req, "identified": identified})
 
     def fail_all(self) -> None:
@@ -189,7 +196,7 @@ class Worker:
         self._write = write
         self._loop = loop
         self.writer = BatchWriter(write, loop, before_flush=self._marks)
-        self.gate = RemoteGate(self.send)
+        self.gate = RemoteGate(self.send_now, self.writer.flush_after_next)
         group_class = _load_group_class(init["manager"])
         spec = ShardSpec(
             token=init["token"],
@@ -224,6 +231,8 @@ class Worker:
         self.stopped = asyncio.Event()
         self._stopping = False
         self._backlog_warned = 0.0
+        self.filtered = False
+        self.set_filtered(bool(init.get("filtered")))
 
     # ------------------------------------------------------------------ to the main process
 
@@ -231,6 +240,21 @@ class Worker:
         """A control message, after the events produced before it (causal order)."""
         self.writer.flush()
         self._write(encode_message(message))
+
+    def send_now(self, message: dict[str, Any]) -> None:
+        """A control message unrelated to the events (identify permits): written at once,
+        possibly ahead of events still in the batch. Never flushes, so it can be called
+        in the middle of a dispatch (a READY) without writing a resume point past an
+        event not handed over yet."""
+        self._write(encode_message(message))
+
+    def set_filtered(self, on: bool) -> None:
+        """A reshard's handover wants the MESSAGE_UPDATEs the edit filter marked as well
+        (as FILTERED records: the main process decides on them), or no longer."""
+        self.filtered = on
+        group = self.group
+        group.set_dispatch_filtered(on)
+        group.sink = self.writer.sink_filtered if on else self.writer.sink
 
     def _marks(self) -> None:
         """Append the resume point of every shard whose session or seq moved."""
@@ -321,6 +345,8 @@ class Worker:
             self._spawn(self.stop(int(message.get("code", 1000))))
         elif op == "report":
             self.send(self.report())
+        elif op == "filtered":
+            self.set_filtered(bool(message["on"]))
         else:
             log.warning("unknown message from the main process: %r", op)
 
@@ -348,6 +374,8 @@ class Worker:
             if cache.get("loading") == [] and session is not None:
                 group._loaded.add(shard_id)  # loaded before the crash: no second notice
         shard = group.create_shard(shard_id)
+        if self.filtered:  # a reshard's handover runs (see set_filtered)
+            shard.dispatch_filtered = True
         group.shards[shard_id] = shard
         shard.start()
 

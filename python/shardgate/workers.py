@@ -34,7 +34,19 @@ what the dead worker had read but not handed over. An event received twice acros
 crash (same session, seq not past the resume point) is recognised and dropped before the
 outbox, and counted (``workers.resent`` in the status).
 
-Not yet: resharding with several workers (``POST /reshard`` answers 409 with the reason).
+A session nobody heard of: a worker writes a new session's READY (with its resume point)
+at once, and tells the main process that the IDENTIFY succeeded just before (a permit
+message). If it dies between the two (the READY read, not yet written: microseconds),
+the main process knows a session started that it cannot resume: the shard identifies
+again and the bot gets a ``SHARDGATE_GAP`` with ``reason: "session_lost"`` (what Discord
+sent that session is gone), counted as ``workers.lost_sessions``.
+
+Resharding: every group has its own pool (``WorkerShardGroup.pool``), planned by the same
+keys for its shard count, so during a reshard both sets of workers run side by side and
+the old set stops with the old group. While the handover runs, the main process scans the
+workers' events again (:mod:`shardgate.rescan`) and the workers send the updates their
+edit filter marked too (FILTERED records), so the handover decides as it does in one
+process.
 """
 
 from __future__ import annotations
@@ -80,6 +92,8 @@ from shardgate.ipc import (
     encode_message,
     read_batch,
 )
+from shardgate.queue import GAP_EVENT
+from shardgate.rescan import Rescanner
 from shardgate.session import Session
 from shardgate.shard import ShardOptions
 
@@ -259,7 +273,19 @@ class WorkerShardGroup(ShardGroup):
         await self.pool.wait_all_ready(timeout)
 
     def set_dispatch_filtered(self, on: bool) -> None:
-        """Only a reshard uses it, and a reshard with workers is refused."""
+        """A reshard's handover: the workers send the updates their edit filter marked,
+        and the main process scans every event again for the handover (rescan.py)."""
+        self.pool.set_filtered(on)
+
+    def may_have_session(self, shard_id: int) -> bool:
+        """Sent to its worker already: it may have a session any moment, and the worker
+        tells the main process only afterwards (an IPC hop), so count it from the start."""
+        record = self.pool.records.get(shard_id)
+        return record is not None and record.started
+
+    def resume_point(self, shard_id: int) -> tuple[str | None, int]:
+        session = self.pool.sessions.get(shard_id)
+        return (None, 0) if session is None else (session.session_id, session.seq)
 
     def fatal_errors(self) -> dict[int, str]:
         return {sid: str(r.error) for sid, r in self.pool.records.items() if r.error is not None}
@@ -287,14 +313,8 @@ class WorkerShardGroup(ShardGroup):
             self.loaded_at - self.started_at,
         )
         if self.announce and self.announce_all_loaded:
-            session = self.pool.sessions.get(shard_id)
             name = ALL_LOADED_EVENT
-            event_id = notice_id(
-                shard_id,
-                None if session is None else session.session_id,
-                0 if session is None else session.seq,
-                name,
-            )
+            event_id = notice_id(shard_id, *self.resume_point(shard_id), name)
             d = {"shards": len(self.shard_ids), "guilds": total}
             self.sink(shard_id, event_id, notice_body(shard_id, name, d), None)
 
@@ -455,6 +475,15 @@ class WorkerPool:
         self.records = {sid: _ShardRecord(sid) for block in blocks for sid in block}
         self.sessions: dict[int, Session] = {}
         self.resent = 0
+        self.lost_sessions = 0
+        # Shards whose IDENTIFY succeeded (permit released) whose session has not reached
+        # this process yet: if their worker dies now, that session cannot be resumed.
+        self._unconfirmed: set[int] = set()
+        # A reshard's handover runs: the workers send filtered updates too, and events are
+        # scanned again here (rescan.py); None otherwise.
+        self.filtered = False
+        self._rescan: Rescanner | None = None
+        self.late_filtered = 0
         self._floors: dict[int, tuple[str, int]] = {}
         self._loaded_now: list[int] = []
         self._group: WorkerShardGroup | None = None
@@ -541,6 +570,7 @@ class WorkerPool:
             "window_s": group.progress.window_s,
             "generation": group.generation,
             "announce": group.announce,
+            "filtered": self.filtered,
             "log_level": config.log_level,
             "secrets": list(config.secrets),
             "sys_path": list(sys.path),
@@ -627,11 +657,39 @@ class WorkerPool:
             record = self.records[shard_id]
             if record.status not in ("fatal", "stopped"):
                 record.status = "stopped" if self._stopping else "down"
+            if shard_id in self._unconfirmed:
+                self._session_lost(shard_id, handle, how)
         if transport is not None:
             transport.close()
         handle.transport = handle.stdin = None
         self._notify()
         return how
+
+    def _session_lost(self, shard_id: int, handle: WorkerHandle, how: str) -> None:
+        """The worker died after ``shard_id``'s IDENTIFY succeeded but before its READY
+        was written: a session this process cannot resume. The shard identifies again (it
+        has no known session); the bot is told what cannot be replayed."""
+        self._unconfirmed.discard(shard_id)
+        self.lost_sessions += 1
+        self.sessions.pop(shard_id, None)  # an older session of it is over too
+        self._floors.pop(shard_id, None)
+        log.error(
+            "worker %d ended (%s) between shard %d's READY and writing it: that session "
+            "cannot be resumed; the shard identifies again and the bot gets %s",
+            handle.worker_id, how, shard_id, GAP_EVENT,
+        )  # fmt: skip
+        d = {
+            "shard_id": shard_id,
+            "dropped": None,
+            "first_event_id": None,
+            "last_event_id": None,
+            "session_id": None,
+            "first_seq": None,
+            "last_seq": None,
+            "reason": "session_lost",
+        }
+        event_id = f"gap:{shard_id}:session-lost:{handle.pid}"
+        self.group.sink(shard_id, event_id, notice_body(shard_id, GAP_EVENT, d), None)
 
     def restart_delay(self, failures: int) -> float:
         """Seconds before restarting a worker that crashed ``failures`` times in a row."""
@@ -804,7 +862,10 @@ class WorkerPool:
         elif op == "release":
             shard_id = handle.granted.pop(int(message["req"]), None)
             if shard_id is not None:
-                self.group.progress.release(shard_id, identified=bool(message["identified"]))
+                identified = bool(message["identified"])
+                if identified:
+                    self._unconfirmed.add(shard_id)  # its READY follows in the next frame
+                self.group.progress.release(shard_id, identified=identified)
         elif op == "cancel":
             req = int(message["req"])
             shard_id = handle.granted.pop(req, None)
@@ -859,10 +920,39 @@ class WorkerPool:
                 del floors[shard_id]
         group = self._group
         assert group is not None
-        group.sink(shard_id, event_id, body, None)
+        rescan = self._rescan
+        if rescan is None or seq < 0:
+            group.sink(shard_id, event_id, body, None)
+        else:
+            group.sink(shard_id, event_id, body, rescan.scan(body))
+
+    def on_filtered(self, shard_id: int, seq: int, event_id: str, body: bytes) -> None:
+        """A MESSAGE_UPDATE the worker's edit filter marked unchanged (sent only while a
+        handover runs): the handover decides on it; after it, it is filtered as usual."""
+        floors = self._floors
+        if floors and shard_id in floors:
+            prefix, floor = floors[shard_id]
+            if 0 <= seq <= floor and event_id.startswith(prefix):
+                self.resent += 1
+                return
+        rescan = self._rescan
+        if rescan is None:
+            self.late_filtered += 1  # written before the worker heard the handover ended
+            return
+        self.group.sink(shard_id, event_id, body, rescan.scan(body, filtered=True))
+
+    def set_filtered(self, on: bool) -> None:
+        """See :meth:`WorkerShardGroup.set_dispatch_filtered`."""
+        if on == self.filtered:
+            return
+        self.filtered = on
+        self._rescan = Rescanner(self.group.spec.options.edit_filter) if on else None
+        for handle in self.handles:
+            handle.send({"op": "filtered", "on": on})  # a replacement gets it with init
 
     def on_session(self, shard_id: int, session_id: str, seq: int, resume_url: str) -> None:
         self._floors.pop(shard_id, None)
+        self._unconfirmed.discard(shard_id)
         if session_id:
             self.sessions[shard_id] = Session(session_id, seq, resume_url or None)
         else:
@@ -982,6 +1072,7 @@ class WorkerPool:
         return {
             "count": len(self.handles),
             "resent": self.resent,
+            "lost_sessions": self.lost_sessions,
             "restarts": sum(h.restarts for h in self.handles),
             "processes": [h.snapshot(now) for h in self.handles],
         }

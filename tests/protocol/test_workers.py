@@ -34,6 +34,7 @@ from shardgate.errors import FatalClose
 from shardgate.handler import EventHandlerServer
 from shardgate.ipc import FrameDecoder, encode_message
 from shardgate.manager import ALL_LOADED_EVENT, SHARD_LOADED_EVENT, GatewayManager
+from shardgate.queue import GAP_EVENT
 from shardgate.shard import ShardOptions
 from shardgate.testing.fake_discord import FakeDiscord, FakeDiscordConfig
 from shardgate.workers import WorkerPool, load_manager_class, options_to_dict
@@ -247,8 +248,14 @@ async def test_every_dispatch_arrives_once_in_order_across_workers(workers: int)
         assert {r["worker"] for r in status["shards"]} == set(range(workers))
 
 
-async def test_a_worker_killed_under_load_is_replaced_and_its_shards_resume() -> None:
-    async with gateway(2, {"stamp_event_ids": True}) as (fake, manager, _handler, received):
+@pytest.mark.parametrize("workers", [2, 4])
+async def test_a_worker_killed_under_load_is_replaced_and_its_shards_resume(workers: int) -> None:
+    async with gateway(workers, {"stamp_event_ids": True}) as (
+        fake,
+        manager,
+        _handler,
+        received,
+    ):
         await manager.wait_loaded(timeout=30)
         pool = pool_of(manager)
         victim = pool.handles[1]
@@ -261,18 +268,22 @@ async def test_a_worker_killed_under_load_is_replaced_and_its_shards_resume() ->
 
         stream = fake.start_stream(rate=1500, duration_s=4.0, seed=11)
         await asyncio.sleep(1.0)
+        assert victim.events > 0, "the victim was forwarding when killed"
         killed_at = time.monotonic()
         os.kill(old_pid, signal.SIGKILL)
         # The replacement is started at once (no backoff for a first crash). When it is
         # *running* also depends on how long a Python start takes on this machine: that is
-        # printed (and measured in benches), not asserted.
+        # printed (and measured in benches), not asserted; bounds here only catch a hang.
         await wait_until(lambda: victim.pid != old_pid, 10)
         replaced_s = time.monotonic() - killed_at
         await wait_until(lambda: victim.state == "running", 30)
         running_s = time.monotonic() - killed_at
-        print(f"worker replaced {replaced_s:.3f} s, running {running_s:.3f} s after SIGKILL")
-        await wait_until(lambda: all(r["status"] == "ready" for r in rows(manager).values()))
+        await wait_until(lambda: all(r["status"] == "ready" for r in rows(manager).values()), 30)
         resumed_s = time.monotonic() - killed_at
+        print(
+            f"worker replaced {replaced_s:.3f} s, running {running_s:.3f} s, shards resumed "
+            f"{resumed_s:.3f} s after SIGKILL"
+        )
         await stream.wait()
         await wait_until(lambda: all_written(fake))
         await wait_until(
@@ -285,7 +296,7 @@ async def test_a_worker_killed_under_load_is_replaced_and_its_shards_resume() ->
 
         # replaced at once; its shards RESUMEd their sessions: no IDENTIFY at all
         assert replaced_s < 2.0, f"replaced after {replaced_s:.2f} s"
-        assert resumed_s < 10.0
+        assert resumed_s < 30.0
         assert len(fake.identifies) == identifies
         new = [c for c in fake.connections[connections:] if c.shard is not None]
         assert {c.shard[0] for c in new} == set(shards)
@@ -300,9 +311,112 @@ async def test_a_worker_killed_under_load_is_replaced_and_its_shards_resume() ->
         (process,) = [p for p in status["processes"] if p["id"] == 1]
         assert process["restarts"] == 1 and process["last_exit"] == "SIGKILL"
         assert process["pid"] == victim.pid != old_pid
-        assert process["shards"] == shards
+        assert process["shards"] == shards == list(range(SHARDS // workers, 2 * SHARDS // workers))
+        assert [p["restarts"] for p in status["processes"] if p["id"] != 1] == [0] * (workers - 1)
+        assert status["lost_sessions"] == 0
         with pytest.raises(ProcessLookupError):
             os.kill(old_pid, 0)
+
+
+async def test_a_worker_killed_right_after_a_ready_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker dies right after shard 5's READY was handed over, with the GUILD_CREATEs
+    of that new session still to be read: the main process knows the session (the READY
+    is written at once, with its resume point), so the shard RESUMEs it and the READY,
+    every GUILD_CREATE (as "loaded") and its loading notice reach the bot."""
+    monkeypatch.setenv(worker_overrides.KILL_DIR_ENV, str(tmp_path))
+    path = "worker_overrides:KilledAfterReadyGateway"
+    manager_class = load_manager_class(path)
+    async with gateway(2, {"stamp_event_ids": True}, manager_class, manager=path) as (
+        fake,
+        manager,
+        _handler,
+        received,
+    ):
+        await manager.wait_loaded(timeout=60)
+        assert (tmp_path / "5-after-ready").exists(), "the worker was killed"
+        pool = pool_of(manager)
+        assert pool.handles[1].restarts == 1 and pool.handles[1].last_exit == "SIGKILL"
+        stream = fake.start_stream(rate=1000, count=1000, seed=2)
+        await stream.wait()
+        await wait_until(lambda: all_written(fake))
+        await wait_until(
+            lambda: (
+                manager.outbox.is_empty()
+                and received.dispatch_count() >= sent_total(fake, manager) - len(stream.unfurl_ids)
+            ),
+            timeout=30,
+        )
+        await asyncio.sleep(0.5)
+
+        assert [r.shard_id for r in fake.identifies] == list(range(SHARDS))  # no second one
+        resumed = [c for c in fake.connections if c.shard == (5, SHARDS) and c.resumed]
+        assert resumed, "shard 5 resumed its first session"
+        assert_every_dispatch_once_in_order(fake, manager, received, unfurls=stream.unfurl_ids)
+        names = received.names(5)
+        assert names[0] == "READY" and received.dispatch_seqs(5)[0] == 1
+        creates = [d for d in received.by_shard[5] if d["t"] == "GUILD_CREATE"]
+        assert len(creates) == len(fake.guilds_of(5, SHARDS)) > 0
+        assert {d["guildState"] for d in creates} == {"loaded"}
+        assert [d["d"]["shard_id"] for _, d in received.named(SHARD_LOADED_EVENT)].count(5) == 1
+        assert manager.status()["workers"]["lost_sessions"] == 0
+
+
+async def test_a_worker_killed_while_reading_a_ready_reports_the_lost_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The window no worker can close: its IDENTIFY succeeded and it read the READY, then
+    died before handing it over. The main process knows a session started (the permit
+    came back used) that it cannot resume: the shard identifies again and the bot gets a
+    SHARDGATE_GAP saying so; nothing of the lost session is delivered, the new one whole."""
+    monkeypatch.setenv(worker_overrides.KILL_DIR_ENV, str(tmp_path))
+    path = "worker_overrides:KilledAtReadyGateway"
+    manager_class = load_manager_class(path)
+    async with gateway(2, {"stamp_event_ids": True}, manager_class, manager=path) as (
+        fake,
+        manager,
+        _handler,
+        received,
+    ):
+        await manager.wait_loaded(timeout=60)
+        assert (tmp_path / "5-at-ready").exists(), "the worker was killed"
+        current = rows(manager)[5]["session_id"]
+        lost = [sid for sid, sess in fake.sessions.items() if sess.shard_id == 5 and sid != current]
+        assert len(lost) == 1
+        stream = fake.start_stream(rate=1000, count=600, seed=3)
+        await stream.wait()
+        # the lost session stays resumable at the fake (nobody RESUMEs it): its events wait
+        await wait_until(
+            lambda: all(
+                rec.sent_on is not None or rec.replayed_on
+                for session in fake.live_sessions()
+                if session.session_id != lost[0]
+                for rec in session.dispatches
+            )
+        )
+        await wait_until(
+            lambda: (
+                manager.outbox.is_empty()
+                and received.dispatch_count() >= sent_total(fake, manager) - len(stream.unfurl_ids)
+            ),
+            timeout=30,
+        )
+        await asyncio.sleep(0.5)
+
+        fives = [r for r in fake.identifies if r.shard_id == 5]
+        assert [r.outcome for r in fives] == ["ready", "ready"]
+        assert len(fake.identifies) == SHARDS + 1
+        gaps = received.named(GAP_EVENT)
+        assert [(s, d["d"]["shard_id"], d["d"]["reason"]) for s, d in gaps] == [
+            (5, 5, "session_lost")
+        ]
+        assert rows(manager)[5]["session_id"] == current
+        assert fake.sessions[lost[0]].dispatches, "Discord sent the lost session events"
+        assert not [i for i in received.ids if i.startswith(f"5:{lost[0]}:")]
+        assert_every_dispatch_once_in_order(fake, manager, received, unfurls=stream.unfurl_ids)
+        assert received.names(5)[0] == GAP_EVENT and received.names(5)[1] == "READY"
+        assert manager.status()["workers"]["lost_sessions"] == 1
 
 
 async def test_a_fatal_close_in_a_worker_is_reported_and_stays_final() -> None:
@@ -365,8 +479,6 @@ async def test_commands_reach_the_shard_in_its_worker() -> None:
         ]:
             status, answer = await control(manager, path, body)
             assert status == 400 and "error" in answer, path
-        status, answer = await control(manager, "/reshard", {"shards": 16})
-        assert status == 409 and "worker processes" in answer["error"]
         status, answer = await control(manager, "/status")
         assert status == 200
         assert [p["id"] for p in answer["workers"]["processes"]] == [0, 1]

@@ -7,12 +7,13 @@ live in a module of their own rather than in a test function.
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any, ClassVar
 
-from shardgate._native import Message
+from shardgate._native import KIND_READY, Message
 from shardgate.group import ShardGroup
 from shardgate.manager import GatewayManager
-from shardgate.shard import Shard
+from shardgate.shard import Shard, ShardState
 from shardgate.workers import current_worker_id
 
 HOOK_EVENT = "TEST_HOOKS_RAN"
@@ -68,3 +69,56 @@ class CrashingGroup(ShardGroup):
 
 class CrashingGateway(GatewayManager):
     group_class = CrashingGroup
+
+
+KILL_DIR_ENV = "WORKER_TEST_KILL_DIR"
+"""Directory the kill overrides mark (``<shard>-<where>``) so that only the first worker
+process that gets there dies, not its replacement."""
+KILL_SHARD = 5
+
+
+def _first_time(shard_id: int, where: str) -> bool:
+    directory = os.environ.get(KILL_DIR_ENV)
+    if directory is None or not in_worker() or shard_id != KILL_SHARD:
+        return False
+    try:
+        fd = os.open(os.path.join(directory, f"{shard_id}-{where}"), os.O_CREAT | os.O_EXCL)
+    except FileExistsError:
+        return False
+    os.close(fd)
+    return True
+
+
+class KilledAfterReadyShard(Shard):
+    """Its worker is SIGKILLed right after the READY of shard 5's first session was handed
+    over, before the rest of that loop iteration (the GUILD_CREATEs behind it)."""
+
+    def on_dispatch(self, message: Message) -> None:
+        super().on_dispatch(message)
+        if message.kind == KIND_READY and _first_time(self.shard_id, "after-ready"):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KilledAtReadyShard(Shard):
+    """Its worker is SIGKILLed while shard 5's first READY is being read: the IDENTIFY
+    succeeded, the READY was not handed over (the window a worker cannot close)."""
+
+    def on_status(self, old: ShardState, new: ShardState) -> None:
+        if new is ShardState.READY and _first_time(self.shard_id, "at-ready"):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KilledAfterReadyGroup(ShardGroup):
+    shard_class = KilledAfterReadyShard
+
+
+class KilledAtReadyGroup(ShardGroup):
+    shard_class = KilledAtReadyShard
+
+
+class KilledAfterReadyGateway(GatewayManager):
+    group_class = KilledAfterReadyGroup
+
+
+class KilledAtReadyGateway(GatewayManager):
+    group_class = KilledAtReadyGroup

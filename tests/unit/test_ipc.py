@@ -6,12 +6,14 @@ import asyncio
 from collections.abc import Iterator
 from typing import Any
 
+import orjson
 import pytest
 
-from shardgate._native import EditFilter
+from shardgate._native import EditFilter, Message, ShardCodec
 from shardgate.cache import GuildCache
 from shardgate.cli import build_parser
 from shardgate.config import Config, load_config
+from shardgate.envelope import with_guild_state
 from shardgate.errors import ConfigError
 from shardgate.ipc import (
     CACHE_CREATE,
@@ -28,6 +30,7 @@ from shardgate.ipc import (
     read_batch,
 )
 from shardgate.manager import GatewayManager
+from shardgate.rescan import Rescanner, payload_of
 from shardgate.shard import ShardOptions
 from shardgate.worker import options_from_dict
 from shardgate.workers import class_path, load_manager_class, options_to_dict, plan_workers
@@ -50,6 +53,9 @@ class Collect:
 
     def on_cache(self, shard_id: int, op: int, guild_ids: list[int]) -> None:
         self.records.append(("cache", shard_id, op, guild_ids))
+
+    def on_filtered(self, shard_id: int, seq: int, event_id: str, body: bytes) -> None:
+        self.records.append(("filtered", shard_id, seq, event_id, body))
 
 
 @pytest.fixture
@@ -236,3 +242,106 @@ def test_the_manager_key_comes_from_the_command_line() -> None:
     config = load_config(args, env)
     assert config.manager == "mybot.gateway:MyGateway"
     assert (config.shards_per_cluster, config.max_clusters) == (2, 3)
+
+
+def dispatch(codec: ShardCodec, t: str, seq: int, d: dict[str, Any]) -> Message:
+    message = codec.feed(orjson.dumps({"op": 0, "t": t, "s": seq, "d": d}))
+    assert message is not None
+    return message
+
+
+EDIT = {"id": "77", "channel_id": "5", "guild_id": str(9 << 22), "content": "hi"}
+UNFURL = {**EDIT, "edited_timestamp": None, "embeds": [{"url": "https://x"}]}
+
+
+def test_filtered_updates_cross_only_through_the_filtered_sink(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    codec = ShardCodec(3, None, edit_filter=True)
+    create = dispatch(codec, "MESSAGE_CREATE", 1, {**EDIT, "edited_timestamp": None})
+    unfurl = dispatch(codec, "MESSAGE_UPDATE", 2, UNFURL)
+    assert unfurl.drop and not create.drop
+    written: list[bytes] = []
+    writer = BatchWriter(lambda b: written.append(bytes(b)), loop)
+    writer.sink_filtered(3, "3:s:1", create.body, create)
+    writer.sink_filtered(3, "3:s:2", unfurl.body, unfurl)
+    writer.flush()
+    got = Collect()
+    assert read_batch(written[0], FRAME.size, len(written[0]), got) == 1  # one EVENT
+    assert got.records == [
+        ("event", 3, 1, "3:s:1", create.body),
+        ("filtered", 3, 2, "3:s:2", unfurl.body),
+    ]
+
+
+def test_the_event_after_an_identify_is_written_at_once(loop: asyncio.AbstractEventLoop) -> None:
+    """A new session's READY leaves at once with the resume points (before_flush), not at
+    the end of the loop iteration; a READY without guilds waits for its loading notice."""
+    written: list[bytes] = []
+    writer = BatchWriter(lambda b: written.append(bytes(b)), loop)
+    writer.before_flush = lambda: writer.seq(1, 1)
+    codec = ShardCodec(1, None, edit_filter=False)
+    ready = codec.feed(
+        orjson.dumps(
+            {"op": 0, "t": "READY", "s": 1, "d": {"session_id": "abc", "guilds": [{"id": "9"}]}}
+        )
+    )
+    assert ready is not None and ready.guild_ids == [9]
+    writer.sink(0, "0:x:7", b"{}", None)  # another shard's event, before: not urgent
+    assert written == []
+    writer.flush_after_next()
+    writer.sink(1, "1:abc:1", ready.body, ready)
+    assert len(written) == 1  # the READY, at once
+    got = Collect()
+    read_batch(written[0], FRAME.size, len(written[0]), got)
+    assert [r[:2] for r in got.records] == [("event", 0), ("event", 1), ("seq", 1)]
+    writer.sink(1, "1:abc:2", b"{}", None)
+    assert len(written) == 1  # back to one frame per loop iteration
+    writer.flush()
+
+    empty = codec.feed(
+        orjson.dumps({"op": 0, "t": "READY", "s": 1, "d": {"session_id": "d", "guilds": []}})
+    )
+    assert empty is not None
+    writer.flush_after_next()
+    writer.sink(1, "1:d:1", empty.body, empty)
+    writer.sink(1, "1:d:1:SHARDGATE_SHARD_LOADED", b"{}", None)  # its notice, same frame
+    assert len(written) == 2
+    writer.flush()
+    assert len(written) == 3
+
+
+def test_a_forward_body_is_scanned_again_as_the_codec_scanned_it() -> None:
+    codec = ShardCodec(2, None, edit_filter=False)
+    original = dispatch(codec, "GUILD_CREATE", 4, {"id": str(7 << 22), "name": "g"})
+    for body in (original.body, with_guild_state(original.body, "available")):
+        payload = payload_of(body)
+        assert payload is not None and bytes(payload) == original.payload
+    rescan = Rescanner(EditFilter(1024))
+    again = rescan.scan(with_guild_state(original.body, "loaded"))
+    assert again is not None
+    assert (again.kind, again.t, again.seq) == (original.kind, original.t, original.seq)
+    assert again.d_hash() == original.d_hash()
+    assert again.route_guild_id() == original.route_guild_id() == 7 << 22
+    for bad in (b"", b"{}", b'{"shardId":1,"data":{"op":0,"t":"X","s":1,"d":[}', b"not json"):
+        assert rescan.scan(bad) is None
+    notice = b'{"shardId":1,"data":{"op":10,"d":{"heartbeat_interval":1}}}'
+    assert rescan.scan(notice) is None  # not a dispatch
+    assert (rescan.scanned, rescan.errors) == (1, 5)
+
+
+def test_the_rescan_trusts_a_workers_unchanged_update() -> None:
+    """The main process's table has no history from before the reshard: an update the
+    worker's table found unchanged is dropped all the same; an unknown one passes."""
+    worker = ShardCodec(1, None, edit_filter=True)
+    dispatch(worker, "MESSAGE_CREATE", 1, {**EDIT, "edited_timestamp": None})
+    unfurl = dispatch(worker, "MESSAGE_UPDATE", 2, UNFURL)
+    assert unfurl.drop
+    rescan = Rescanner(EditFilter(1024))
+    again = rescan.scan(unfurl.body, filtered=True)
+    assert again is not None and again.drop and again.seq == 2
+    other = {**UNFURL, "id": "78"}
+    update = rescan.scan(
+        dispatch(ShardCodec(1, None, edit_filter=False), "MESSAGE_UPDATE", 3, other).body
+    )
+    assert update is not None and not update.drop  # unknown to both: passes

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from shardgate.errors import ConfigError
 from shardgate.intents import INTENT_BITS, parse_intents
+from shardgate.session_store import parse_store_location, redact_store_location
 
 ENV_PREFIX: Final = "SHARDGATE_"
 DISCORD_REST_URL: Final = "https://discord.com"
@@ -94,6 +95,9 @@ class Config:
     log_level: str = "INFO"
     shutdown_drain: float = 5.0
     health_interval: float = 60.0
+    #: Session store hook (shardgate.session_store): a directory, file:<dir> or redis://;
+    #: not in the repr, a Redis URL may hold a password.
+    session_store: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         _require(bool(self.token.strip()), "token", "is required (the bot token, without 'Bot ')")
@@ -190,6 +194,11 @@ class Config:
         )
         _require(self.shutdown_drain >= 0, "shutdown_drain", "must be >= 0 (seconds)")
         _require(self.health_interval >= 0, "health_interval", "must be >= 0 (seconds; 0 = off)")
+        if self.session_store is not None:
+            try:
+                parse_store_location(self.session_store)
+            except ValueError as exc:
+                raise ConfigError("session_store", str(exc)) from None
 
     @property
     def intents_bits(self) -> int:
@@ -221,8 +230,19 @@ class Config:
             self.rest_authorization,
             self.event_handler_secret,
             self.control_secret,
+            _url_password(self.session_store),
         )
         return tuple(value for value in values if value)
+
+
+def _url_password(url: str | None) -> str | None:
+    """The password of a URL (a redis:// session store's), for the log filter."""
+    if not url or "://" not in url:
+        return None
+    try:
+        return urlsplit(url).password
+    except ValueError:
+        return None
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -284,6 +304,8 @@ HELP: Final[Mapping[str, str]] = {
     "log_level": "TRACE, DEBUG, INFO, WARNING or ERROR",
     "shutdown_drain": "seconds a stop waits for the bot to take the queued events",
     "health_interval": "seconds between health lines in the log (0: off)",
+    "session_store": "keep sessions across restarts (resume, no IDENTIFY): a state directory, "
+    "file:<dir> or redis://host:port/db",
 }
 """One line per key: the CLI's ``--help`` and the README's table say the same."""
 
@@ -293,6 +315,7 @@ UNSET_MEANS: Final[Mapping[str, str]] = {
     "max_shards": "Discord's recommendation",
     "reshard_identify_reserve": "this process's shard count",
     "reshard_timeout": "2 * ceil(N / max_concurrency) * 5 s + 600 s",
+    "session_store": "off, every start identifies",
 }
 """What a key whose default is None does when it stays unset."""
 
@@ -477,6 +500,8 @@ def describe(config: Config, sources: Mapping[str, str] | None = None) -> list[t
             text = f"{value} ({'|'.join(names)})" if names else str(value)
         elif value is None:
             text = "unset"
+        elif name == "session_store":
+            text = redact_store_location(value)
         else:
             text = format_value(value)
         rows.append((name, text, (sources or {}).get(name, "")))

@@ -41,7 +41,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from shardgate.envelope import notice_body, parse_event_id
@@ -195,6 +195,7 @@ class Outbox:
         "gap_records",
         "max_bytes",
         "max_size",
+        "on_ack",
     )
 
     def __init__(self, max_size: int, max_bytes: int = 1 << 30) -> None:
@@ -214,6 +215,9 @@ class Outbox:
         self._max_level = 0
         self._warn_after = 0.0  # monotonic time of the next allowed overflow warning
         self._warned_dropped = 0  # self.dropped at the last warning
+        #: Called with ``(stream, events)`` for what each :meth:`ack` lets go, in order
+        #: (the session store's acknowledged seqs, shardgate.session_keeper); None: off.
+        self.on_ack: Callable[[int, Sequence[OutEvent]], None] | None = None
 
     # -- producer side -------------------------------------------------------------------
 
@@ -346,6 +350,8 @@ class Outbox:
             self._bytes -= sum(len(event.body) for event in done)
         self._size -= len(done) - gaps
         q.flight = rest
+        if self.on_ack is not None and done:
+            self.on_ack(stream, done)
         if not rest:
             self._finish(q)
         if (

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from accounting import Received, missing, mismatched
+from accounting import Received, mismatched, missing
 from harness import gateway_config, wait_until
 
 from shardgate.errors import SessionStoreError

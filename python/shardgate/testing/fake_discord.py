@@ -31,9 +31,10 @@ Scripted faults, each addressed by ``shard_id`` (and optionally ``num_shards``) 
 :meth:`FakeDiscord.send_reconnect` (op 7), :meth:`~FakeDiscord.invalidate_session` (op 9),
 :meth:`~FakeDiscord.close`, :meth:`~FakeDiscord.stop_acking` (zombie),
 :meth:`~FakeDiscord.drop` (TCP abort), :meth:`~FakeDiscord.corrupt`,
-:meth:`~FakeDiscord.request_heartbeat` (op 1); :meth:`~FakeDiscord.reconnect_before_hello`
-for the next connections; :meth:`~FakeDiscord.end_sessions` ends sessions with or without a
-client attached (a later RESUME gets op 9 ``false``). Load: :meth:`~FakeDiscord.start_stream` (paced, routed) and
+:meth:`~FakeDiscord.request_heartbeat` (op 1);
+:meth:`~FakeDiscord.reconnect_before_hello` for the next connections;
+:meth:`~FakeDiscord.end_sessions` ends sessions with or without a client attached (a later
+RESUME gets op 9 ``false``). Load: :meth:`~FakeDiscord.start_stream` (paced, routed) and
 :meth:`~FakeDiscord.blast` (one connection, precompressed, as fast as the socket takes).
 
 Records: :attr:`FakeDiscord.connections` (:class:`ConnectionRecord` per connection: URL

@@ -571,6 +571,7 @@ class GatewayManager:
             "shards": [] if group is None else group.shard_status(),
             "reshard": self.resharder.snapshot(),
             "workers": None if self.workers is None else self.workers.snapshot(),
+            "session_store": None if self.session_keeper is None else self.session_keeper.stats(),
         }
 
 

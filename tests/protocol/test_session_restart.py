@@ -114,6 +114,7 @@ async def test_stop_and_start_resumes_every_shard_and_loses_nothing(store: str):
             assert len(fake.identifies) == identifies  # not one IDENTIFY
             assert second.session_keeper is not None
             assert second.session_keeper.restored.keys() == {0, 1, 2, 3}
+            assert second.status()["session_store"]["restored"] == 4
             await wait_until(lambda: not missing(fake, bot), TIMEOUT)
             assert mismatched(fake, bot) == []
             assert bot.gaps == []

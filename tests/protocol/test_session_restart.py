@@ -143,7 +143,7 @@ async def test_a_refused_resume_identifies_and_sends_a_gap_record(tmp_path: Path
             await wait_until(lambda: bot.gaps, TIMEOUT)
             assert len(fake.identifies) == 5
             assert fake.identifies[-1].shard_id == 1
-            assert [c.resumed for c in fake.connections[4:] if c.session_id] .count(True) == 3
+            assert [c.resumed for c in fake.connections[4:] if c.session_id].count(True) == 3
             gap = bot.gaps[0]
             assert gap["shard_id"] == 1 and gap["reason"] == "resume_refused"
             assert gap["session_id"] == lost.session_id

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 from shardgate.errors import ConfigError
 from shardgate.identify_redis import redacted_url
 from shardgate.intents import INTENT_BITS, parse_intents
+from shardgate.session_store import parse_store_location, redact_store_location
 
 ENV_PREFIX: Final = "SHARDGATE_"
 DISCORD_REST_URL: Final = "https://discord.com"
@@ -100,6 +101,9 @@ class Config:
     log_level: str = "INFO"
     shutdown_drain: float = 5.0
     health_interval: float = 60.0
+    #: Session store hook (shardgate.session_store): a directory, file:<dir> or redis://;
+    #: not in the repr, a Redis URL may hold a password.
+    session_store: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         _require(bool(self.token.strip()), "token", "is required (the bot token, without 'Bot ')")
@@ -204,6 +208,11 @@ class Config:
         )
         _require(self.shutdown_drain >= 0, "shutdown_drain", "must be >= 0 (seconds)")
         _require(self.health_interval >= 0, "health_interval", "must be >= 0 (seconds; 0 = off)")
+        if self.session_store is not None:
+            try:
+                parse_store_location(self.session_store)
+            except ValueError as exc:
+                raise ConfigError("session_store", str(exc)) from None
 
     @property
     def intents_bits(self) -> int:
@@ -236,8 +245,20 @@ class Config:
             self.event_handler_secret,
             self.control_secret,
             _url_password(self.identify_url),
+            _url_password(self.session_store),
         )
         return tuple(value for value in values if value)
+
+
+def _url_password(url: str | None) -> str | None:
+    """The password in a URL key (identify_url, a redis:// session store), for the log
+    filter (a URL key is shown redacted)."""
+    if not url or "://" not in url:
+        return None
+    try:
+        return urlsplit(url).password
+    except ValueError:
+        return None
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -260,11 +281,6 @@ def _is_redis_url(value: str) -> bool:
     except ValueError:
         return False
     return parts.scheme in ("redis", "rediss") and bool(parts.hostname)
-
-
-def _url_password(value: str | None) -> str | None:
-    """The password in a URL key, for the log filter (a URL key is shown redacted)."""
-    return None if not value else urlsplit(value).password
 
 
 def _is_url(value: str, schemes: tuple[str, ...]) -> bool:
@@ -320,6 +336,8 @@ HELP: Final[Mapping[str, str]] = {
     "log_level": "TRACE, DEBUG, INFO, WARNING or ERROR",
     "shutdown_drain": "seconds a stop waits for the bot to take the queued events",
     "health_interval": "seconds between health lines in the log (0: off)",
+    "session_store": "keep sessions across restarts (resume, no IDENTIFY): a state directory, "
+    "file:<dir> or redis://host:port/db",
 }
 """One line per key: the CLI's ``--help`` and the README's table say the same."""
 
@@ -330,6 +348,7 @@ UNSET_MEANS: Final[Mapping[str, str]] = {
     "reshard_identify_reserve": "this process's shard count",
     "reshard_timeout": "2 * ceil(N / max_concurrency) * 5 s + 600 s",
     "identify_url": "this process's own gate",
+    "session_store": "off, every start identifies",
 }
 """What a key whose default is None does when it stays unset."""
 
@@ -516,6 +535,8 @@ def describe(config: Config, sources: Mapping[str, str] | None = None) -> list[t
             text = "unset"
         elif name == "identify_url":
             text = redacted_url(value) if value else "unset"
+        elif name == "session_store":
+            text = redact_store_location(value)
         else:
             text = format_value(value)
         rows.append((name, text, (sources or {}).get(name, "")))

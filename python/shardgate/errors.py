@@ -28,6 +28,7 @@ __all__ = [
     "RejectedError",
     "ReshardError",
     "RetryableError",
+    "SessionStoreError",
     "ShardClosed",
     "ShardgateError",
     "close_code_info",
@@ -65,6 +66,11 @@ class GatewayClosed(GatewayError):
 
 class FatalClose(GatewayClosed):
     """A close code after which reconnecting cannot help (4004, 4010-4014): the shard stops."""
+
+
+class SessionStoreError(GatewayError):
+    """The session store (``session_store``) cannot be used: the message says why and what
+    to do. Bad *content* in a store is never raised: it is logged and skipped."""
 
 
 class ShardClosed(GatewayError):

@@ -29,6 +29,8 @@ Replaceable behaviours of the manager (override in a subclass, or assign on an i
 - ``create_identify_gate(bot)`` -> :class:`~shardgate.identify.IdentifyGate`
 - ``create_forwarder()`` -> :class:`~shardgate.forward.Forwarder`
 - ``create_group(shard_count)`` -> :class:`~shardgate.group.ShardGroup` (``group_class``)
+- ``create_session_store()`` -> :class:`~shardgate.session_store.SessionStore` or None
+  (``session_store``; see :mod:`shardgate.session_keeper` for what is stored and when)
 
 Per-event and spawning behaviours (``handle_dispatch``, ``classify_guild_create``,
 ``tell_cluster_to_identify``, ``create_shard``, the loading notices) are methods of
@@ -69,7 +71,9 @@ from shardgate.monitor import Monitor
 from shardgate.queue import Outbox
 from shardgate.reshard import Resharder
 from shardgate.rest import GatewayBot, fetch_gateway_bot
-from shardgate.shard import Shard, ShardOptions
+from shardgate.session_keeper import SessionKeeper
+from shardgate.session_store import SessionStore, create_session_store
+from shardgate.shard import RESUME_CLOSE_CODE, Shard, ShardOptions
 from shardgate.workers import (
     WorkerPool,
     WorkerShardGroup,
@@ -112,17 +116,22 @@ class StopReport:
     rejected: int
     dropped: int
     undelivered: int
+    #: A session store kept the sessions resumable from the acknowledged seqs: what is
+    #: undelivered comes again from Discord's replay when the next process starts in time.
+    replayable: bool = False
 
     @property
     def lost(self) -> bool:
-        """Events were still queued at exit: they are gone (the queue is in memory)."""
-        return self.undelivered > 0
+        """Events were still queued at exit and nothing brings them back (the queue is in
+        memory and no session store keeps the sessions to replay them)."""
+        return self.undelivered > 0 and not self.replayable
 
     def __str__(self) -> str:
+        fate = "left for Discord's replay on the next start" if self.replayable else "lost"
         return (
             f"{self.delivered} events delivered, {self.rejected} rejected by the handler "
             f"(4xx, not retried), {self.dropped} dropped (outbox overflow, reported as "
-            f"SHARDGATE_GAP), {self.undelivered} undelivered (lost)"
+            f"SHARDGATE_GAP), {self.undelivered} undelivered ({fate})"
         )
 
 
@@ -165,6 +174,8 @@ class GatewayManager:
         #: Metrics, rates history and the status page (shardgate.monitor); components
         #: add their stats with ``monitor.collector.add_source``.
         self.monitor = Monitor(self)
+        #: The session store's keeper (``session_store``), None without a store.
+        self.session_keeper: SessionKeeper | None = None
         self._generation = 0
         self._stop_requested: asyncio.Event | None = None
         self._abort_stop: asyncio.Event | None = None
@@ -269,6 +280,12 @@ class GatewayManager:
             reset_after_s=bot.reset_after_ms / 1000,
         )
 
+    def create_session_store(self) -> SessionStore | None:
+        """The store that keeps sessions across restarts (``session_store``), or None."""
+        if self.config.session_store is None:
+            return None
+        return create_session_store(self.config.session_store, self.config.token)
+
     def create_forwarder(self) -> Forwarder:
         return create_forwarder(
             self.config.forward_mode,
@@ -338,7 +355,13 @@ class GatewayManager:
         bot = self.gateway_bot = await self.fetch_gateway_bot()
         self.identify_gate = self.create_identify_gate(bot)
         shard_count = self.compute_shard_count(bot)
+        store = self.create_session_store()
+        if store is not None:  # session store hook: resume what the last process left
+            self.session_keeper = SessionKeeper(self, store)
+            shard_count, _ = await self.session_keeper.restore(shard_count)
         group = self.create_group(shard_count)
+        if self.session_keeper is not None:
+            self.session_keeper.install(group)
         ids = group.shard_ids
         if bot.remaining < len(ids):
             log.warning(
@@ -375,6 +398,8 @@ class GatewayManager:
         await self.monitor.start()
         self.active = group
         group.start()
+        if self.session_keeper is not None:
+            self.session_keeper.start()
         self.resharder.start_checking()
         if self.config.health_interval > 0:
             self._health = asyncio.get_running_loop().create_task(
@@ -409,7 +434,11 @@ class GatewayManager:
     async def stop(self, *, drain_s: float | None = None) -> StopReport:
         """Close every shard (ending their sessions), then give delivery ``drain_s``
         (default ``shutdown_drain``) to empty the outbox; :meth:`abort_stop` cuts both
-        short. Logs and returns a summary; what is still queued then is lost."""
+        short. Logs and returns a summary; what is still queued then is lost.
+
+        With a session store the sessions are closed resumable (4000, not 1000) and the
+        store is written after the drain with the acknowledged seqs: the next start
+        resumes them, and Discord replays what the bot did not acknowledge."""
         drain_s = self.config.shutdown_drain if drain_s is None else drain_s
         if self._abort_stop is None:
             self._abort_stop = asyncio.Event()
@@ -425,7 +454,10 @@ class GatewayManager:
         groups = {self.active}
         if self.resharder.current is not None:
             groups |= {self.resharder.current.old, self.resharder.current.new}
-        stopping = [g.stop() for g in groups if g is not None]
+        keeper = self.session_keeper
+        # A session store keeps the active sessions resumable for the next process.
+        code = 1000 if keeper is None else RESUME_CLOSE_CODE
+        stopping = [g.stop(code if g is self.active else 1000) for g in groups if g is not None]
         if stopping:
             await self._unless_aborted(asyncio.gather(*stopping))
         drained = True
@@ -434,6 +466,9 @@ class GatewayManager:
             await self.resharder.stop()
             await self.delivery.stop()
             await self.delivery.forwarder.close()
+        saved = False
+        if keeper is not None:  # after the drain: the acknowledged seqs are final now
+            saved = await keeper.stop()
         close_gate = getattr(self.identify_gate, "aclose", None)
         if close_gate is not None:  # a Redis gate's connections
             await close_gate()
@@ -442,6 +477,7 @@ class GatewayManager:
             rejected=0 if self.delivery is None else self.delivery.rejected,
             dropped=self.outbox.dropped,
             undelivered=self.outbox.depth,
+            replayable=saved,
         )
         if not drained and report.undelivered:
             why = "the stop was forced" if self._abort_stop.is_set() else (
@@ -567,6 +603,7 @@ class GatewayManager:
             "reshard": self.resharder.snapshot(),
             "workers": None if self.workers is None else self.workers.snapshot(),
             "monitor": self.monitor.snapshot(),
+            "session_store": None if self.session_keeper is None else self.session_keeper.stats(),
         }
 
 

@@ -41,7 +41,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from shardgate.envelope import notice_body, parse_event_id
@@ -201,6 +201,7 @@ class Outbox:
         "latency",
         "max_bytes",
         "max_size",
+        "on_ack",
         "probe_armed",
         "probes",
     )
@@ -228,6 +229,9 @@ class Outbox:
         self.probe_armed = False
         self.probes: dict[int, tuple[str, float]] = {}
         self.latency = LatencyHistogram()
+        #: Called with ``(stream, events)`` for what each :meth:`ack` lets go, in order
+        #: (the session store's acknowledged seqs, shardgate.session_keeper); None: off.
+        self.on_ack: Callable[[int, Sequence[OutEvent]], None] | None = None
 
     # -- producer side -------------------------------------------------------------------
 
@@ -380,6 +384,8 @@ class Outbox:
         if self.probes and stream in self.probes:
             self._probe_done(stream, done)
         q.flight = rest
+        if self.on_ack is not None and done:
+            self.on_ack(stream, done)
         if not rest:
             self._finish(q)
         if (

@@ -31,8 +31,10 @@ Scripted faults, each addressed by ``shard_id`` (and optionally ``num_shards``) 
 :meth:`FakeDiscord.send_reconnect` (op 7), :meth:`~FakeDiscord.invalidate_session` (op 9),
 :meth:`~FakeDiscord.close`, :meth:`~FakeDiscord.stop_acking` (zombie),
 :meth:`~FakeDiscord.drop` (TCP abort), :meth:`~FakeDiscord.corrupt`,
-:meth:`~FakeDiscord.request_heartbeat` (op 1); :meth:`~FakeDiscord.reconnect_before_hello`
-for the next connections. Load: :meth:`~FakeDiscord.start_stream` (paced, routed) and
+:meth:`~FakeDiscord.request_heartbeat` (op 1);
+:meth:`~FakeDiscord.reconnect_before_hello` for the next connections;
+:meth:`~FakeDiscord.end_sessions` ends sessions with or without a client attached (a later
+RESUME gets op 9 ``false``). Load: :meth:`~FakeDiscord.start_stream` (paced, routed) and
 :meth:`~FakeDiscord.blast` (one connection, precompressed, as fast as the socket takes).
 
 Records: :attr:`FakeDiscord.connections` (:class:`ConnectionRecord` per connection: URL
@@ -877,6 +879,29 @@ class FakeDiscord:
     ) -> int:
         """Op 1 from the server: the client must heartbeat at once."""
         return self._each(shard_id, num_shards, session_id, lambda conn: conn.send_control(1))
+
+    def end_sessions(
+        self,
+        shard_id: int | None = None,
+        *,
+        num_shards: int | None = None,
+        session_id: str | None = None,
+        reason: str = "ended by the test",
+    ) -> int:
+        """End live sessions whether or not a client is attached, as Discord does when it
+        drops a session early (it only promises "a few minutes"): a later RESUME of one
+        gets op 9 ``false``; an attached connection gets op 9 ``false`` now. Returns how
+        many ended (0 is not an error: the test asserts on it)."""
+        ended = 0
+        for session in self.live_sessions(shard_id, num_shards):
+            if session_id is not None and session.session_id != session_id:
+                continue
+            conn = session.connection
+            if conn is not None and not conn.closing:
+                conn.invalidate(False)
+            session.end(reason)
+            ended += 1
+        return ended
 
     def reconnect_before_hello(self, count: int = 1) -> None:
         """The next ``count`` connections get op 7 instead of HELLO (then 4000 if they stay)."""

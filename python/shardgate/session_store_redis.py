@@ -1,0 +1,147 @@
+"""The Redis session store (``session_store = "redis://..."``): a hash per bot.
+
+Key ``shardgate:<bot_key>:sessions``; one field per shard and shard count,
+``"<shard_count>:<shard_id>"``, whose value is the JSON record of
+:func:`~shardgate.session_store.session_record`. Fields, not one document: several gateway
+processes (on several machines) with disjoint shard ranges write their own fields of the
+same hash without reading or overwriting each other's. A save is one MULTI/EXEC (HSET the
+live sessions, HDEL the fields of the same shards that are stale) plus an EXPIRE, so a
+bot that stopped for good does not leave its hash forever.
+
+redis-py's asyncio client (the optional extra ``shardgate[redis]``) is imported when the
+store is created, never by the base install.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Final
+
+import orjson
+
+from shardgate.errors import SessionStoreError
+from shardgate.session import Session
+from shardgate.session_store import (
+    StoredSession,
+    StoredSessions,
+    parse_record,
+    redact_store_location,
+    session_record,
+)
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+__all__ = ["KEY_TTL_S", "RedisSessionStore", "sessions_key"]
+
+KEY_TTL_S: Final = 7 * 86_400
+"""The hash expires this long after the last save: Discord keeps a dropped session minutes,
+so a week-old hash only costs failed RESUMEs; expiring it keeps Redis tidy."""
+TIMEOUT_S: Final = 5.0
+"""Connect and command timeout: a save that hangs must not hold the keeper for long."""
+
+
+def sessions_key(bot: str) -> str:
+    return f"shardgate:{bot}:sessions"
+
+
+class RedisSessionStore:
+    """:class:`~shardgate.session_store.SessionStore` on Redis (see the module docstring)."""
+
+    __slots__ = ("_client", "_fields", "bot", "key", "location", "url")
+
+    def __init__(self, url: str, bot: str) -> None:
+        self.url = url
+        self.bot = bot
+        self.key = sessions_key(bot)
+        self.location = redact_store_location(url)
+        self._client: Redis | None = None
+        #: Fields this process has seen (load) or written: what a save may need to delete.
+        self._fields: set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"RedisSessionStore({self.location!r})"
+
+    async def open(self) -> None:
+        try:
+            from redis.asyncio import Redis  # noqa: PLC0415
+        except ImportError:
+            raise SessionStoreError(
+                "session_store: a redis:// store needs redis-py: pip install 'shardgate[redis]'"
+            ) from None
+        self._client = Redis.from_url(
+            self.url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S
+        )
+
+    def _redis(self) -> Redis:
+        if self._client is None:
+            raise SessionStoreError("the Redis session store is not open")
+        return self._client
+
+    async def load(self) -> StoredSessions:
+        from redis.exceptions import RedisError  # noqa: PLC0415
+
+        try:
+            raw = await self._redis().hgetall(self.key)
+        except (RedisError, OSError) as exc:
+            raise SessionStoreError(f"session store {self.location}: {exc}") from None
+        entries: list[StoredSession] = []
+        skipped = 0
+        for field_raw, value in raw.items():
+            field = (
+                field_raw.decode("utf-8", "replace")
+                if isinstance(field_raw, bytes)
+                else field_raw
+            )
+            self._fields.add(field)
+            entry = _parse_field(field, value, self.location)
+            if entry is None:
+                skipped += 1
+            else:
+                entries.append(entry)
+        return StoredSessions(tuple(entries), skipped)
+
+    async def save(
+        self, shard_count: int, shard_ids: Iterable[int], sessions: Mapping[int, Session]
+    ) -> None:
+        ids = set(shard_ids)
+        now = time.time()
+        live = {
+            f"{shard_count}:{sid}": orjson.dumps(session_record(s, now))
+            for sid, s in sessions.items()
+            if sid in ids
+        }
+        stale = [f for f in self._fields if f not in live and _shard_of_field(f) in ids]
+        client = self._redis()
+        async with client.pipeline(transaction=True) as pipe:
+            if live:
+                pipe.hset(self.key, mapping=live)  # type: ignore[arg-type]
+            if stale:
+                pipe.hdel(self.key, *stale)
+            pipe.expire(self.key, KEY_TTL_S)
+            await pipe.execute()
+        self._fields.difference_update(stale)
+        self._fields.update(live)
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+
+def _shard_of_field(field: str) -> int | None:
+    _, _, shard = field.partition(":")
+    return int(shard) if shard.isdigit() else None
+
+
+def _parse_field(field: str, value: bytes | str, where: str) -> StoredSession | None:
+    count, sep, shard = field.partition(":")
+    record: Any = None
+    if sep and count.isdigit() and shard.isdigit() and int(count) >= 1:
+        try:
+            record = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            record = None
+        return parse_record(record, int(shard), int(count), where)
+    return parse_record(None, -1, 1, f"{where} (field {field[:60]!r})")

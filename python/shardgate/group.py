@@ -38,7 +38,6 @@ from shardgate._native import (
     KIND_GUILD_CREATE,
     KIND_GUILD_DELETE,
     KIND_READY,
-    KIND_RESUMED,
     Message,
 )
 from shardgate.cache import GuildCache, GuildState
@@ -231,9 +230,6 @@ class ShardGroup:
         # (a worker's group does not: the main process does, once every worker loaded).
         self.resume_sessions: dict[int, Session] = {}
         self.announce_all_loaded = True
-        # Sessions handed over from elsewhere (a dead worker, the session store) that have
-        # not come back yet: if Discord refuses one, the bot gets a SHARDGATE_GAP.
-        self._handed_over: dict[int, Session] = {}
 
     def __repr__(self) -> str:
         return f"<ShardGroup gen {self.generation}: {len(self.shard_ids)}/{self.shard_count}>"
@@ -244,9 +240,10 @@ class ShardGroup:
         """A new shard; it resumes ``resume_sessions[shard_id]`` if there is one (an
         override should pass ``session=self.resume_sessions.pop(shard_id, None)`` too)."""
         spec = self.spec
+        # A handed-over session (a dead worker's, the session store's) that Discord refuses
+        # becomes the shard's ``lost_session``: the bot gets a SHARDGATE_GAP before the new
+        # READY (on_session_lost), as for any session Discord would not resume.
         session = self.resume_sessions.pop(shard_id, None)
-        if session is not None:
-            self._handed_over[shard_id] = session
         return self.shard_class(
             spec.token,
             shard_id,
@@ -254,9 +251,7 @@ class ShardGroup:
             gateway_url=spec.gateway_url,
             intents=spec.intents,
             identify_gate=self.progress,
-            # Until the handed-over session is back (RESUMED) or replaced (READY), a
-            # slower path watches for that; then the shard switches to the plain one.
-            dispatch_handler=self._dispatch if session is None else self._dispatch_handed_over,
+            dispatch_handler=self._dispatch,
             options=spec.options,
             session=session,
         )
@@ -365,43 +360,6 @@ class ShardGroup:
     def _dispatch(self, shard: Shard, message: Message) -> None:
         """Indirection so that ``handle_dispatch`` can be replaced on the instance."""
         self.handle_dispatch(shard, message)
-
-    def _dispatch_handed_over(self, shard: Shard, message: Message) -> None:
-        """The dispatch handler of a shard built to resume a handed-over session, until
-        that session is resumed (RESUMED) or Discord refused it (a new session's READY):
-        then a gap record goes first, since what the session had after its seq is gone."""
-        kind = message.kind
-        if kind in (KIND_READY, KIND_RESUMED):
-            shard.dispatch_handler = self._dispatch
-            lost = self._handed_over.pop(shard.shard_id, None)
-            if kind == KIND_READY and lost is not None:
-                self.resume_refused(shard, lost)
-        self.handle_dispatch(shard, message)
-
-    def resume_refused(self, shard: Shard, lost: Session) -> None:
-        """Discord refused to resume ``lost``, a session this shard was handed (from the
-        session store or a dead worker), and the shard started a new one. The events
-        ``lost`` had after ``lost.seq`` will never come: a ``SHARDGATE_GAP`` says so,
-        ahead of the new session's READY. How many is unknown (``dropped`` null); the
-        range starts at ``lost.seq + 1`` (``last_seq`` null)."""
-        shard_id = shard.shard_id
-        first = f"{shard_id}:{lost.session_id}:{lost.seq + 1}"
-        log.warning(
-            "shard %d: the resume of session %s was refused; events after seq %d of it "
-            "may be missing (a SHARDGATE_GAP tells the bot)",
-            shard_id, lost.session_id, lost.seq,
-        )  # fmt: skip
-        d = {
-            "shard_id": shard_id,
-            "dropped": None,
-            "first_event_id": first,
-            "last_event_id": None,
-            "session_id": lost.session_id,
-            "first_seq": lost.seq + 1,
-            "last_seq": None,
-            "reason": "resume_refused",
-        }
-        self.sink(shard_id, f"gap:{first}", notice_body(shard_id, GAP_EVENT, d), None)
 
     def handle_dispatch(self, shard: Shard, message: Message) -> None:
         """Every dispatch: cache bookkeeping for guild events, then the sink."""

@@ -144,15 +144,16 @@ async def test_a_refused_resume_identifies_and_sends_a_gap_record(tmp_path: Path
             assert len(fake.identifies) == 5
             assert fake.identifies[-1].shard_id == 1
             assert [c.resumed for c in fake.connections[4:] if c.session_id].count(True) == 3
+            assert len(bot.gaps) == 1, bot.gaps
             gap = bot.gaps[0]
-            assert gap["shard_id"] == 1 and gap["reason"] == "resume_refused"
+            assert gap["shard_id"] == 1 and gap["reason"] == "session_lost"
             assert gap["session_id"] == lost.session_id
             assert gap["first_seq"] == lost.seq + 1
             assert gap["first_event_id"] == f"1:{lost.session_id}:{lost.seq + 1}"
             assert gap["dropped"] is None and gap["last_seq"] is None
             # The gap comes right before the new session's READY on shard 1.
-            order = [i for i in bot.order if i.startswith("1:") or i.startswith("gap:1:")]
-            at = order.index(f"gap:{gap['first_event_id']}")
+            order = [i for i in bot.order if i.startswith("1:")]
+            at = order.index(f"1:{lost.session_id}:{lost.seq}:SHARDGATE_GAP")
             assert bot.types[order[at + 1]] == "READY"
             # Everything else arrived: only the ended session's events after its stored
             # seq are missing, and exactly those are what the gap record names.

@@ -31,7 +31,7 @@ DISCORD_IDENTIFY_WINDOW_MS: Final = 5000
 """Discord allows one IDENTIFY per bucket per 5 s; ``spawn_shard_delay`` may not go below it."""
 
 Compression = Literal["zlib-stream", "zstd-stream", "none"]
-ForwardMode = Literal["http", "websocket"]
+ForwardMode = Literal["http", "websocket", "redis-streams"]
 SECRET_KEYS: Final = frozenset(
     {"token", "rest_authorization", "event_handler_secret", "control_secret"}
 )
@@ -67,6 +67,7 @@ class Config:
     event_handler_secret: str = field(repr=False)
     control_secret: str | None = field(default=None, repr=False)
     forward_mode: ForwardMode = "http"
+    redis_stream_prefix: str = "shardgate"
     first_shard_id: int = 0
     last_shard_id: int | None = None
     max_shards: int | None = None
@@ -106,11 +107,19 @@ class Config:
             _require(
                 _is_url(self.rest_url, ("http", "https")), "rest_url", "must be an http(s) URL"
             )
-        _require(
-            _is_url(self.event_handler_url, ("http", "https", "ws", "wss")),
-            "event_handler_url",
-            "must be an http(s) or ws(s) URL",
-        )
+        if self.forward_mode == "redis-streams":
+            # The Redis server is where events go: its URL is the handler URL of this mode.
+            _require(
+                _is_redis_url(self.event_handler_url),
+                "event_handler_url",
+                "must be a redis://, rediss:// or unix:// URL with forward_mode = redis-streams",
+            )
+        else:
+            _require(
+                _is_url(self.event_handler_url, ("http", "https", "ws", "wss")),
+                "event_handler_url",
+                "must be an http(s) or ws(s) URL (redis:// needs forward_mode = redis-streams)",
+            )
         _require(bool(self.event_handler_secret), "event_handler_secret", "is required")
         for key in ("event_handler_secret", "control_secret", "rest_authorization"):
             value = getattr(self, key)
@@ -123,7 +132,14 @@ class Config:
             "must differ from event_handler_secret (the handler receives that one)",
         )
         _require(
-            self.forward_mode in get_args(ForwardMode), "forward_mode", "must be http or websocket"
+            self.forward_mode in get_args(ForwardMode),
+            "forward_mode",
+            "must be http, websocket or redis-streams",
+        )
+        _require(
+            re.fullmatch(r"[\x21-\x7e]{1,200}", self.redis_stream_prefix) is not None,
+            "redis_stream_prefix",
+            "must be 1-200 visible ASCII characters (no spaces)",
         )
         _require(self.first_shard_id >= 0, "first_shard_id", "must be >= 0")
         if self.forward_mode == "http":
@@ -221,6 +237,7 @@ class Config:
             self.rest_authorization,
             self.event_handler_secret,
             self.control_secret,
+            url_password(self.event_handler_url),
         )
         return tuple(value for value in values if value)
 
@@ -228,6 +245,32 @@ class Config:
 def _require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(key, message)
+
+
+def _is_redis_url(value: str) -> bool:
+    parts = urlsplit(value)
+    if parts.scheme == "unix":
+        return bool(parts.path)
+    return parts.scheme in ("redis", "rediss") and bool(parts.hostname)
+
+
+def url_password(url: str) -> str | None:
+    """The password in a URL's userinfo (``redis://:pw@host``), for the log filter."""
+    try:
+        return urlsplit(url).password
+    except ValueError:
+        return None
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password in its userinfo (if any) replaced by ``***``."""
+    password = url_password(url)
+    if not password:
+        return url
+    parts = urlsplit(url)
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
 
 
 def _is_import_path(value: str) -> bool:
@@ -248,12 +291,15 @@ HELP: Final[Mapping[str, str]] = {
     "intents": "gateway intents: an int, or names such as Guilds|GuildMessages",
     "rest_url": "base URL of your REST process for GET /api/v10/gateway/bot",
     "rest_authorization": "the REST process's secret, sent as Authorization (secret: env)",
-    "event_handler_url": "where events go: http(s)://, or ws(s):// with forward_mode websocket",
+    "event_handler_url": "where events go: http(s)://, ws(s):// with forward_mode websocket, "
+    "redis:// with redis-streams",
     "event_handler_secret": "sent to the handler as Authorization (secret: env; >= 16 "
     "printable ASCII)",
     "control_secret": "unlocks the control API (secret: env; >= 16 printable ASCII, not the "
     "handler's); unset: event_handler_secret does, with a warning",
-    "forward_mode": "http (one POST per event, guide-compatible) or websocket (batched, acked)",
+    "forward_mode": "http (one POST per event, guide-compatible), websocket (batched, acked) "
+    "or redis-streams (XADD to one stream per shard at event_handler_url, a redis:// URL)",
+    "redis_stream_prefix": "redis-streams mode: key prefix; shard N's stream is <prefix>:N",
     "first_shard_id": "the first shard id this process runs",
     "last_shard_id": "the last shard id this process runs (inclusive)",
     "max_shards": "total shard count, overriding Discord's recommendation",
@@ -477,6 +523,8 @@ def describe(config: Config, sources: Mapping[str, str] | None = None) -> list[t
             text = f"{value} ({'|'.join(names)})" if names else str(value)
         elif value is None:
             text = "unset"
+        elif name == "event_handler_url":
+            text = redact_url(value)
         else:
             text = format_value(value)
         rows.append((name, text, (sources or {}).get(name, "")))

@@ -59,7 +59,7 @@ import os
 import sys
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import uvloop
@@ -69,7 +69,10 @@ from shardgate.config import secret_problem
 from shardgate.httpserver import expect_handler, server_logger
 from shardgate.log import setup_logging
 
-__all__ = ["EventCallback", "EventHandlerServer", "main"]
+if TYPE_CHECKING:
+    from shardgate.handler_redis import RedisStreamConsumer
+
+__all__ = ["EventCallback", "EventHandlerServer", "RedisStreamConsumer", "main"]
 
 log = logging.getLogger("shardgate.handler")  # not __name__: also under `python -m`
 
@@ -325,6 +328,15 @@ class EventHandlerServer:
             return not self.retry_on_error
         self.handled += 1
         return True
+
+
+def __getattr__(name: str) -> type[RedisStreamConsumer]:
+    """``RedisStreamConsumer`` on first use: its module imports this one."""
+    if name == "RedisStreamConsumer":
+        from shardgate.handler_redis import RedisStreamConsumer  # noqa: PLC0415
+
+        return RedisStreamConsumer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 async def _log_event(shard_id: int, data: dict[str, Any], event_id: str) -> None:

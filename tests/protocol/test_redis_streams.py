@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
+import subprocess
+import sys
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import Any
@@ -372,3 +376,38 @@ def test_the_consumer_refuses_a_block_time_that_outlasts_its_lease():
 
     with pytest.raises(ValueError, match="block_s"):
         RedisStreamConsumer(on_event, "redis://127.0.0.1:1/0", lease_s=1.0, block_s=0.5)
+
+
+async def acknowledged(url: str, stream: str) -> None:
+    """Wait until the stream's group has read and acknowledged everything."""
+    client = connect(url)
+    try:
+        async with asyncio.timeout(60):
+            while True:
+                groups = await client.xinfo_groups(stream) if await client.exists(stream) else []
+                if groups and groups[0]["lag"] == 0 and not groups[0]["pending"]:
+                    return
+                await asyncio.sleep(0.1)
+    finally:
+        await client.aclose()
+
+
+def test_standalone_module_consumes_the_streams(redis_server: RedisServer):
+    async def write() -> None:
+        forwarder = RedisStreamsForwarder(redis_server.url, prefix=PREFIX, max_len=100)
+        await forwarder.send(5, [OutEvent("5:s:42", body(5, 42))])
+        await forwarder.close()
+
+    asyncio.run(write())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDGATE_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shardgate.handler", "--redis", redis_server.url,
+         "--prefix", PREFIX],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        asyncio.run(acknowledged(redis_server.url, f"{PREFIX}:5"))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=30)
+    assert b"shard 5: MESSAGE_CREATE (seq 42, id 5:s:42)" in output

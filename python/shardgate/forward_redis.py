@@ -7,7 +7,8 @@ reader per stream, acknowledge after the callback) is
 
 :class:`RedisStreamsForwarder` implements :class:`~shardgate.forward.Forwarder`: a batch of
 one shard is one call of one Lua script (one round trip), which appends every event in
-order with the fields ``id`` and ``body`` (the bytes as the gateway built them). The
+order with the fields ``id`` and ``body`` (the bytes as the gateway built them; they
+travel joined, with their lengths, and the script cuts them apart again). The
 script is atomic, so a batch is in the stream whole or not at all; when the script
 returned, the batch is *acknowledged*: it leaves the gateway's outbox. How durable that
 is, is Redis's ``appendfsync`` (``always``: on disk before the reply). While Redis is
@@ -42,7 +43,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
+
+import orjson
 
 from shardgate.config import redact_url
 from shardgate.errors import RetryableError
@@ -59,14 +62,16 @@ log = logging.getLogger(__name__)
 DROP_WARN_INTERVAL_S: Final = 10.0
 
 APPEND_SCRIPT: Final = r"""
--- KEYS: stream, gaps hash, registry set.  ARGV: max_len, then (event id, body) pairs.
+-- KEYS: stream, gaps hash, registry set.
+-- ARGV: max_len, event ids (JSON array), body lengths (JSON array), the bodies joined.
 -- Returns {added, dropped, new gap placeholders, 1 if the batch was already there, depth}.
 local stream, gaps, registry = KEYS[1], KEYS[2], KEYS[3]
 local max_len = tonumber(ARGV[1])
-local n = (#ARGV - 1) / 2
+local ids, lengths, bodies = cjson.decode(ARGV[2]), cjson.decode(ARGV[3]), ARGV[4]
+local n = #ids
 
 -- A batch sent again after a lost reply: its last event is the last one added.
-if n > 0 and redis.call('HGET', gaps, 'last') == ARGV[#ARGV - 1] then
+if n > 0 and redis.call('HGET', gaps, 'last') == ids[n] then
   return {0, 0, 0, 1, -1}
 end
 
@@ -152,12 +157,15 @@ local function drop_one()
 end
 
 -- 3. Append, in order.
-for i = 2, #ARGV, 2 do
+local at = 1
+for i = 1, n do
   if depth >= max_len and drop_one() then depth = depth - 1 end
-  redis.call('XADD', stream, '*', 'id', ARGV[i], 'body', ARGV[i + 1])
+  local size = lengths[i]
+  redis.call('XADD', stream, '*', 'id', ids[i], 'body', string.sub(bodies, at, at + size - 1))
+  at = at + size
   depth = depth + 1
 end
-if n > 0 then redis.call('HSET', gaps, 'last', ARGV[#ARGV - 1]) end
+if n > 0 then redis.call('HSET', gaps, 'last', ids[n]) end
 redis.call('SADD', registry, stream)
 return {n, dropped, new_gaps, 0, depth}
 """
@@ -231,10 +239,14 @@ class RedisStreamsForwarder:
         if not batch:
             return
         stream = stream_key(self.prefix, shard_id)
-        args: list[Any] = [self.max_len]
-        for event in batch:
-            args.append(event.event_id)
-            args.append(event.body)
+        # Four arguments whatever the batch size: the client's per-argument packing cost
+        # 3x the rest of the call (measured); the script splits the bodies by length.
+        args = (
+            self.max_len,
+            orjson.dumps([event.event_id for event in batch]),
+            orjson.dumps([len(event.body) for event in batch]),
+            b"".join([event.body for event in batch]),
+        )
         try:
             result = await self._script(
                 keys=[stream, gaps_key(stream), registry_key(self.prefix)], args=args

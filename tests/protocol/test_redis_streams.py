@@ -291,20 +291,22 @@ async def test_redis_killed_mid_stream_loses_nothing_acknowledged(redis_server: 
     bot = Bot()
     consumer = RedisStreamConsumer(bot.callback("c"), redis_server.url, name="c", **FAST)
 
-    async def produce() -> None:
-        for seq in range(per_shard):
+    async def produce(seqs: range) -> None:
+        for seq in seqs:
             for shard in range(shards):
                 outbox.put(shard, f"{shard}:sess:{seq}", body(shard, seq))
             if seq % 25 == 0:
                 await asyncio.sleep(0.005)
 
+    half = per_shard // 2
     async with delivery, consumers(consumer):
-        producing = asyncio.create_task(produce())
+        producing = asyncio.create_task(produce(range(half)))
         await wait_until(lambda: bot.total() >= 1000, timeout=60)
         await asyncio.to_thread(redis_server.kill)
-        await asyncio.sleep(0.5)  # events pile up in the outbox meanwhile
-        await asyncio.to_thread(redis_server.start)
         await producing
+        await produce(range(half, per_shard))  # while Redis is down: the outbox holds them
+        await wait_until(lambda: delivery.retries > 0, timeout=30)
+        await asyncio.to_thread(redis_server.start)
         await wait_until(lambda: bot.total() >= shards * per_shard, timeout=90)
     await forwarder.close()
     for shard in range(shards):

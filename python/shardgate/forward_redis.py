@@ -40,6 +40,7 @@ newer events it should precede.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -55,26 +56,13 @@ from shardgate.redis_keys import gaps_key, registry_key, stream_key
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-__all__ = ["APPEND_SCRIPT", "RedisStreamsForwarder", "connect"]
+__all__ = ["APPEND_SCRIPT", "TRIM_SCRIPT", "RedisStreamsForwarder", "connect"]
 
 log = logging.getLogger(__name__)
 
 DROP_WARN_INTERVAL_S: Final = 10.0
 
-APPEND_SCRIPT: Final = r"""
--- KEYS: stream, gaps hash, registry set.
--- ARGV: max_len, event ids (JSON array), body lengths (JSON array), the bodies joined.
--- Returns {added, dropped, new gap placeholders, 1 if the batch was already there, depth}.
-local stream, gaps, registry = KEYS[1], KEYS[2], KEYS[3]
-local max_len = tonumber(ARGV[1])
-local ids, lengths, bodies = cjson.decode(ARGV[2]), cjson.decode(ARGV[3]), ARGV[4]
-local n = #ids
-
--- A batch sent again after a lost reply: its last event is the last one added.
-if n > 0 and redis.call('HGET', gaps, 'last') == ids[n] then
-  return {0, 0, 0, 1, -1}
-end
-
+_TRIM_LUA: Final = r"""
 local function parse(id)
   local ms, seq = string.match(id, '^(%d+)-(%d+)$')
   return tonumber(ms), tonumber(seq)
@@ -120,7 +108,31 @@ for _, field in ipairs(redis.call('HKEYS', gaps)) do
   end
 end
 local depth = redis.call('XLEN', stream) - placeholders
+"""
+"""Shared by both scripts (KEYS[1] the stream, KEYS[2] its gaps hash): where the consumer
+groups are, then the trim of what every group acknowledged."""
 
+APPEND_SCRIPT: Final = (
+    # The shebang (no flags) makes Redis refuse the whole call up front at maxmemory;
+    # without it the refusal comes at the first write that may grow memory, and the
+    # trim before it (a write) would let every append through.
+    r"""#!lua
+-- KEYS: stream, gaps hash, registry set.
+-- ARGV: max_len, event ids (JSON array), body lengths (JSON array), the bodies joined.
+-- Returns {added, dropped, new gap placeholders, 1 if the batch was already there, depth}.
+local stream, gaps, registry = KEYS[1], KEYS[2], KEYS[3]
+local max_len = tonumber(ARGV[1])
+local ids, lengths, bodies = cjson.decode(ARGV[2]), cjson.decode(ARGV[3]), ARGV[4]
+local n = #ids
+
+-- A batch sent again after a lost reply: its last event is the last one added.
+if n > 0 and redis.call('HGET', gaps, 'last') == ids[n] then
+  return {0, 0, 0, 1, -1}
+end
+
+"""
+    + _TRIM_LUA
+    + r"""
 -- 2. Drop the oldest unread event into a gap placeholder (see the module docstring).
 local dropped, new_gaps = 0, 0
 local function drop_one()
@@ -169,6 +181,17 @@ if n > 0 then redis.call('HSET', gaps, 'last', ids[n]) end
 redis.call('SADD', registry, stream)
 return {n, dropped, new_gaps, 0, depth}
 """
+)
+
+TRIM_SCRIPT: Final = (
+    "#!lua flags=allow-oom\n"
+    "local stream, gaps = KEYS[1], KEYS[2]\n"
+    + _TRIM_LUA
+    + "return depth\n"
+)
+"""Only frees memory, so it may run when Redis is at ``maxmemory``: the append script is
+refused there before its first write (whole), and would never get to trim."""
+
 
 
 def connect(url: str, *, timeout: float | None = 10.0) -> Redis:
@@ -202,6 +225,7 @@ class RedisStreamsForwarder:
     __slots__ = (
         "_client",
         "_script",
+        "_trim",
         "_warn_after",
         "_warned_dropped",
         "added",
@@ -223,6 +247,7 @@ class RedisStreamsForwarder:
         self.max_len = max_len
         self._client = connect(url, timeout=timeout)
         self._script = self._client.register_script(APPEND_SCRIPT)
+        self._trim = self._client.register_script(TRIM_SCRIPT)
         self.added = 0
         self.dropped = 0
         self.gap_records = 0
@@ -234,7 +259,7 @@ class RedisStreamsForwarder:
         return f"RedisStreamsForwarder({redact_url(self.url)!r}, prefix={self.prefix!r})"
 
     async def send(self, shard_id: int, batch: Sequence[OutEvent]) -> None:
-        from redis.exceptions import RedisError  # noqa: PLC0415  (optional dependency)
+        from redis.exceptions import OutOfMemoryError, RedisError  # noqa: PLC0415  (optional)
 
         if not batch:
             return
@@ -251,9 +276,15 @@ class RedisStreamsForwarder:
             result = await self._script(
                 keys=[stream, gaps_key(stream), registry_key(self.prefix)], args=args
             )
+        except OutOfMemoryError as exc:
+            # Refused before its first write, so nothing of it went in. Trim what the
+            # consumers acknowledged meanwhile (allowed at maxmemory: it only frees).
+            with contextlib.suppress(RedisError):
+                await self._trim(keys=[stream, gaps_key(stream)])
+            raise RetryableError(f"redis: {type(exc).__name__}: {exc}") from None
         except RedisError as exc:
-            # Connection refused or lost, timeout, LOADING after a restart, OOM, READONLY:
-            # all may pass; the events wait in the outbox meanwhile. Whether a batch whose
+            # Connection refused or lost, timeout, LOADING after a restart, READONLY: all
+            # may pass; the events wait in the outbox meanwhile. Whether a batch whose
             # reply was lost went in is settled by the script's `last` check on the retry.
             raise RetryableError(f"redis: {type(exc).__name__}: {exc}") from None
         added, dropped, new_gaps, duplicate = (int(x) for x in result[:4])

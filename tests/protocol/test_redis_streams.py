@@ -20,6 +20,7 @@ import orjson
 import pytest
 from harness import gateway_config, wait_until
 
+from shardgate.errors import RetryableError
 from shardgate.forward import Delivery
 from shardgate.forward_redis import RedisStreamsForwarder, connect
 from shardgate.handler import RedisStreamConsumer
@@ -163,6 +164,43 @@ async def test_without_any_consumer_group_nothing_is_trimmed_only_dropped_with_a
         gaps = await client.hgetall(f"{PREFIX}:0:gaps")
         assert orjson.loads(gaps[b"gap:" + entries[0][0]]) == [15, "0:sess:1", "0:sess:15"]
         assert forwarder.stats()["redis_gap_records"] == 1
+    finally:
+        await forwarder.close()
+        await client.aclose()
+
+
+async def test_at_maxmemory_a_batch_fails_whole_and_goes_in_once_acknowledged_ones_are_trimmed(
+    redis_server: RedisServer,
+):
+    forwarder = RedisStreamsForwarder(redis_server.url, prefix=PREFIX, max_len=1_000_000)
+    client = connect(redis_server.url)
+    stream = f"{PREFIX}:0"
+
+    def batch(n: int) -> list[OutEvent]:
+        return [OutEvent(f"0:sess:{n}:{i}", b"x" * 10_000) for i in range(20)]
+
+    try:
+        await client.xgroup_create(stream, "shardgate", id="0", mkstream=True)
+        used = (await client.info("memory"))["used_memory"]
+        await client.config_set("maxmemory-policy", "noeviction")
+        await client.config_set("maxmemory", used + 2_000_000)
+        sent = 0
+        with pytest.raises(RetryableError, match="OutOfMemory"):
+            for n in range(1000):
+                await forwarder.send(0, batch(n))
+                sent += 1
+        assert sent > 0
+        assert await client.xlen(stream) == 20 * sent  # nothing of the refused batch
+        # The bot reads and acknowledges everything (allowed at maxmemory).
+        reply = await client.xreadgroup("shardgate", "c", {stream: ">"}, count=100_000)
+        await client.xack(stream, "shardgate", *(entry_id for entry_id, _ in reply[0][1]))
+        # The refused batch again: its failure trims what was acknowledged, the retry fits.
+        with contextlib.suppress(RetryableError):
+            await forwarder.send(0, batch(sent))
+        await forwarder.send(0, batch(sent))
+        entries = await client.xrange(stream)
+        assert [f[b"id"] for _, f in entries] == [e.event_id.encode() for e in batch(sent)]
+        assert forwarder.dropped == 0
     finally:
         await forwarder.close()
         await client.aclose()

@@ -17,6 +17,9 @@ How several consumers share the load and keep each shard in order:
 
 - All consumers of one bot are one consumer *group* (``group``, default ``shardgate``),
   created at id 0 on each stream, so a new group starts with what the stream holds.
+  Each consumer needs a name of its own (``name``; default: host, pid and a random
+  suffix). A consumer restarted under the same name takes its leases back at once and
+  reads its own pending entries first.
 - A stream is read by one consumer at a time: the holder of its *lease*
   (``P:<shard>:owner:<group>``, ``SET NX PX``), renewed every ``lease_s / 3`` by a task of
   its own, so a slow callback does not lose it. Each consumer heartbeats into a sorted set
@@ -304,8 +307,8 @@ class RedisStreamConsumer:
             taken = await self._redis.set(
                 lease, self.name, nx=True, px=int(self.lease_s * 1000)
             )
-            if not taken:
-                continue
+            if not taken and await self._redis.get(lease) != self.name.encode():
+                continue  # held by another (a lease of our own name: we restarted; adopt it)
             await self._make_group(key)
             self._held[key] = _Held(key, lease)
             self.acquired += 1

@@ -316,6 +316,28 @@ async def test_pending_entries_of_a_dead_consumer_are_reclaimed_in_order(
         await client.aclose()
 
 
+async def test_a_consumer_restarted_under_its_name_takes_its_lease_and_pending_back(
+    redis_server: RedisServer,
+):
+    forwarder = RedisStreamsForwarder(redis_server.url, prefix=PREFIX, max_len=1000)
+    client = connect(redis_server.url)
+    stream = f"{PREFIX}:0"
+    try:
+        await forwarder.send(0, [event(0, seq) for seq in range(1, 11)])
+        await client.xgroup_create(stream, "shardgate", id="0")
+        # Its previous life: a lease far from expiring, entries 1..4 read, not acknowledged.
+        await client.set(f"{stream}:owner:shardgate", "me", px=600_000)
+        await client.xreadgroup("shardgate", "me", {stream: ">"}, count=4)
+        bot = Bot()
+        consumer = RedisStreamConsumer(bot.callback("me"), redis_server.url, name="me", **FAST)
+        async with consumers(consumer):
+            await wait_until(lambda: bot.total() >= 10, timeout=30)  # not the lease's 600 s
+        assert bot.seqs(0) == list(range(1, 11))
+    finally:
+        await forwarder.close()
+        await client.aclose()
+
+
 # -- Redis restarts -----------------------------------------------------------------------
 
 

@@ -845,26 +845,29 @@ failures: list[str] = []
 
 def series_runs(
     args: argparse.Namespace,
-    mode: str,
+    modes: list[str],
     kind: str,
     events: int,
     rate: float | None,
     cpus: tuple[int | None, int | None],
 ) -> list[dict[str, Any]]:
+    """Runs of one kind against one fake; with several modes (same event count) they take
+    turns run by run, so each sees the same machine load."""
     series = start_fake(args, kind, events, cpus[0])
-    series.mode = mode
+    series.mode = ",".join(modes)
     records = []
     try:
-        for run in range(args.runs):
-            for workers in worker_counts(args):
-                try:
-                    record = run_one(args, mode, series, events, rate, cpus, workers=workers)
-                except Exception as exc:  # one broken run must not lose the others
-                    print(f"  {mode} {kind} w{workers} run {run + 1} FAILED: {exc}", flush=True)
-                    failures.append(f"{mode}/{kind}/w{workers} run {run + 1}: {exc}")
-                    continue
-                records.append(record)
-                print(format_run(run, record), flush=True)
+        for run, mode, workers in (
+            (r, m, w) for r in range(args.runs) for m in modes for w in worker_counts(args)
+        ):
+            try:
+                record = run_one(args, mode, series, events, rate, cpus, workers=workers)
+            except Exception as exc:  # one broken run must not lose the others
+                print(f"  {mode} {kind} w{workers} run {run + 1} FAILED: {exc}", flush=True)
+                failures.append(f"{mode}/{kind}/w{workers} run {run + 1}: {exc}")
+                continue
+            records.append(record)
+            print(format_run(run, record), flush=True)
     finally:
         series.fake.close_stdin()
         series.fake.wait(30)
@@ -1089,9 +1092,17 @@ def orchestrate(args: argparse.Namespace) -> None:
         f"load {meta['load_start'][0]:.2f}",
         flush=True,
     )
+    # Modes with the same event count (websocket, redis-streams) take turns in one series.
+    by_events: dict[int, list[str]] = {}
     for mode in modes:
-        events = args.http_events if mode == "http" else args.ws_events
-        sat = series_runs(args, mode, "saturation", events, None, cpus)
+        by_events.setdefault(args.http_events if mode == "http" else args.ws_events, []).append(
+            mode
+        )
+    saturation: list[dict[str, Any]] = []
+    for events, same in by_events.items():
+        saturation += series_runs(args, same, "saturation", events, None, cpus)
+    for mode in modes:
+        sat = [r for r in saturation if r["mode"] == mode]
         records += sat
         if not sat:
             continue
@@ -1110,7 +1121,7 @@ def orchestrate(args: argparse.Namespace) -> None:
             fixed = args.http_rate if mode == "http" else args.ws_rate
             rate = fixed or args.paced_fraction * s["events_per_s"]
             n = max(1000, int(rate * args.paced_seconds))
-            paced_records = series_runs(args, mode, "paced", n, rate, cpus)
+            paced_records = series_runs(args, [mode], "paced", n, rate, cpus)
             records += paced_records
             if not paced_records:
                 continue

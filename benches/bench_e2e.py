@@ -3,6 +3,7 @@
     .venv/bin/python benches/bench_e2e.py                    # both modes, 5 runs per kind
     .venv/bin/python benches/bench_e2e.py --modes websocket --runs 7 --json e2e.json
     .venv/bin/python benches/bench_e2e.py --profile          # + one cProfiled run per mode
+    .venv/bin/python benches/bench_e2e.py --modes websocket,redis-streams --paced-fraction 0
 
 Three processes per run, all on 127.0.0.1: the fake Discord (this script, ``--role
 fake``), the gateway process exactly as a user starts it (``python -m shardgate.cli run``,
@@ -56,6 +57,18 @@ handler has them all. Printed: the median events per gateway CPU-second per inte
 difference, and the median of the per-run ratios (scraped over not scraped, same run
 number, so the same machine load).
 
+Redis Streams (``--modes redis-streams``): the orchestrator starts one ``redis-server``
+(:class:`shardgate.testing.redis_server.RedisServer`: loopback, AOF, ``appendfsync``
+``--redis-fsync``, default ``everysec``) for the whole benchmark and empties it before
+each run; the gateway runs with ``forward_mode = "redis-streams"`` and the handler role is
+a minimal consumer: one consumer group, one ``XREADGROUP`` over every shard stream (up to
+1,000 entries per stream), the benchmark mark counted in each body (not parsed), one
+``XACK`` per stream and read, pipelined. The gateway's per-batch script also trims what
+was acknowledged, so that work is in the gateway's numbers (Redis's own CPU is reported
+apart: ``redis_cpu_s_per_100k``). Saturation runs send ``--ws-events`` as in websocket
+mode, so the two modes compare directly: events per gateway CPU-second of each, and their
+ratio, in the same run.
+
 Every run checks for loss: ``lost = sent - filtered - received`` where ``filtered`` is
 the unfurl MESSAGE_UPDATEs the gateway's edit filter filtered (its status endpoint), checked
 against the fake's own count of unfurls in what it sent; ``lost`` must be 0. Medians of
@@ -108,6 +121,8 @@ TICK_S = 0.001
 LAG_S = 0.010
 FLUSH_EVENTS = 64
 TARGETS = {"websocket": 150_000.0, "http": 15_000.0}
+REDIS_PREFIX = "bench"
+REDIS_GROUP = "bench"
 P99_TARGET_MS = 50.0
 
 
@@ -178,6 +193,10 @@ def handler_role(args: argparse.Namespace) -> None:
                 at = frame.find(MARK, at + width + STAMP_DIGITS)
         rec.seen(marked, now)
 
+    if args.kind == "redis-streams":
+        uvloop.run(redis_handler(args, rec, on_body))
+        return
+
     async def main() -> None:
         kind = "minimal-ws" if args.kind == "websocket" else "minimal-http"
         server = await start_minimal(kind, 0, SECRET, on_body=on_body, on_batch=on_batch)
@@ -191,6 +210,51 @@ def handler_role(args: argparse.Namespace) -> None:
                 say("REPORT", rec.report())
 
     uvloop.run(main())
+
+
+async def redis_handler(args: argparse.Namespace, rec: Receipts, on_body: Any) -> None:
+    """The minimal Redis Streams consumer: every shard stream in one XREADGROUP, bodies
+    counted (not parsed), one XACK per stream and read (pipelined)."""
+    from redis.exceptions import ResponseError  # noqa: PLC0415
+
+    from shardgate.forward_redis import connect  # noqa: PLC0415
+
+    client = connect(args.redis_url, timeout=None)
+    registry = f"{REDIS_PREFIX}:streams".encode()
+    streams: set[bytes] = set()
+
+    async def consume() -> None:
+        while True:
+            for key in await client.smembers(registry) - streams:
+                with contextlib.suppress(ResponseError):  # BUSYGROUP
+                    await client.xgroup_create(key, REDIS_GROUP, id="0", mkstream=True)
+                streams.add(key)
+            if not streams:
+                await asyncio.sleep(0.05)
+                continue
+            reply = await client.xreadgroup(
+                REDIS_GROUP, "c", dict.fromkeys(streams, ">"), count=1000, block=100
+            )
+            now = time.monotonic_ns()
+            if not reply:
+                continue
+            pipe = client.pipeline(transaction=False)
+            for key, entries in reply:
+                for _, fields in entries:
+                    on_body(fields[b"body"], now)
+                pipe.xack(key, REDIS_GROUP, *(entry_id for entry_id, _ in entries))
+            await pipe.execute()
+
+    say("READY", {"port": 0})
+    task = asyncio.create_task(consume())
+    async for line in stdin_lines():
+        if line.startswith("EXPECT "):
+            rec.expect = int(line.split()[1])
+            if rec.stream >= rec.expect:
+                say("DONE", rec.report())
+        elif line == "REPORT":
+            say("REPORT", rec.report())
+    task.cancel()
 
 
 async def stdin_lines() -> Any:
@@ -528,7 +592,10 @@ def gateway_env(
         SHARDGATE_TOKEN=TOKEN,
         SHARDGATE_INTENTS=INTENTS,
         SHARDGATE_REST_URL=series.urls["rest_url"],
-        SHARDGATE_EVENT_HANDLER_URL=f"http://127.0.0.1:{handler_port}/",
+        SHARDGATE_EVENT_HANDLER_URL=(
+            args.redis_url if mode == "redis-streams" else f"http://127.0.0.1:{handler_port}/"
+        ),
+        SHARDGATE_REDIS_STREAM_PREFIX=REDIS_PREFIX,
         SHARDGATE_EVENT_HANDLER_SECRET=SECRET,
         SHARDGATE_FORWARD_MODE=mode,
         SHARDGATE_SPAWN_SHARD_DELAY="20",
@@ -569,6 +636,11 @@ def run_one(
         "load_before": _procs.loadavg(),
     }
     handler_cmd = [_procs.MAIN_PYTHON, __file__, "--role", "handler", "--kind", mode]
+    redis_pid = None
+    if mode == "redis-streams":
+        handler_cmd += ["--redis-url", args.redis_url]
+        redis_pid = args.redis_server.pid
+        asyncio.run(flush_redis(args.redis_url))  # each run starts from empty streams
     if rate is not None:
         handler_cmd.append("--latency")
     handler = _procs.spawn("handler", handler_cmd, cpu_side, stdin=True)
@@ -610,6 +682,7 @@ def run_one(
         cpu0 = proc_cpu_s(gateway.pid)
         wcpu0 = [proc_cpu_s(pid) for pid in pids]
         side0 = proc_cpu_s(series.fake.pid), proc_cpu_s(handler.pid)
+        redis0 = proc_cpu_s(redis_pid) if redis_pid else 0.0
         if scrape > 0:
             scraper = Scraper(metrics_port, scrape)
             scraper.start()
@@ -633,6 +706,7 @@ def run_one(
             sampler.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
             sampler.wait(30)
         side1 = proc_cpu_s(series.fake.pid), proc_cpu_s(handler.pid)
+        redis1 = proc_cpu_s(redis_pid) if redis_pid else 0.0
         sent = series.fake.reader.tagged("SENT", timeout=args.timeout)
         # let anything beyond the expected count arrive (it would be counted); workers
         # report their shards' counters every 0.5 s
@@ -685,6 +759,7 @@ def run_one(
         main_cpu_share=main_cpu / wall if wall > 0 else float("nan"),
         fake_cpu_share=(side1[0] - side0[0]) / wall if wall > 0 else float("nan"),
         handler_cpu_share=(side1[1] - side0[1]) / wall if wall > 0 else float("nan"),
+        redis_cpu_s_per_100k=(redis1 - redis0) * per_100k if redis_pid else float("nan"),
         send_s=(sent["last_ns"] - sent["first_ns"]) / 1e9,
         load_after=_procs.loadavg(),
     )
@@ -708,6 +783,14 @@ def run_one(
             + f" gateway filtered {filtered}, fake counted {prepared['unfurls']} unfurls"
         ).strip()
     return record
+
+
+async def flush_redis(url: str) -> None:
+    from shardgate.forward_redis import connect  # noqa: PLC0415
+
+    client = connect(url)
+    await client.flushall()
+    await client.aclose()
 
 
 def worker_pids(status: dict[str, Any]) -> list[int]:
@@ -816,32 +899,36 @@ failures: list[str] = []
 
 def series_runs(
     args: argparse.Namespace,
-    mode: str,
+    modes: list[str],
     kind: str,
     events: int,
     rate: float | None,
     cpus: tuple[int | None, int | None],
 ) -> list[dict[str, Any]]:
+    """Runs of one kind against one fake; with several modes (same event count) they take
+    turns run by run, so each sees the same machine load."""
     series = start_fake(args, kind, events, cpus[0])
-    series.mode = mode
+    series.mode = ",".join(modes)
     records = []
     try:
-        for run in range(args.runs):
-            for workers in worker_counts(args):
-                for scrape in scrape_intervals(args):
-                    try:
-                        record = run_one(
-                            args, mode, series, events, rate, cpus, workers=workers,
-                            scrape=scrape,
-                        )  # fmt: skip
-                    except Exception as exc:  # one broken run must not lose the others
-                        print(f"  {mode} {kind} w{workers} run {run + 1} FAILED: {exc}",
-                              flush=True)  # fmt: skip
-                        failures.append(f"{mode}/{kind}/w{workers} run {run + 1}: {exc}")
-                        continue
-                    record["run"] = run
-                    records.append(record)
-                    print(format_run(run, record), flush=True)
+        for run, mode, workers, scrape in (
+            (r, m, w, sc)
+            for r in range(args.runs)
+            for m in modes
+            for w in worker_counts(args)
+            for sc in scrape_intervals(args)
+        ):
+            try:
+                record = run_one(
+                    args, mode, series, events, rate, cpus, workers=workers, scrape=scrape
+                )
+            except Exception as exc:  # one broken run must not lose the others
+                print(f"  {mode} {kind} w{workers} run {run + 1} FAILED: {exc}", flush=True)
+                failures.append(f"{mode}/{kind}/w{workers} run {run + 1}: {exc}")
+                continue
+            record["run"] = run
+            records.append(record)
+            print(format_run(run, record), flush=True)
     finally:
         series.fake.close_stdin()
         series.fake.wait(30)
@@ -903,7 +990,7 @@ def by_workers(records: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]
 
 def format_run(run: int, r: dict[str, Any]) -> str:
     text = (
-        f"  {r['mode']:<9} {r['kind']:<10} w{r['workers']} run {run + 1}: "
+        f"  {r['mode']:<13} {r['kind']:<10} w{r['workers']} run {run + 1}: "
         f"{r['events_per_s']:>9,.0f} ev/s  "
         f"{r['events_per_cpu_s']:>9,.0f} ev/CPU-s  {r['cpu_s_per_100k']:.3f} CPU s/100k  "
         f"share {r['cpu_share']:.2f} (fake {r['fake_cpu_share']:.2f}, handler "
@@ -942,7 +1029,7 @@ def print_table(results: dict[str, Any]) -> None:
         f" -> {meta['load_end'][0]:.2f}"
     )
     header = (
-        f"{'mode':<10}{'kind':<11}{'wk':>3}{'events/s':>10}{'ev/CPU-s':>10}{'CPU s/100k':>11}"
+        f"{'mode':<14}{'kind':<11}{'wk':>3}{'events/s':>10}{'ev/CPU-s':>10}{'CPU s/100k':>11}"
         f"{'main':>7}{'workers':>8}{'share':>7}{'p50 ms':>8}{'p99 ms':>8}{'max ms':>8}"
         f"{'lost':>6}"
     )
@@ -956,7 +1043,7 @@ def print_table(results: dict[str, Any]) -> None:
             return f"{s[key]:>8.2f}" if key in s else f"{'-':>8}"
 
         print(
-            f"{mode:<10}{kind:<11}{workers:>3}{s['events_per_s']:>10,.0f}"
+            f"{mode:<14}{kind:<11}{workers:>3}{s['events_per_s']:>10,.0f}"
             f"{s['events_per_cpu_s']:>10,.0f}{s['cpu_s_per_100k']:>11.3f}"
             f"{s.get('main_cpu_s_per_100k', float('nan')):>7.3f}"
             f"{s.get('workers_cpu_s_per_100k', float('nan')):>8.3f}{s['cpu_share']:>7.2f}"
@@ -964,11 +1051,22 @@ def print_table(results: dict[str, Any]) -> None:
         )
     for line in results.get("idle", []):
         print(line["text"])
+    ws = results["ratios"].get("websocket")
     for mode, ratio in results["ratios"].items():
-        text = (
-            f"{mode}: {ratio['events_per_cpu_s']:,.0f} events per gateway CPU-second = "
-            f"{ratio['vs_target']:.2f}x the {TARGETS[mode]:,.0f}/s target at one core"
-        )
+        text = f"{mode}: {ratio['events_per_cpu_s']:,.0f} events per gateway CPU-second"
+        if mode in TARGETS:
+            text += f" = {ratio['vs_target']:.2f}x the {TARGETS[mode]:,.0f}/s target at one core"
+        elif ws is not None:
+            text += (
+                f" = {ratio['events_per_cpu_s'] / ws['events_per_cpu_s']:.2f}x websocket mode "
+                "in the same run"
+            )
+        redis_cpu = [
+            r["redis_cpu_s_per_100k"] for r in results["runs"]
+            if r["mode"] == mode and r["kind"] == "saturation" and "redis_cpu_s_per_100k" in r
+        ]  # fmt: skip
+        if mode == "redis-streams" and redis_cpu:
+            text += f"; redis-server {_procs.median(redis_cpu):.3f} CPU s / 100k events"
         if "p99_ms" in ratio:
             text += (
                 f"; paced at {ratio['paced_rate']:,.0f}/s: p99 {ratio['p99_ms']:.2f} ms "
@@ -990,7 +1088,7 @@ def profile_run(args: argparse.Namespace, mode: str, cpus: tuple[int | None, int
     """One saturation run with the gateway profiled (not in the results): sampled by
     py-spy during the measured window when ``--py-spy`` is given, else under cProfile
     (which slows the gateway's Python code and covers its whole lifetime)."""
-    events = args.ws_events if mode == "websocket" else args.http_events
+    events = args.http_events if mode == "http" else args.ws_events
     series = start_fake(args, "saturation", events, cpus[0])
     series.mode = mode
     with tempfile.NamedTemporaryFile(suffix=".prof", delete=False) as f:
@@ -1097,9 +1195,17 @@ def orchestrate(args: argparse.Namespace) -> None:
         f"load {meta['load_start'][0]:.2f}",
         flush=True,
     )
+    # Modes with the same event count (websocket, redis-streams) take turns in one series.
+    by_events: dict[int, list[str]] = {}
     for mode in modes:
-        events = args.ws_events if mode == "websocket" else args.http_events
-        sat = series_runs(args, mode, "saturation", events, None, cpus)
+        by_events.setdefault(args.http_events if mode == "http" else args.ws_events, []).append(
+            mode
+        )
+    saturation: list[dict[str, Any]] = []
+    for events, same in by_events.items():
+        saturation += series_runs(args, same, "saturation", events, None, cpus)
+    for mode in modes:
+        sat = [r for r in saturation if r["mode"] == mode]
         records += sat
         if not sat:
             continue
@@ -1113,14 +1219,14 @@ def orchestrate(args: argparse.Namespace) -> None:
         s = summary[summary_key(args, mode, "saturation", first)]
         ratios[mode] = {
             "events_per_cpu_s": s["events_per_cpu_s"],
-            "vs_target": s["events_per_cpu_s"] / TARGETS[mode],
+            "vs_target": s["events_per_cpu_s"] / TARGETS.get(mode, float("nan")),
             "events_per_s": s["events_per_s"],
         }
         if args.paced_fraction > 0:
-            fixed = args.ws_rate if mode == "websocket" else args.http_rate
+            fixed = args.http_rate if mode == "http" else args.ws_rate
             rate = fixed or args.paced_fraction * s["events_per_s"]
             n = max(1000, int(rate * args.paced_seconds))
-            paced_records = series_runs(args, mode, "paced", n, rate, cpus)
+            paced_records = series_runs(args, [mode], "paced", n, rate, cpus)
             records += paced_records
             scraped.extend(scrape_comparison(paced_records))
             paced_records = [
@@ -1165,7 +1271,17 @@ def orchestrate(args: argparse.Namespace) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--modes", default="websocket,http", help="comma-separated: websocket,http")
+    p.add_argument(
+        "--modes",
+        default="websocket,http",
+        help="comma-separated: websocket,http,redis-streams (redis-streams starts a redis-server)",
+    )
+    p.add_argument(
+        "--redis-fsync",
+        default="everysec",
+        choices=["always", "everysec", "no"],
+        help="redis-server appendfsync for redis-streams mode (default everysec)",
+    )
     p.add_argument("--runs", type=int, default=5, help="runs per mode and kind (default 5)")
     p.add_argument("--shards", type=int, default=8, help="shards of the bot (default 8)")
     p.add_argument("--guilds-per-shard", type=int, default=4)
@@ -1225,6 +1341,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kind", help=argparse.SUPPRESS)
     p.add_argument("--latency", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--pool", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--redis-url", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -1234,5 +1351,12 @@ if __name__ == "__main__":
         handler_role(parsed)
     elif parsed.role == "fake":
         fake_role(parsed)
+    elif "redis-streams" in parsed.modes.split(","):
+        from shardgate.testing.redis_server import RedisServer
+
+        with RedisServer(appendfsync=parsed.redis_fsync) as redis_server:
+            parsed.redis_server = redis_server
+            parsed.redis_url = redis_server.url
+            orchestrate(parsed)
     else:
         orchestrate(parsed)

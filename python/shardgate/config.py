@@ -23,9 +23,9 @@ from typing import Any, Final, Literal, get_args
 from urllib.parse import urlsplit
 
 from shardgate.errors import ConfigError
-from shardgate.identify_redis import redacted_url
 from shardgate.intents import INTENT_BITS, parse_intents
-from shardgate.session_store import parse_store_location, redact_store_location
+from shardgate.log import redact_url, url_password
+from shardgate.session_store import parse_store_location
 
 ENV_PREFIX: Final = "SHARDGATE_"
 DISCORD_REST_URL: Final = "https://discord.com"
@@ -33,7 +33,7 @@ DISCORD_IDENTIFY_WINDOW_MS: Final = 5000
 """Discord allows one IDENTIFY per bucket per 5 s; ``spawn_shard_delay`` may not go below it."""
 
 Compression = Literal["zlib-stream", "zstd-stream", "none"]
-ForwardMode = Literal["http", "websocket"]
+ForwardMode = Literal["http", "websocket", "redis-streams"]
 SECRET_KEYS: Final = frozenset(
     {"token", "rest_authorization", "event_handler_secret", "control_secret"}
 )
@@ -69,6 +69,7 @@ class Config:
     event_handler_secret: str = field(repr=False)
     control_secret: str | None = field(default=None, repr=False)
     forward_mode: ForwardMode = "http"
+    redis_stream_prefix: str = "shardgate"
     first_shard_id: int = 0
     last_shard_id: int | None = None
     max_shards: int | None = None
@@ -116,11 +117,19 @@ class Config:
             _require(
                 _is_url(self.rest_url, ("http", "https")), "rest_url", "must be an http(s) URL"
             )
-        _require(
-            _is_url(self.event_handler_url, ("http", "https", "ws", "wss")),
-            "event_handler_url",
-            "must be an http(s) or ws(s) URL",
-        )
+        if self.forward_mode == "redis-streams":
+            # The Redis server is where events go: its URL is the handler URL of this mode.
+            _require(
+                _is_redis_url(self.event_handler_url),
+                "event_handler_url",
+                "must be a redis://, rediss:// or unix:// URL with forward_mode = redis-streams",
+            )
+        else:
+            _require(
+                _is_url(self.event_handler_url, ("http", "https", "ws", "wss")),
+                "event_handler_url",
+                "must be an http(s) or ws(s) URL (redis:// needs forward_mode = redis-streams)",
+            )
         _require(bool(self.event_handler_secret), "event_handler_secret", "is required")
         for key in ("event_handler_secret", "control_secret", "rest_authorization"):
             value = getattr(self, key)
@@ -133,7 +142,14 @@ class Config:
             "must differ from event_handler_secret (the handler receives that one)",
         )
         _require(
-            self.forward_mode in get_args(ForwardMode), "forward_mode", "must be http or websocket"
+            self.forward_mode in get_args(ForwardMode),
+            "forward_mode",
+            "must be http, websocket or redis-streams",
+        )
+        _require(
+            re.fullmatch(r"[\x21-\x7e]{1,200}", self.redis_stream_prefix) is not None,
+            "redis_stream_prefix",
+            "must be 1-200 visible ASCII characters (no spaces)",
         )
         _require(self.first_shard_id >= 0, "first_shard_id", "must be >= 0")
         if self.forward_mode == "http":
@@ -244,21 +260,11 @@ class Config:
             self.rest_authorization,
             self.event_handler_secret,
             self.control_secret,
-            _url_password(self.identify_url),
-            _url_password(self.session_store),
+            url_password(self.identify_url),
+            url_password(self.session_store),
+            url_password(self.event_handler_url),
         )
         return tuple(value for value in values if value)
-
-
-def _url_password(url: str | None) -> str | None:
-    """The password in a URL key (identify_url, a redis:// session store), for the log
-    filter (a URL key is shown redacted)."""
-    if not url or "://" not in url:
-        return None
-    try:
-        return urlsplit(url).password
-    except ValueError:
-        return None
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -295,12 +301,15 @@ HELP: Final[Mapping[str, str]] = {
     "intents": "gateway intents: an int, or names such as Guilds|GuildMessages",
     "rest_url": "base URL of your REST process for GET /api/v10/gateway/bot",
     "rest_authorization": "the REST process's secret, sent as Authorization (secret: env)",
-    "event_handler_url": "where events go: http(s)://, or ws(s):// with forward_mode websocket",
+    "event_handler_url": "where events go: http(s)://, ws(s):// with forward_mode websocket, "
+    "redis:// with redis-streams",
     "event_handler_secret": "sent to the handler as Authorization (secret: env; >= 16 "
     "printable ASCII)",
     "control_secret": "unlocks the control API (secret: env; >= 16 printable ASCII, not the "
     "handler's); unset: event_handler_secret does, with a warning",
-    "forward_mode": "http (one POST per event, guide-compatible) or websocket (batched, acked)",
+    "forward_mode": "http (one POST per event, guide-compatible), websocket (batched, acked) "
+    "or redis-streams (XADD to one stream per shard at event_handler_url, a redis:// URL)",
+    "redis_stream_prefix": "redis-streams mode: key prefix; shard N's stream is <prefix>:N",
     "first_shard_id": "the first shard id this process runs",
     "last_shard_id": "the last shard id this process runs (inclusive)",
     "max_shards": "total shard count, overriding Discord's recommendation",
@@ -533,10 +542,8 @@ def describe(config: Config, sources: Mapping[str, str] | None = None) -> list[t
             text = f"{value} ({'|'.join(names)})" if names else str(value)
         elif value is None:
             text = "unset"
-        elif name == "identify_url":
-            text = redacted_url(value) if value else "unset"
-        elif name == "session_store":
-            text = redact_store_location(value)
+        elif name in ("identify_url", "session_store", "event_handler_url"):
+            text = redact_url(value) if value else "unset"
         else:
             text = format_value(value)
         rows.append((name, text, (sources or {}).get(name, "")))

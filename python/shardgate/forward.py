@@ -187,7 +187,11 @@ class Delivery:
         return True
 
     def stats(self) -> dict[str, int]:
-        return {"delivered": self.delivered, "rejected": self.rejected, "retries": self.retries}
+        stats = {"delivered": self.delivered, "rejected": self.rejected, "retries": self.retries}
+        forwarder_stats = getattr(self.forwarder, "stats", None)  # e.g. the Redis drops
+        if callable(forwarder_stats):
+            stats.update(forwarder_stats())
+        return stats
 
     def backoff(self, attempt: int) -> float:
         """Delay before retry number ``attempt`` (1-based)."""
@@ -399,9 +403,19 @@ def create_forwarder(
     *,
     timeout: float = 10.0,
     max_connections: int = 64,
+    stream_prefix: str = "shardgate",
+    stream_max_len: int = 100_000,
 ) -> Forwarder:
     """The forwarder for a ``forward_mode``: ``"http"`` (the lean client for ``http://``,
-    aiohttp's for ``https://``) or ``"websocket"`` (``http(s)``/``ws(s)`` URLs alike)."""
+    aiohttp's for ``https://``), ``"websocket"`` (``http(s)``/``ws(s)`` URLs alike) or
+    ``"redis-streams"`` (a ``redis://`` URL; ``stream_max_len`` events per shard stream)."""
+    if mode == "redis-streams":
+        # Imported here: redis-py is an optional dependency.
+        from shardgate.forward_redis import RedisStreamsForwarder  # noqa: PLC0415
+
+        return RedisStreamsForwarder(
+            url, prefix=stream_prefix, max_len=stream_max_len, timeout=timeout
+        )
     if mode == "websocket":
         # Imported here: forward_ws imports this module for the error types.
         from shardgate.forward_ws import WebsocketForwarder  # noqa: PLC0415

@@ -41,6 +41,11 @@ Standalone (the secret comes from the environment, never from the command line):
 
 Without ``--callback`` it logs one line per event.
 
+With ``forward_mode = "redis-streams"`` the gateway writes to Redis instead, and
+:class:`RedisStreamConsumer` (:mod:`shardgate.handler_redis`, imported on first use) is
+the receiving side, with the same callback; ``python -m shardgate.handler --redis URL``
+runs one.
+
 Besides Discord's dispatches the bot may receive gap records: when the gateway's bounded
 outbox was full, the oldest events of a shard were dropped and one dispatch
 ``{"op":0,"t":"SHARDGATE_GAP","s":null,"d":{"dropped":N,"first_event_id":...,...}}``
@@ -59,7 +64,7 @@ import os
 import sys
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import uvloop
@@ -69,7 +74,10 @@ from shardgate.config import secret_problem
 from shardgate.httpserver import expect_handler, server_logger
 from shardgate.log import setup_logging
 
-__all__ = ["EventCallback", "EventHandlerServer", "main"]
+if TYPE_CHECKING:
+    from shardgate.handler_redis import RedisStreamConsumer
+
+__all__ = ["EventCallback", "EventHandlerServer", "RedisStreamConsumer", "main"]
 
 log = logging.getLogger("shardgate.handler")  # not __name__: also under `python -m`
 
@@ -327,6 +335,15 @@ class EventHandlerServer:
         return True
 
 
+def __getattr__(name: str) -> type[RedisStreamConsumer]:
+    """``RedisStreamConsumer`` on first use: its module imports this one."""
+    if name == "RedisStreamConsumer":
+        from shardgate.handler_redis import RedisStreamConsumer  # noqa: PLC0415
+
+        return RedisStreamConsumer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 async def _log_event(shard_id: int, data: dict[str, Any], event_id: str) -> None:
     log.info("shard %d: %s (seq %s, id %s)", shard_id, data.get("t"), data.get("s"), event_id)
 
@@ -377,7 +394,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         action="store_true",
         help="answer 500 when the callback raises, so the gateway sends the event again",
     )
+    parser.add_argument(
+        "--redis",
+        metavar="URL",
+        help="consume the gateway's Redis streams (forward_mode redis-streams) at URL "
+        "instead of listening; no secret needed",
+    )
+    parser.add_argument("--prefix", default="shardgate", help="with --redis: the key prefix")
+    parser.add_argument("--group", default="shardgate", help="with --redis: the consumer group")
     args = parser.parse_args(argv)
+    if args.redis:
+        _consume(parser, args)
+        return
     secret = os.environ.get(SECRET_ENV, "")
     if not secret:
         raise SystemExit(f"set {SECRET_ENV} to the gateway's event_handler_secret")
@@ -396,6 +424,31 @@ def main(argv: Sequence[str] | None = None) -> None:
             callback, secret, host=args.host, port=args.port, retry_on_error=args.retry_on_error
         ) as server:
             await server.serve_forever()
+
+    try:
+        uvloop.run(run())
+    except KeyboardInterrupt:
+        sys.exit(0)
+
+
+def _consume(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--redis URL``: one :class:`RedisStreamConsumer` until interrupted (a callback that
+    raises gets its event again: the consumer's default, ``--retry-on-error`` or not)."""
+    from shardgate.handler_redis import RedisStreamConsumer  # noqa: PLC0415
+    from shardgate.log import url_password  # noqa: PLC0415
+
+    setup_logging(secrets=[p for p in (url_password(args.redis),) if p])
+    try:
+        callback = _load_callback(args.callback) if args.callback else _log_event
+    except _CallbackError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+    async def run() -> None:
+        async with RedisStreamConsumer(
+            callback, args.redis, prefix=args.prefix, group=args.group
+        ) as consumer:
+            await consumer.serve_forever()
 
     try:
         uvloop.run(run())

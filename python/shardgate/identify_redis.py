@@ -71,15 +71,15 @@ import secrets
 import socket
 import time
 from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import urlsplit
 
 from shardgate.identify import default_margin_s
+from shardgate.log import redact_url
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.commands.core import AsyncScript
 
-__all__ = ["DEFAULT_LEASE_S", "IdentifyKeys", "RedisIdentifyGate", "bot_key", "redacted_url"]
+__all__ = ["DEFAULT_LEASE_S", "IdentifyKeys", "RedisIdentifyGate", "bot_key"]
 
 log = logging.getLogger(__name__)
 
@@ -224,18 +224,6 @@ def bot_key(token: str) -> str:
     return "t" + hashlib.sha256(token.encode()).hexdigest()[:16]
 
 
-def redacted_url(url: str) -> str:
-    """``url`` without its user and password, for logs and ``check-config``."""
-    parts = urlsplit(url)
-    if parts.password is None and parts.username is None:
-        return url
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"***@{host}" + (f":{parts.port}" if parts.port is not None else "")
-    return parts._replace(netloc=netloc).geturl()
-
-
 class IdentifyKeys:
     """The Redis keys of one bot's identify state (see the module docstring)."""
 
@@ -354,7 +342,7 @@ class RedisIdentifyGate:
             raise ValueError("lease_s must be > 0")
         margin = default_margin_s(window_s) if margin_s is None else max(0.0, margin_s)
         self._url = url
-        self.url_for_logs = redacted_url(url)
+        self.url_for_logs = redact_url(url)
         self._max_concurrency = max_concurrency
         self._window_ms = math.ceil((window_s + margin) * 1000)
         self._lease_ms = math.ceil(lease_s * 1000)

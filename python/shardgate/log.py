@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, MutableMapping
 from typing import Any
+from urllib.parse import urlsplit
 
 TRACE = 5
 logging.addLevelName(TRACE, "TRACE")
@@ -110,3 +111,24 @@ def setup_logging(level: int | str = logging.INFO, secrets: Iterable[str] = ()) 
     ours.setLevel(numeric)
     ours.propagate = True
     return secret_filter
+
+
+def url_password(url: str | None) -> str | None:
+    """The password in a URL's userinfo (``redis://:pw@host``), for the log filter."""
+    if not url or "://" not in url:
+        return None
+    try:
+        return urlsplit(url).password
+    except ValueError:
+        return None
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password in its userinfo (if any) replaced by ``***``."""
+    password = url_password(url)
+    if not password:
+        return url
+    parts = urlsplit(url)
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()

@@ -291,7 +291,17 @@ class GatewayManager:
             self.config.forward_mode,
             self.config.event_handler_url,
             self.config.event_handler_secret,
+            stream_prefix=self.config.redis_stream_prefix,
+            stream_max_len=self.stream_max_len(),
         )
+
+    def stream_max_len(self) -> int:
+        """redis-streams mode: each of this process's shard streams gets an equal share of
+        ``queue_max_size`` (at least 1), so all of them together stay within it."""
+        if self.gateway_bot is None:
+            return self.config.queue_max_size
+        shards = len(self.shard_range(self.compute_shard_count(self.gateway_bot)))
+        return max(1, self.config.queue_max_size // max(1, shards))
 
     def create_group(self, shard_count: int, *, announce: bool = True) -> ShardGroup:
         """A new group of ``shard_count`` shards (this process's range of it), not started.

@@ -49,7 +49,6 @@ __all__ = [
     "bot_key",
     "create_session_store",
     "parse_store_location",
-    "redact_store_location",
 ]
 
 log = logging.getLogger(__name__)
@@ -355,19 +354,6 @@ def parse_store_location(value: str) -> tuple[str, str]:
             raise ValueError("a redis:// URL needs a host")
         return "redis", text
     return "file", text
-
-
-def redact_store_location(value: str) -> str:
-    """``value`` with any password of a Redis URL replaced by ``***`` (for logs)."""
-    try:
-        parts = urlsplit(value)
-        if parts.password is None:
-            return value
-        netloc = parts.netloc.rsplit("@", 1)[1]
-        user = f"{parts.username}:" if parts.username else ":"
-        return parts._replace(netloc=f"{user}***@{netloc}").geturl()
-    except ValueError:
-        return "<unparsable URL>"
 
 
 def create_session_store(value: str, token: str) -> SessionStore:

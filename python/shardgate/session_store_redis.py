@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 
 from shardgate.errors import SessionStoreError
+from shardgate.log import redact_url
 from shardgate.session import Session
 from shardgate.session_store import (
     StoredSession,
     StoredSessions,
     parse_record,
-    redact_store_location,
     session_record,
 )
 
@@ -55,7 +55,7 @@ class RedisSessionStore:
         self.url = url
         self.bot = bot
         self.key = sessions_key(bot)
-        self.location = redact_store_location(url)
+        self.location = redact_url(url)
         self._client: Redis | None = None
         #: Fields this process has seen (load) or written: what a save may need to delete.
         self._fields: set[str] = set()

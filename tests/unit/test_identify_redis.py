@@ -18,7 +18,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from shardgate.identify import IdentifyGate
-from shardgate.identify_redis import RedisIdentifyGate, bot_key, redacted_url
+from shardgate.identify_redis import RedisIdentifyGate, bot_key
+from shardgate.log import redact_url
 from shardgate.testing.redis_server import RedisServer
 
 BOT = "1100000000000000001"
@@ -62,8 +63,8 @@ def test_the_bot_key_never_holds_the_token():
     key = bot_key(fake)
     assert key.startswith("t") and len(key) == 17 and fake not in key
     assert bot_key("not.base64!.x") != bot_key("not.base64?.x")
-    assert redacted_url("redis://user:pw-123@host:6380/2") == "redis://***@host:6380/2"
-    assert redacted_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    assert redact_url("redis://user:pw-123@host:6380/2") == "redis://user:***@host:6380/2"
+    assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
 
 
 async def test_two_processes_never_break_a_bucket_window(redis_server: RedisServer):

@@ -19,6 +19,7 @@ import pytest
 
 from shardgate.config import Config, describe, load_config
 from shardgate.errors import ConfigError, SessionStoreError
+from shardgate.log import redact_url
 from shardgate.queue import GapRecord, Outbox, OutEvent, stream_id
 from shardgate.session import Session
 from shardgate.session_keeper import AckTracker
@@ -28,7 +29,6 @@ from shardgate.session_store import (
     bot_key,
     create_session_store,
     parse_store_location,
-    redact_store_location,
 )
 from shardgate.session_store_redis import RedisSessionStore, sessions_key
 from shardgate.testing.redis_server import RedisServer
@@ -85,7 +85,7 @@ def test_a_redis_password_stays_out_of_repr_logs_and_check_config():
     assert config.session_store == url
     assert "hunter2" not in repr(config)
     assert "hunter2-pass-word" in config.secrets  # the log filter scrubs it
-    assert redact_store_location(url) == "redis://user:***@127.0.0.1:6379/0"
+    assert redact_url(url) == "redis://user:***@127.0.0.1:6379/0"
     row = next(r for r in describe(config) if r[0] == "session_store")
     assert "hunter2" not in row[1] and "***" in row[1]
 

@@ -3,6 +3,7 @@
 #   make test         set everything up, then run every check CI runs (Rust and Python)
 #   make wheel        build the manylinux wheel and the sdist into dist/
 #   make wheel-check  build them, install the wheel where there is no Rust, run it
+#   make fuzz         coverage-guided fuzzing of the native decoder (AFL++, FUZZ_SECONDS)
 # demo and test create .venv and build the native extension (release) on first use.
 
 PYTHON ?= python3
@@ -12,7 +13,7 @@ export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: venv build build-runtime demo test test-rust test-python lint wheel wheel-check \
-	bench bench-codec bench-shard bench-e2e clean
+	bench bench-codec bench-shard bench-e2e fuzz fuzz-replay clean
 
 $(BIN)/python:
 	@$(PYTHON) -m venv $(VENV)
@@ -40,6 +41,7 @@ test-rust: venv
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 	cargo test --quiet
+	$(MAKE) --no-print-directory fuzz-replay
 
 lint: build
 	$(BIN)/ruff check python tests benches
@@ -88,6 +90,26 @@ bench-e2e: build
 bench-shard: build .venv-bench/bin/python
 	$(BIN)/python benches/bench_shard.py
 	$(BIN)/python benches/bench_idle_shards.py
+
+# Fuzzing the codec (fuzz/, benches/README.md): AFL++ through afl.rs on the stable
+# toolchain (cargo-fuzz needs nightly). Not part of `make test` at this length; the kept
+# inputs are replayed by `make fuzz-replay`, which test-rust runs.
+FUZZ_SECONDS ?= 600
+FUZZ_OUT ?= target/fuzz-afl/out
+FUZZ_ENV := PYO3_PYTHON=$(abspath $(BIN))/python
+
+fuzz: venv
+	command -v cargo-afl >/dev/null || cargo install --locked cargo-afl
+	cargo afl config --build 2>/dev/null || true
+	cd fuzz && $(FUZZ_ENV) CARGO_TARGET_DIR=$(abspath target/fuzz-afl) \
+		cargo afl build --release --features afl
+	AFL_SKIP_CPUFREQ=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 AFL_NO_UI=1 \
+		cargo afl fuzz -i fuzz/seeds -o $(FUZZ_OUT) -V $(FUZZ_SECONDS) \
+		target/fuzz-afl/release/codec
+	@echo "crashes: $$(ls $(FUZZ_OUT)/default/crashes 2>/dev/null | grep -vc README || true)"
+
+fuzz-replay: venv
+	cd fuzz && CARGO_TARGET_DIR=$(abspath target) cargo test --quiet
 
 clean:
 	rm -rf $(VENV) .venv-bench $(WHEEL_VENV) $(DIST) target

@@ -339,8 +339,9 @@ class Outbox:
                 return stream
         return None
 
-    def take(self, stream: int, max_n: int) -> Batch:
-        """Hand out up to ``max_n`` oldest events of a shard, in order, as its in-flight batch.
+    def take(self, stream: int, max_n: int, max_bytes: int | None = None) -> Batch:
+        """Hand out up to ``max_n`` oldest events of a shard, in order, as its in-flight batch;
+        with ``max_bytes``, only as many as fit in that many body bytes (at least one).
 
         Raises:
             RuntimeError: the shard already has a batch in flight (a delivery-loop bug).
@@ -368,6 +369,9 @@ class Outbox:
             size = _bytes_of(entries)
         else:
             size = _events_bytes(entries)
+        if max_bytes is not None and size > max_bytes and n > 1:
+            entries, size, gaps = self._trim(q, entries, max_bytes)
+            n = len(entries)
         q.flight = entries
         q.flight_bytes = size
         q.flight_gaps = gaps
@@ -377,6 +381,26 @@ class Outbox:
         if self._levels is not None:
             self._move(stream, old, q.nwait)
         return Batch(entries)
+
+    @staticmethod
+    def _trim(
+        q: _StreamQueue, entries: list[_Waiting], max_bytes: int
+    ) -> tuple[list[_Waiting], int, int]:
+        """Keep the entries that fit in ``max_bytes`` (at least one), put the rest back at the
+        head of ``q.waiting``; the kept entries, their body bytes and their gap records."""
+        size = keep = 0
+        while keep < len(entries):
+            entry = entries[keep]
+            add = 0 if type(entry) is GapRecord else len(entry[1])  # type: ignore[index]
+            if keep and size + add > max_bytes:
+                break
+            size += add
+            keep += 1
+        kept, rest = entries[:keep], entries[keep:]
+        q.waiting.extendleft(reversed(rest))
+        gaps = sum(1 for e in kept if type(e) is GapRecord)
+        q.gaps += sum(1 for e in rest if type(e) is GapRecord)
+        return kept, size, gaps
 
     def ack(self, stream: int, n: int | None = None) -> None:
         """The first ``n`` (default: all) in-flight events of a shard are done; they leave.

@@ -68,6 +68,9 @@ def outbox_sink(outbox: Outbox, generation: int) -> Sink:
     """The normal sink: each shard of group ``generation`` is its own outbox stream."""
     base = stream_id(generation, 0)
     put = outbox.put
+    if base == 0:
+        # Generation 0's streams are the shard ids: the outbox's put is the sink itself.
+        return put
 
     def sink(shard_id: int, event_id: str, body: bytes, _message: Message | None) -> None:
         put(base + shard_id, event_id, body)

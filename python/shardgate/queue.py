@@ -271,8 +271,11 @@ class Outbox:
 
     # -- producer side -------------------------------------------------------------------
 
-    def put(self, stream: int, event_id: str, body: bytes) -> None:
-        """Append an event for ``stream``; if full, drop the oldest waiting one (see module)."""
+    def put(self, stream: int, event_id: str, body: bytes, _message: object = None) -> None:
+        """Append an event for ``stream``; if full, drop the oldest waiting one (see module).
+
+        ``_message`` is ignored: it lets ``put`` itself be a group's sink (one Python call
+        less per event, see ``group.outbox_sink``)."""
         q = self._queues.get(stream)
         if q is None:
             q = self._queues[stream] = _StreamQueue(stream)

@@ -4,6 +4,7 @@
 #   make wheel        build the manylinux wheel and the sdist into dist/
 #   make wheel-check  build them, install the wheel where there is no Rust, run it
 #   make chaos        the chaos soak at full length (1M events under faults; minutes)
+#   make fuzz         coverage-guided fuzzing of the native decoder (AFL++, FUZZ_SECONDS)
 # demo and test create .venv and build the native extension (release) on first use.
 
 PYTHON ?= python3
@@ -13,7 +14,7 @@ export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: venv build build-runtime demo test test-rust test-python lint wheel wheel-check \
-	bench bench-codec bench-shard bench-e2e chaos clean
+	bench bench-codec bench-shard bench-e2e chaos fuzz fuzz-replay clean
 
 $(BIN)/python:
 	@$(PYTHON) -m venv $(VENV)
@@ -41,6 +42,7 @@ test-rust: venv
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 	cargo test --quiet
+	$(MAKE) --no-print-directory fuzz-replay
 
 lint: build
 	$(BIN)/ruff check python tests benches
@@ -94,6 +96,26 @@ chaos: build
 bench-shard: build .venv-bench/bin/python
 	$(BIN)/python benches/bench_shard.py
 	$(BIN)/python benches/bench_idle_shards.py
+
+# Fuzzing the codec (fuzz/, benches/README.md): AFL++ through afl.rs on the stable
+# toolchain (cargo-fuzz needs nightly). Not part of `make test` at this length; the kept
+# inputs are replayed by `make fuzz-replay`, which test-rust runs.
+FUZZ_SECONDS ?= 600
+FUZZ_OUT ?= target/fuzz-afl/out
+FUZZ_ENV := PYO3_PYTHON=$(abspath $(BIN))/python
+
+fuzz: venv
+	command -v cargo-afl >/dev/null || cargo install --locked cargo-afl
+	cargo afl config --build 2>/dev/null || true
+	cd fuzz && $(FUZZ_ENV) CARGO_TARGET_DIR=$(abspath target/fuzz-afl) \
+		cargo afl build --release --features afl
+	AFL_SKIP_CPUFREQ=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 AFL_NO_UI=1 \
+		cargo afl fuzz -i fuzz/seeds -o $(FUZZ_OUT) -V $(FUZZ_SECONDS) \
+		target/fuzz-afl/release/codec
+	@echo "crashes: $$(ls $(FUZZ_OUT)/default/crashes 2>/dev/null | grep -vc README || true)"
+
+fuzz-replay: venv
+	cd fuzz && CARGO_TARGET_DIR=$(abspath target) cargo test --quiet
 
 clean:
 	rm -rf $(VENV) .venv-bench $(WHEEL_VENV) $(DIST) target

@@ -30,7 +30,7 @@ capped at 8 MiB (windowLog 23, what zstd levels 1-19 choose): a frame that decla
 larger one is a :class:`CompressionError` at its header, before anything is allocated.
 """
 
-from typing import Final, Literal, Self, final
+from typing import Any, Final, Literal, Self, final
 
 __all__ = [
     "KIND_GUILD_CREATE",
@@ -51,6 +51,7 @@ __all__ = [
     "ShardCodec",
     "StreamCompressor",
     "__version__",
+    "ws_batch_frame",
 ]
 
 _Buffer = bytes | bytearray | memoryview
@@ -142,6 +143,10 @@ class Message:
     @property
     def message_id(self) -> int | None:
         """MESSAGE_CREATE / MESSAGE_UPDATE / MESSAGE_DELETE: ``d.id``."""
+    @property
+    def event_id(self) -> str | None:
+        """A dispatch's event id, ``ShardCodec.event_prefix`` + ``seq``, written by the codec;
+        None when the codec has no prefix, for other ops and for a dispatch without seq."""
     def d_hash(self) -> int:
         """The identity of ``d``: XXH3-64 (seed 0, as ``xxhash.xxh3_64_intdigest``) of the
         raw bytes of the ``d`` value exactly as they appear in the payload, an unsigned
@@ -220,6 +225,12 @@ class ShardCodec:
     def shard_id(self) -> int: ...
     @property
     def compression(self) -> _Compression: ...
+    @property
+    def event_prefix(self) -> str | None:
+        """``shard:session:`` of the current session (``shardgate.envelope``), set by the
+        shard when its session changes; None (the default): no ``Message.event_id``."""
+    @event_prefix.setter
+    def event_prefix(self, prefix: str | None) -> None: ...
     def feed(self, frame: _Buffer, fin: int = True) -> Message | None:
         """Consume one websocket frame (``fin`` = the websocket FIN bit, by truthiness:
         picows' ``frame.fin`` is an int).
@@ -292,3 +303,19 @@ class StreamCompressor:
         zstd levels 20-22 declare windows of 32-128 MiB, which :class:`ShardCodec` refuses
         (levels up to 19 use at most 8 MiB).
         """
+
+def ws_batch_frame(
+    batch_id: int, shard_id: int, entries: list[Any]
+) -> bytes:
+    """The websocket forwarding frame of one batch (``shardgate.forward_ws``), written in
+    one pass: ``{"batch":B,"shard":S,"ids":[...],"events":[<body>,...]}``.
+
+    ``entries`` holds exact ``(event_id, body)`` tuples (what waits in the outbox) or
+    objects with ``event_id`` (str) and ``body`` (bytes) attributes (gap records). Ids are
+    written as JSON strings; bodies are copied as they are (they are forward bodies).
+
+    Raises:
+        TypeError: an entry without a str id and a bytes body.
+        ValueError: a tuple that is not a pair.
+        UnicodeEncodeError: an id that is not valid UTF-8 (a lone surrogate).
+    """

@@ -71,7 +71,8 @@ def _int(value: object) -> bool:
 def presence(body: Mapping[str, Any]) -> dict[str, Any]:
     """Op 3 from ``{status, activities?, since?, afk?}``; bots may set only some activity keys."""
     status = body.get("status")
-    if status not in PRESENCE_STATUSES:
+    # A list or an object is unhashable: the membership test alone raised TypeError (a 500).
+    if not isinstance(status, str) or status not in PRESENCE_STATUSES:
         raise CommandError(f"status must be one of {sorted(PRESENCE_STATUSES)}")
     activities = body.get("activities", [])
     if not isinstance(activities, list | tuple) or len(activities) > 8:

@@ -125,6 +125,10 @@ class ControlServer:
         if not hmac.compare_digest(given, self._secret):
             self.rejected += 1
             return _error(401, "missing or wrong Authorization")
+        if (request.content_length or 0) > MAX_REQUEST_BYTES:
+            # Refused from the head: reading it first would wait for a body it will refuse.
+            self.rejected += 1
+            return _error(413, f"body over {MAX_REQUEST_BYTES} bytes")
         try:
             return await handler(request)
         except PayloadTooLarge as exc:

@@ -80,6 +80,14 @@ def _check_sendable(batch: Sequence[OutEvent], index: int) -> None:
         )
 
 
+DEFAULT_BATCH_SIZE = 64
+"""Events per batch when neither the caller nor the forwarder says (HTTP posts a batch one
+event after the other, so its size only bounds how much is retried as one)."""
+DEFAULT_BATCH_BYTES = 8 << 20
+"""Body bytes per batch: a websocket batch is one frame, which must stay well below the
+handler's message limit (``EventHandlerServer(max_message_size)``, 256 MiB) whatever the
+events weigh (a GUILD_CREATE can be tens of MB)."""
+
 RETRYABLE_4XX = frozenset((401, 403, 408, 429))
 """4xx answers that may pass later: 408/429 by their meaning, 401/403 because a wrong or
 rotated secret is an operator's mistake that gets fixed, and dropping every event until
@@ -116,9 +124,11 @@ class Forwarder(Protocol):
 class Delivery:
     """Moves events from an outbox to a forwarder (see the module docstring).
 
-    ``batch_size`` bounds one batch; ``concurrency`` bounds batches in flight across
-    shards. Backoff after the n-th consecutive failure of a batch is
-    ``min(backoff_max, backoff_base * 2**(n-1))`` scaled by a random factor in [0.5, 1).
+    ``batch_size`` bounds one batch (default: the forwarder's ``batch_size`` attribute if
+    it has one, else 64), and so does ``batch_bytes``, in body bytes (a batch takes at least
+    one event); ``concurrency`` bounds batches in flight across shards. Backoff after the
+    n-th consecutive failure of a batch is ``min(backoff_max, backoff_base * 2**(n-1))``
+    scaled by a random factor in [0.5, 1).
     """
 
     def __init__(
@@ -127,17 +137,21 @@ class Delivery:
         forwarder: Forwarder,
         *,
         concurrency: int = 32,
-        batch_size: int = 64,
+        batch_size: int | None = None,
+        batch_bytes: int = DEFAULT_BATCH_BYTES,
         backoff_base: float = 0.05,
         backoff_max: float = 2.0,
         jitter: Callable[[], float] = random.random,
     ) -> None:
-        if concurrency < 1 or batch_size < 1:
-            raise ValueError("concurrency and batch_size must be >= 1")
+        if batch_size is None:
+            batch_size = int(getattr(forwarder, "batch_size", DEFAULT_BATCH_SIZE))
+        if concurrency < 1 or batch_size < 1 or batch_bytes < 1:
+            raise ValueError("concurrency, batch_size and batch_bytes must be >= 1")
         self.outbox = outbox
         self.forwarder = forwarder
         self.concurrency = concurrency
         self.batch_size = batch_size
+        self.batch_bytes = batch_bytes
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self._jitter = jitter
@@ -213,7 +227,7 @@ class Delivery:
 
     async def _deliver(self, stream: int) -> None:
         outbox = self.outbox
-        batch: Sequence[OutEvent] = outbox.take(stream, self.batch_size)
+        batch: Sequence[OutEvent] = outbox.take(stream, self.batch_size, self.batch_bytes)
         shard_id = shard_of_stream(stream)
         attempt = 0
         send = self.forwarder.send

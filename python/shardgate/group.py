@@ -96,6 +96,9 @@ def outbox_sink(outbox: Outbox, generation: int) -> Sink:
     """The normal sink: each shard of group ``generation`` is its own outbox stream."""
     base = stream_id(generation, 0)
     put = outbox.put
+    if base == 0:
+        # Generation 0's streams are the shard ids: the outbox's put is the sink itself.
+        return put
 
     def sink(shard_id: int, event_id: str, body: bytes, _message: Message | None) -> None:
         put(base + shard_id, event_id, body)
@@ -363,11 +366,14 @@ class ShardGroup:
 
     def handle_dispatch(self, shard: Shard, message: Message) -> None:
         """Every dispatch: cache bookkeeping for guild events, then the sink."""
-        # The event id (envelope.py): the shard keeps "shard:session:" per session.
-        event_id = shard.event_prefix + str(message.seq)
-        if message.kind not in _GUILD_KINDS:
+        # The event id (envelope.py): the codec writes the shard's "shard:session:" prefix
+        # and the seq (Shard._set_event_prefix); a READY brings a new session, so its id is
+        # made here, with the prefix the shard has taken from it.
+        event_id = message.event_id
+        if message.kind not in _GUILD_KINDS and event_id is not None:
             self.sink(shard.shard_id, event_id, message.body, message)
             return
+        event_id = shard.event_prefix + str(message.seq)
         shard_id = shard.shard_id
         body = message.body
         loaded = False

@@ -41,8 +41,9 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from typing import Final
+from collections.abc import Callable, Iterator, Sequence
+from operator import itemgetter
+from typing import Final, overload
 
 from shardgate.envelope import notice_body, parse_event_id
 from shardgate.latency import LatencyHistogram
@@ -50,6 +51,7 @@ from shardgate.latency import LatencyHistogram
 __all__ = [
     "GAP_EVENT",
     "STREAM_STRIDE",
+    "Batch",
     "GapRecord",
     "OutEvent",
     "Outbox",
@@ -141,16 +143,66 @@ class GapRecord(OutEvent):
 
 
 _Waiting = tuple[str, bytes] | GapRecord
-"""A waiting entry. Events wait as plain ``(event_id, body)`` tuples: the cyclic GC stops
-tracking such tuples after one collection, whereas an object per event makes the older
-generations' collections walk the whole backlog (py-spy: 11 % of the gateway's CPU under a
-deep backlog; put + take + ack of a 300k backlog: 283 -> 228 ms). :class:`OutEvent` objects
-exist only for the batch in flight."""
+"""A waiting or in-flight entry. Events wait as plain ``(event_id, body)`` tuples: the
+cyclic GC stops tracking such tuples after one collection, whereas an object per event
+makes the older generations' collections walk the whole backlog (py-spy: 11 % of the
+gateway's CPU under a deep backlog; put + take + ack of a 300k backlog: 283 -> 228 ms).
+A batch in flight is the same entries (:class:`Batch`): no object is made per event
+between the shard and the forwarder unless a forwarder asks for one."""
+
+_body = itemgetter(1)
 
 
-def _entry(event: OutEvent) -> _Waiting:
-    """An in-flight event back to its waiting form (release)."""
-    return event if type(event) is GapRecord else (event.event_id, event.body)
+def _events_bytes(entries: list[_Waiting]) -> int:
+    """Body bytes of entries that hold no gap record (in C: no Python call per entry)."""
+    lengths: Iterator[int] = map(len, map(_body, entries))  # type: ignore[arg-type]
+    return sum(lengths)
+
+
+def _bytes_of(entries: list[_Waiting]) -> int:
+    """Body bytes of entries, gap records not counted."""
+    total = 0
+    for entry in entries:
+        if type(entry) is not GapRecord:
+            total += len(entry[1])  # type: ignore[index]
+    return total
+
+
+class Batch(Sequence[OutEvent]):
+    """One stream's batch in flight, over the outbox's own entries.
+
+    A sequence of :class:`OutEvent` (gap records as themselves), made one at a time when
+    indexed or iterated: the HTTP forwarder takes them so. The websocket forwarder reads
+    :attr:`entries` (``(event_id, body)`` tuples and :class:`GapRecord` objects) directly
+    into one native frame, so in that mode no object is made per event.
+    """
+
+    __slots__ = ("entries",)
+
+    def __init__(self, entries: list[_Waiting]) -> None:
+        self.entries = entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @overload
+    def __getitem__(self, index: int) -> OutEvent: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Batch: ...
+
+    def __getitem__(self, index: int | slice) -> OutEvent | Batch:
+        if isinstance(index, slice):
+            return Batch(self.entries[index])
+        entry = self.entries[index]
+        return entry if type(entry) is GapRecord else OutEvent(*entry)  # type: ignore[misc]
+
+    def __iter__(self) -> Iterator[OutEvent]:
+        for entry in self.entries:
+            yield entry if type(entry) is GapRecord else OutEvent(*entry)  # type: ignore[misc]
+
+    def __repr__(self) -> str:
+        return f"Batch({len(self.entries)} events)"
 
 
 class _StreamQueue:
@@ -159,6 +211,7 @@ class _StreamQueue:
     __slots__ = (
         "busy",
         "flight",
+        "flight_bytes",
         "flight_gaps",
         "gaps",
         "held",
@@ -171,7 +224,8 @@ class _StreamQueue:
     def __init__(self, stream: int) -> None:
         self.stream = stream
         self.waiting: deque[_Waiting] = deque()
-        self.flight: list[OutEvent] = []
+        self.flight: list[_Waiting] = []  # the batch in flight, in waiting form
+        self.flight_bytes = 0  # body bytes of flight's events (gap records not counted)
         self.nwait = 0  # real (non-gap) events in waiting
         self.gaps = 0  # gap records in waiting
         self.flight_gaps = 0  # gap records in flight
@@ -235,8 +289,11 @@ class Outbox:
 
     # -- producer side -------------------------------------------------------------------
 
-    def put(self, stream: int, event_id: str, body: bytes) -> None:
-        """Append an event for ``stream``; if full, drop the oldest waiting one (see module)."""
+    def put(self, stream: int, event_id: str, body: bytes, _message: object = None) -> None:
+        """Append an event for ``stream``; if full, drop the oldest waiting one (see module).
+
+        ``_message`` is ignored: it lets ``put`` itself be a group's sink (one Python call
+        less per event, see ``group.outbox_sink``)."""
         q = self._queues.get(stream)
         if q is None:
             q = self._queues[stream] = _StreamQueue(stream)
@@ -321,15 +378,16 @@ class Outbox:
                 return stream
         return None
 
-    def take(self, stream: int, max_n: int) -> list[OutEvent]:
-        """Hand out up to ``max_n`` oldest events of a shard, in order, as its in-flight batch.
+    def take(self, stream: int, max_n: int, max_bytes: int | None = None) -> Batch:
+        """Hand out up to ``max_n`` oldest events of a shard, in order, as its in-flight batch;
+        with ``max_bytes``, only as many as fit in that many body bytes (at least one).
 
         Raises:
             RuntimeError: the shard already has a batch in flight (a delivery-loop bug).
         """
         q = self._queues.get(stream)
         if q is None or not q.waiting:
-            return []
+            return Batch([])
         if q.busy:
             raise RuntimeError(f"shard {stream} already has a batch in flight")
         waiting = q.waiting
@@ -342,25 +400,46 @@ class Outbox:
             entries = [popleft() for _ in range(n)]
         gaps = 0
         if q.gaps:
-            batch: list[OutEvent] = []
             for entry in entries:
                 if type(entry) is GapRecord:
                     entry.seal()
                     gaps += 1
-                    batch.append(entry)
-                else:
-                    batch.append(OutEvent(*entry))  # type: ignore[misc]
             q.gaps -= gaps
+            size = _bytes_of(entries)
         else:
-            batch = [OutEvent(event_id, body) for event_id, body in entries]  # type: ignore[misc]
-        q.flight = batch
+            size = _events_bytes(entries)
+        if max_bytes is not None and size > max_bytes and n > 1:
+            entries, size, gaps = self._trim(q, entries, max_bytes)
+            n = len(entries)
+        q.flight = entries
+        q.flight_bytes = size
         q.flight_gaps = gaps
         q.busy = True
         old = q.nwait
         q.nwait -= n - gaps
         if self._levels is not None:
             self._move(stream, old, q.nwait)
-        return batch
+        return Batch(entries)
+
+    @staticmethod
+    def _trim(
+        q: _StreamQueue, entries: list[_Waiting], max_bytes: int
+    ) -> tuple[list[_Waiting], int, int]:
+        """Keep the entries that fit in ``max_bytes`` (at least one), put the rest back at the
+        head of ``q.waiting``; the kept entries, their body bytes and their gap records."""
+        size = keep = 0
+        while keep < len(entries):
+            entry = entries[keep]
+            add = 0 if type(entry) is GapRecord else len(entry[1])  # type: ignore[index]
+            if keep and size + add > max_bytes:
+                break
+            size += add
+            keep += 1
+        kept, rest = entries[:keep], entries[keep:]
+        q.waiting.extendleft(reversed(rest))
+        gaps = sum(1 for e in kept if type(e) is GapRecord)
+        q.gaps += sum(1 for e in rest if type(e) is GapRecord)
+        return kept, size, gaps
 
     def ack(self, stream: int, n: int | None = None) -> None:
         """The first ``n`` (default: all) in-flight events of a shard are done; they leave.
@@ -371,21 +450,22 @@ class Outbox:
         flight = q.flight
         if n is None or n >= len(flight):
             done, rest = flight, []
+            size = q.flight_bytes
         else:
             done, rest = flight[:n], flight[n:]
+            size = _bytes_of(done)
         gaps = 0
         if q.flight_gaps:
             gaps = sum(1 for event in done if type(event) is GapRecord)
             q.flight_gaps -= gaps
-            self._bytes -= sum(len(e.body) for e in done if type(e) is not GapRecord)
-        else:
-            self._bytes -= sum(len(event.body) for event in done)
+        self._bytes -= size
+        q.flight_bytes -= size
         self._size -= len(done) - gaps
         if self.probes and stream in self.probes:
-            self._probe_done(stream, done)
+            self._probe_done(stream, Batch(done))
         q.flight = rest
         if self.on_ack is not None and done:
-            self.on_ack(stream, done)
+            self.on_ack(stream, Batch(done))
         if not rest:
             self._finish(q)
         if (
@@ -401,11 +481,11 @@ class Outbox:
         if q is None or not q.busy:
             return
         flight = q.flight
-        q.waiting.extendleft(_entry(event) for event in reversed(flight))
+        q.waiting.extendleft(reversed(flight))
         old = q.nwait
         q.nwait += len(flight) - q.flight_gaps
         q.gaps += q.flight_gaps
-        q.flight, q.flight_gaps = [], 0
+        q.flight, q.flight_gaps, q.flight_bytes = [], 0, 0
         if self._levels is not None:
             self._move(stream, old, q.nwait)
         # Events that overshot the bounds while in flight are waiting again: restore them.
@@ -546,8 +626,7 @@ class Outbox:
         q = self._queues.get(stream)
         if q is None:
             return []
-        waiting = [e if type(e) is GapRecord else OutEvent(*e) for e in q.waiting]  # type: ignore[misc]
-        return [*q.flight, *waiting]
+        return list(Batch([*q.flight, *q.waiting]))
 
     def stats(self) -> dict[str, int]:
         return {

@@ -436,7 +436,7 @@ class Shard:
         self.protocol_errors = 0
         if self._resume_url is not None:
             self._resume_url = self._checked_resume_url(self._resume_url)
-        self.event_prefix = event_id_prefix(shard_id, self._session_id)
+        self._set_event_prefix(event_id_prefix(shard_id, self._session_id))
         self._status = ShardState.DISCONNECTED
         self._conn: _Connection | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
@@ -666,7 +666,14 @@ class Shard:
         self._session_id = None
         self._seq = 0
         self._resume_url = None
-        self.event_prefix = event_id_prefix(self.shard_id, None)
+        self._set_event_prefix(event_id_prefix(self.shard_id, None))
+
+    def _set_event_prefix(self, prefix: str) -> None:
+        """The session's event id prefix, here and in the codec, which then gives each
+        dispatch its id (``Message.event_id``) without a Python step per event. A READY's
+        own id is made with the prefix it brings (the codec still had the old one)."""
+        self.event_prefix = prefix
+        self._codec.event_prefix = prefix
 
     # ------------------------------------------------------------------ one connection
 
@@ -856,7 +863,7 @@ class Shard:
         if ready:
             self.ready_at = time.monotonic()
             self._session_id = message.session_id
-            self.event_prefix = event_id_prefix(self.shard_id, self._session_id)
+            self._set_event_prefix(event_id_prefix(self.shard_id, self._session_id))
             resume_url = message.resume_gateway_url
             self._resume_url = self._checked_resume_url(resume_url) if resume_url else None
             self.guild_ids = message.guild_ids or []

@@ -454,6 +454,8 @@ pub struct Message {
     resumable: Option<bool>,
     #[pyo3(get)]
     message_id: Option<u64>,
+    #[pyo3(get)]
+    event_id: Option<Py<PyString>>,
 }
 
 #[pymethods]
@@ -607,6 +609,8 @@ pub struct ShardCodec {
     core: CodecCore,
     shard_id: u64,
     t_cache: TCache,
+    /// `shard:session:` (see `event_prefix`); a dispatch's id is this plus its seq.
+    event_prefix: Option<String>,
 }
 
 #[pymethods]
@@ -650,7 +654,21 @@ impl ShardCodec {
             core,
             shard_id,
             t_cache: TCache::default(),
+            event_prefix: None,
         })
+    }
+
+    /// The event id prefix (``shard:session:``) of the current session, or None: while
+    /// set, every dispatch with a seq gets ``Message.event_id`` = prefix + seq, made here
+    /// instead of in Python per event.
+    #[getter]
+    fn get_event_prefix(&self) -> Option<&str> {
+        self.event_prefix.as_deref()
+    }
+
+    #[setter]
+    fn set_event_prefix(&mut self, prefix: Option<String>) {
+        self.event_prefix = prefix;
     }
 
     #[getter]
@@ -753,6 +771,12 @@ impl ShardCodec {
             .d
             .as_ref()
             .map_or((0, 0), |d| (base + d.start, base + d.end));
+        let event_id = match (&self.event_prefix, last.op, last.seq) {
+            (Some(prefix), scan::OP_DISPATCH, Some(seq)) => {
+                Some(PyString::new(py, &event_id(prefix, seq)).unbind())
+            }
+            _ => None,
+        };
         // Take the (rare) owned READY fields instead of cloning them.
         let scan = self.core.last_mut();
         Ok(Some(Message {
@@ -773,8 +797,33 @@ impl ShardCodec {
             unavailable: scan.unavailable,
             resumable: scan.resumable,
             message_id: scan.message_id,
+            event_id,
         }))
     }
+}
+
+/// `prefix` followed by `seq` in decimal: an event id (`shardgate.envelope`).
+pub fn event_id(prefix: &str, seq: i64) -> String {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    let mut n = seq.unsigned_abs();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let mut out = String::with_capacity(prefix.len() + 21);
+    out.push_str(prefix);
+    if seq < 0 {
+        out.push('-');
+    }
+    for &d in &digits[i..] {
+        out.push(char::from(d));
+    }
+    out
 }
 
 /// The `t` string as a Python str, cached: event names repeat.

@@ -5,6 +5,7 @@
 //! [`errors`] maps their errors to Python exceptions.
 use pyo3::prelude::*;
 
+pub mod batch;
 pub mod body;
 pub mod codec;
 pub mod compress;
@@ -12,6 +13,7 @@ pub mod errors;
 pub mod filter;
 pub mod heap;
 pub mod inflate;
+pub mod pybatch;
 pub mod scan;
 
 use scan::Kind;
@@ -26,6 +28,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<codec::Message>()?;
     m.add_class::<codec::Inflater>()?;
     m.add_class::<codec::StreamCompressor>()?;
+    m.add_function(wrap_pyfunction!(pybatch::ws_batch_frame, m)?)?;
     m.add("DecodeError", py.get_type::<errors::DecodeError>())?;
     m.add(
         "CompressionError",

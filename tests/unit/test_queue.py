@@ -377,3 +377,42 @@ def test_random_workload_keeps_the_byte_bound_and_accounting():
     assert outbox.dropped > 0 and gap_counts == outbox.dropped
     assert delivered + outbox.dropped == sum(seqs)
     assert outbox.bytes == 0
+
+
+def test_take_stops_at_the_byte_bound_but_always_hands_out_one_event():
+    """A websocket batch is one frame: ``max_bytes`` keeps it below the handler's limit;
+    what does not fit waits, in order, for the next batch."""
+    outbox = Outbox(100)
+    sizes = [400, 300, 500, 2000, 10]
+    for i, size in enumerate(sizes):
+        outbox.put(0, f"0:s:{i}", b"x" * size)
+    first = outbox.take(0, 10, max_bytes=1000)
+    assert [e.event_id for e in first] == ["0:s:0", "0:s:1"]
+    assert outbox.bytes == sum(sizes)
+    outbox.ack(0)
+    assert outbox.bytes == sum(sizes) - 700
+    second = outbox.take(0, 10, max_bytes=1000)
+    assert [e.event_id for e in second] == ["0:s:2"]
+    outbox.ack(0)
+    big = outbox.take(0, 10, max_bytes=1000)  # bigger than the bound alone: still goes
+    assert [e.event_id for e in big] == ["0:s:3"]
+    outbox.release(0)
+    again = outbox.take(0, 10, max_bytes=5000)
+    assert [e.event_id for e in again] == ["0:s:3", "0:s:4"]
+    outbox.ack(0)
+    assert outbox.depth == 0 and outbox.bytes == 0 and outbox.is_empty()
+
+
+def test_the_byte_bound_keeps_gap_records_in_place():
+    outbox = Outbox(3)
+    for i in range(5):  # two drops: one gap record in front of 2, 3, 4
+        outbox.put(0, f"0:s:{i}", b"y" * 100)
+    batch = outbox.take(0, 10, max_bytes=150)
+    assert isinstance(batch[0], GapRecord) and batch[1].event_id == "0:s:2" and len(batch) == 2
+    outbox.ack(0)
+    rest = outbox.take(0, 10, max_bytes=150)
+    assert [e.event_id for e in rest] == ["0:s:3"]
+    outbox.ack(0)
+    assert [e.event_id for e in outbox.take(0, 10)] == ["0:s:4"]
+    outbox.ack(0)
+    assert outbox.depth == 0 and outbox.is_empty()

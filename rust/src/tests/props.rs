@@ -466,3 +466,21 @@ proptest! {
         prop_assert_eq!(route_guild_id(text.as_bytes(), &sc), reference_route(&text), "{}", text);
     }
 }
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// The native event id is the prefix and the seq in decimal, as Python's
+    /// `f"{prefix}{seq}"` writes it, for every i64.
+    #[test]
+    fn native_event_ids_are_prefix_and_decimal_seq(prefix in "\\PC{0,30}", seq in any::<i64>()) {
+        prop_assert_eq!(crate::codec::event_id(&prefix, seq), format!("{prefix}{seq}"));
+    }
+}
+
+#[test]
+fn native_event_ids_at_the_edges() {
+    for seq in [0, 1, 9, 10, -1, i64::MAX, i64::MIN] {
+        assert_eq!(crate::codec::event_id("3:s:", seq), format!("3:s:{seq}"));
+    }
+}

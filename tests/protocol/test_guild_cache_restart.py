@@ -10,15 +10,22 @@ SHARDGATE_SHARD_LOADED a second time. The SIGKILL version is in
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from harness import gateway_config, wait_until
+from test_cli_process import SECRET as proc_secret
+from test_cli_process import START_TIMEOUT, free_port, gateway_env, spawn
+from test_cli_process import TOKEN as proc_token
 
+from shardgate.cache_keeper import CACHE_SAVE_INTERVAL_S
 from shardgate.handler import EventHandlerServer
 from shardgate.manager import GatewayManager
 from shardgate.session_store import FileSessionStore, bot_key
@@ -233,3 +240,80 @@ async def test_a_corrupt_cache_record_is_ignored_not_fatal(tmp_path: Path, caplo
                 await wait_until(lambda: bot.state_of(mine) == "joined", TIMEOUT)
         assert "guild cache of shard 0/4 is corrupt (checksum mismatch)" in caplog.text
         assert outage in fake.guild_ids
+
+
+# ---------------------------------------------------------------------- a real SIGKILL
+
+
+async def control_status(http: Any, control: int) -> dict[str, Any] | None:
+    with contextlib.suppress(aiohttp.ClientError):
+        async with http.get(
+            f"http://127.0.0.1:{control}/status", headers={"Authorization": proc_secret}
+        ) as response:
+            if response.status == 200:
+                status: dict[str, Any] = await response.json()
+                return status
+    return None
+
+
+async def wait_status(control: int, ok: Any, timeout: float) -> dict[str, Any]:  # noqa: ASYNC109
+    """Poll ``/status`` until ``ok(status)``; returns that status."""
+    async with aiohttp.ClientSession() as http, asyncio.timeout(timeout):
+        while True:
+            status = await control_status(http, control)
+            if status is not None and ok(status):
+                return status
+            await asyncio.sleep(0.1)
+
+
+def cache_saves(status: dict[str, Any]) -> int:
+    return int(status["session_store"]["guild_cache"]["saves"])
+
+
+async def test_sigkill_then_start_keeps_the_guild_cache(tmp_path: Path):
+    """A ``shardgate run`` killed after a guild cache save: the next one resumes with it."""
+    bot = Bot()
+    control = free_port()
+    store = str(tmp_path / "state")
+    async with FakeDiscord(fake_config(token=proc_token)) as fake, EventHandlerServer(
+        bot.on_event, proc_secret, port=0
+    ) as handler:
+        env = gateway_env(
+            fake.rest_url,
+            f"http://127.0.0.1:{handler.port}/",
+            SHARDGATE_SESSION_STORE=store,
+            SHARDGATE_HEALTH_INTERVAL="0",
+            SHARDGATE_RESHARD="false",
+            SHARDGATE_CONTROL_PORT=str(control),
+        )
+        async with spawn("-m", "shardgate", "run", env=env) as proc:
+            await wait_until(lambda: bot.count("SHARDGATE_ALL_LOADED") == 1, START_TIMEOUT)
+            outage = fake.guild_ids[0]
+            fake.dispatch_nowait("GUILD_DELETE", {"id": str(outage), "unavailable": True})
+            seen = await wait_status(control, lambda s: s["unavailable"] == 1, START_TIMEOUT)
+            # The cache is saved at most every CACHE_SAVE_INTERVAL_S: wait for a save that
+            # has the outage in it, then kill (no stop, no final save).
+            saves = cache_saves(seen)
+            before = await wait_status(
+                control, lambda s: cache_saves(s) > saves, START_TIMEOUT + CACHE_SAVE_INTERVAL_S
+            )
+            assert proc.signal(signal.SIGKILL)
+            assert await proc.exit_code() == -signal.SIGKILL
+        identifies = len(fake.identifies)
+        async with spawn("-m", "shardgate", "run", env=env) as proc:
+            after = await wait_status(control, lambda s: s["ready"] == SHARDS, START_TIMEOUT)
+            assert len(fake.identifies) == identifies  # every shard resumed
+            assert (after["guilds"], after["unavailable"]) == (before["guilds"], 1) == (16, 1)
+            assert [r["guilds"] for r in after["shards"]] == [
+                r["guilds"] for r in before["shards"]
+            ]
+            fake.dispatch_nowait("GUILD_CREATE", {"id": str(outage)})
+            await wait_until(lambda: bot.state_of(outage) == "available", START_TIMEOUT)
+            joined = fake.join_guild()
+            await wait_until(lambda: bot.state_of(joined) == "joined", START_TIMEOUT)
+            await wait_status(control, lambda s: s["guilds"] == 17, START_TIMEOUT)
+            assert bot.count("SHARDGATE_SHARD_LOADED") == SHARDS
+            assert bot.count("SHARDGATE_ALL_LOADED") == 1
+            assert proc.signal(signal.SIGTERM)
+            assert await proc.exit_code() == 0, proc.output
+            assert "guild cache: restored 4 shard(s), 16 guilds" in proc.output

@@ -153,7 +153,7 @@ class GuildCacheKeeper:
                 self.records.pop(shard_id, None)
                 self._record_sessions.pop(shard_id, None)
                 continue
-            snapshot = cache.snapshot(shard_id)
+            snapshot = cache.snapshot(shard_id, ordered=False)
             self.records[shard_id] = encode_guild_cache(current.session_id, snapshot)
             self._record_sessions[shard_id] = current.session_id
         try:

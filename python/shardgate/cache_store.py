@@ -10,7 +10,7 @@ One shard's record (:func:`encode_guild_cache`), little-endian::
 
     b"SGGC" | u8 version (1) | u8 len | session id (ASCII, len bytes)
     | u32 guilds | i32 loading (-1: no READY yet) | u32 unavailable
-    | u64 * (guilds + max(loading, 0) + unavailable)   sorted guild ids, in that order
+    | u64 * (guilds + max(loading, 0) + unavailable)   guild ids, those three lists
     | u32 CRC-32 of everything before
 
 8 bytes a guild (a snowflake needs 64 bits; ``array("Q")`` packs and unpacks them in C),

@@ -9,7 +9,9 @@ kept in the session store beside its session (:mod:`shardgate.cache_store` for t
   sessions are written twice a second, its caches must not be), plus once at a graceful
   stop. A SIGKILL can therefore lose up to that interval of cache changes: a guild joined
   in it is classified ``joined`` again if its GUILD_CREATE is replayed, or is missing from
-  the counts if not; one that went into an outage in it comes back as ``joined``.
+  the counts if not; one that went into an outage in it comes back ``known``, not
+  ``available``. (Capping the stored session seq below the first unsaved cache change
+  would make Discord replay those events; not done: it costs up to 10 s of replay.)
 - **What.** The record names the session it belongs to. At start a shard's cache is
   restored only if the shard resumes that very session: a cache of another session (the
   old process identified again after its last cache save) would not match what Discord

@@ -89,7 +89,10 @@ async def one_run(group: Group, directory: Path, redis_url: str) -> dict[str, fl
     ids = list(group.shard_ids)
 
     started = time.perf_counter()
-    records = [encode_guild_cache(group.sessions[s].session_id, cache.snapshot(s, ordered=False)) for s in ids]
+    records = [
+        encode_guild_cache(group.sessions[s].session_id, cache.snapshot(s, ordered=False))
+        for s in ids
+    ]
     out["encode_all_ms"] = (time.perf_counter() - started) * 1000
     out["bytes"] = sum(len(r) for r in records)
     started = time.perf_counter()

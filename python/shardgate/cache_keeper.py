@@ -59,7 +59,9 @@ class GuildCacheKeeper:
         "save_errors", "saves", "store", "stored",
     )  # fmt: skip
 
-    def __init__(self, store: GuildCacheStore, *, interval_s: float = CACHE_SAVE_INTERVAL_S):
+    def __init__(
+        self, store: GuildCacheStore, *, interval_s: float = CACHE_SAVE_INTERVAL_S
+    ) -> None:
         self.store = store
         self.interval_s = interval_s
         #: What the store held at start: (shard_count, shard_id) -> record. Freed once used.

@@ -136,7 +136,7 @@ async def second_run_checks(
     # A guild the bot joins now: joined.
     joined = fake.join_guild()
     await wait_until(lambda: bot.state_of(joined) == "joined", TIMEOUT)
-    total, unavailable, per_shard = counts
+    total, _, per_shard = counts
     per_shard[shard_of(joined, SHARDS)] += 1
     await wait_until(lambda: guild_counts(second) == (total + 1, 0, per_shard), TIMEOUT)
     assert bot.count("SHARDGATE_SHARD_LOADED") == loaded_notices == SHARDS
@@ -256,7 +256,7 @@ async def control_status(http: Any, control: int) -> dict[str, Any] | None:
     return None
 
 
-async def wait_status(control: int, ok: Any, timeout: float) -> dict[str, Any]:  # noqa: ASYNC109
+async def wait_status(control: int, ok: Any, timeout: float) -> dict[str, Any]:
     """Poll ``/status`` until ``ok(status)``; returns that status."""
     async with aiohttp.ClientSession() as http, asyncio.timeout(timeout):
         while True:

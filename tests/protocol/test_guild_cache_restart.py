@@ -317,3 +317,27 @@ async def test_sigkill_then_start_keeps_the_guild_cache(tmp_path: Path):
             assert proc.signal(signal.SIGTERM)
             assert await proc.exit_code() == 0, proc.output
             assert "guild cache: restored 4 shard(s), 16 guilds" in proc.output
+
+
+async def test_a_refused_resume_rebuilds_that_shards_cache_from_its_ready(tmp_path: Path):
+    store = str(tmp_path / "state")
+    bot = Bot()
+    async with FakeDiscord(fake_config()) as fake, EventHandlerServer(
+        bot.on_event, SECRET, port=0
+    ) as handler:
+        outage, counts = await first_run(fake, bot, handler.port, store)
+        assert fake.end_sessions(shard_of(outage, SHARDS)) == 1  # Discord dropped it
+        async with gateway(fake, handler.port, store) as second:
+            await second.start()
+            await second.wait_all_ready(timeout=TIMEOUT)
+            assert len(fake.identifies) == SHARDS + 1
+            keeper = second.session_keeper
+            assert keeper is not None and keeper.guilds is not None
+            assert keeper.guilds.restored == SHARDS  # restored, then replaced by READY
+            # The new session's READY lists the outage guild again, and the fake sends
+            # every guild (it is no longer in an outage there): all loaded, none out.
+            await wait_until(lambda: bot.count("SHARDGATE_SHARD_LOADED") == SHARDS + 1, TIMEOUT)
+            assert bot.state_of(outage) == "loaded"
+            total, _, per_shard = counts
+            assert guild_counts(second) == (total, 0, per_shard)
+            assert bot.count("SHARDGATE_ALL_LOADED") == 1

@@ -38,17 +38,25 @@ class GuildCreateResult:
 class GuildCache:
     """Guild ids per shard of one shard set, and the ids each shard still waits for."""
 
-    __slots__ = ("_by_shard", "_loading", "_unavailable")
+    __slots__ = ("_by_shard", "_dirty", "_loading", "_unavailable")
 
     def __init__(self) -> None:
         self._by_shard: dict[int, set[int]] = {}
         self._loading: dict[int, set[int]] = {}
         self._unavailable: set[int] = set()
+        #: Shards changed since the last :meth:`take_dirty`: the session store rewrites
+        #: only those (shardgate.cache_keeper), so an idle cache costs no writes.
+        self._dirty: set[int] = set()
 
     def on_ready(self, shard_id: int, guild_ids: list[int]) -> bool:
         """A new session: every listed guild must arrive again. Returns True if none is
         expected (the shard is loaded at once)."""
         ids = set(guild_ids)
+        # The previous session's outage marks go with it (a guild left meanwhile would
+        # otherwise count as unavailable for ever).
+        for guild_id in self._by_shard.get(shard_id, ()):
+            self._unavailable.discard(guild_id)
+        self._dirty.add(shard_id)
         self._by_shard[shard_id] = set(ids)
         self._loading[shard_id] = ids
         self._unavailable.update(ids)
@@ -65,6 +73,8 @@ class GuildCache:
             state = GuildState.KNOWN
         else:
             state = GuildState.JOINED
+        if state is not GuildState.KNOWN:  # a repeat changes nothing to save
+            self._dirty.add(shard_id)
         known.add(guild_id)
         self._unavailable.discard(guild_id)
         return GuildCreateResult(state, self._arrived(shard_id, guild_id))
@@ -72,6 +82,7 @@ class GuildCache:
     def on_guild_delete(self, shard_id: int, guild_id: int, unavailable: bool) -> bool:
         """``unavailable`` = outage (keep the guild); else the bot left. An outage guild of
         the initial load counts as arrived. Returns True if this completed the shard's load."""
+        self._dirty.add(shard_id)
         if unavailable:
             self._by_shard.setdefault(shard_id, set()).add(guild_id)
             self._unavailable.add(guild_id)
@@ -89,6 +100,7 @@ class GuildCache:
 
     def forget_shard(self, shard_id: int) -> None:
         """The shard is gone (stopped, or handed over by a reshard)."""
+        self._dirty.add(shard_id)
         for guild_id in self._by_shard.pop(shard_id, set()):
             self._unavailable.discard(guild_id)
         self._loading.pop(shard_id, None)
@@ -112,20 +124,25 @@ class GuildCache:
     def guild_ids(self, shard_id: int) -> frozenset[int]:
         return frozenset(self._by_shard.get(shard_id, ()))
 
-    def snapshot(self, shard_id: int) -> dict[str, Any]:
+    def snapshot(self, shard_id: int, *, ordered: bool = True) -> dict[str, Any]:
         """One shard's state as plain lists: a worker that replaces a dead one starts its
-        resumed shards from it (there is no READY on a resume to rebuild it).
+        resumed shards from it (there is no READY on a resume to rebuild it), and the
+        session store keeps it across a gateway restart (``ordered=False``: in no
+        particular order, which saves the sort of every id when a record is written).
         ``loading`` is None before the shard's first READY."""
+        order: Any = sorted if ordered else list
         guilds = self._by_shard.get(shard_id, set())
         loading = self._loading.get(shard_id)
         return {
-            "guilds": sorted(guilds),
-            "loading": None if loading is None else sorted(loading),
-            "unavailable": sorted(g for g in guilds if g in self._unavailable),
+            "guilds": order(guilds),
+            "loading": None if loading is None else order(loading),
+            # intersection walks the smaller set: usually the few outage guilds
+            "unavailable": order(self._unavailable.intersection(guilds)),
         }
 
     def restore(self, shard_id: int, snapshot: dict[str, Any]) -> None:
-        """The inverse of :meth:`snapshot` (replaces what is known of that shard)."""
+        """The inverse of :meth:`snapshot` (replaces what is known of that shard). Not a
+        change to save: the snapshot came from where it would be saved to."""
         for guild_id in self._by_shard.pop(shard_id, set()):
             self._unavailable.discard(guild_id)
         self._loading.pop(shard_id, None)
@@ -134,6 +151,11 @@ class GuildCache:
         if loading is not None:
             self._loading[shard_id] = {int(g) for g in loading}
         self._unavailable.update(int(g) for g in snapshot.get("unavailable") or ())
+
+    def take_dirty(self) -> set[int]:
+        """The shards changed since the last call (and forget them)."""
+        dirty, self._dirty = self._dirty, set()
+        return dirty
 
     def was_ready(self, shard_id: int) -> bool:
         """Whether the shard has had a READY (its load is tracked)."""

@@ -435,6 +435,15 @@ class ShardGroup:
             self.all_loaded.set()
             self.on_all_loaded(shard)
 
+    def mark_loaded(self, shard_id: int) -> None:
+        """``shard_id`` loaded before (its guild cache was restored after a gateway
+        restart): no notice again, and it counts towards all loaded (set quietly when it
+        completes the group: the bot had SHARDGATE_ALL_LOADED from the last process)."""
+        self._loaded.add(shard_id)
+        if not self.all_loaded.is_set() and self._loaded >= set(self.shard_ids):
+            self.loaded_at = time.monotonic()
+            self.all_loaded.set()
+
     def on_all_loaded(self, last_shard: Shard) -> None:
         total = self.cache.guild_count()
         elapsed = time.monotonic() - self.started_at

@@ -38,6 +38,8 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
+from shardgate.cache_keeper import GuildCacheKeeper
+from shardgate.cache_store import GuildCacheStore
 from shardgate.envelope import parse_event_id
 from shardgate.errors import SessionStoreError
 from shardgate.queue import OutEvent, stream_id
@@ -105,6 +107,10 @@ class SessionKeeper:
         self._task: asyncio.Task[None] | None = None
         self._error_logged_at = -1e9
         self._open = False
+        #: The guild caches beside the sessions (cache_keeper.py), if the store keeps them.
+        self.guilds: GuildCacheKeeper | None = (
+            GuildCacheKeeper(store) if isinstance(store, GuildCacheStore) else None
+        )
 
     # ------------------------------------------------------------------ start
 
@@ -156,6 +162,8 @@ class SessionKeeper:
             )
         self._log_found(found, len(ids))
         self.restored = {sid: e.session for sid, e in found.items()}
+        if self.guilds is not None and self.restored:
+            await self.guilds.load()
         return shard_count, dict(self.restored)
 
     def _log_found(self, found: dict[int, StoredSession], total: int) -> None:
@@ -180,6 +188,8 @@ class SessionKeeper:
             else:
                 group.resume_sessions[shard_id] = session
         manager.outbox.on_ack = self.tracker.on_ack
+        if self.guilds is not None:  # guild cache hook: only into the resumed sessions
+            self.guilds.restore(group, self.restored)
 
     def start(self) -> None:
         if self._task is None:
@@ -231,10 +241,21 @@ class SessionKeeper:
         self.saves += 1
         return True
 
+    async def save_guilds(self, *, force: bool = False) -> bool:
+        """Save the changed guild caches if due (``force``: now, as at a stop)."""
+        guilds, group = self.guilds, self.manager.active
+        if guilds is None or group is None:
+            return True
+        if not guilds.due(group, time.monotonic()) and not force:
+            return True
+        snap = self.snapshot()
+        return await guilds.save(group, {} if snap is None else snap[1])
+
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.interval_s)
             await self.save()
+            await self.save_guilds()
 
     async def stop(self) -> bool:
         """Stop the periodic saves, save the final state, close the store; True if the
@@ -247,6 +268,7 @@ class SessionKeeper:
         if not self._open:
             return False
         saved = await self.save()
+        await self.save_guilds(force=True)
         snap = self._last
         if saved and snap is not None:
             log.info(
@@ -264,4 +286,5 @@ class SessionKeeper:
             "saves": self.saves,
             "save_errors": self.save_errors,
             "restored": len(self.restored),
+            "guild_cache": None if self.guilds is None else self.guilds.stats(),
         }

@@ -27,8 +27,9 @@ import fcntl
 import hashlib
 import logging
 import os
+import struct
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol, runtime_checkable
@@ -197,6 +198,12 @@ class FileSessionStore:
         return self.directory / f"sessions-{self.bot}.json"
 
     @property
+    def guild_cache_path(self) -> Path:
+        """The guild caches (shardgate.cache_store): a file of its own, so the frequent
+        small session saves never rewrite the large, rarely changing caches."""
+        return self.directory / f"guilds-{self.bot}.bin"
+
+    @property
     def lock_path(self) -> Path:
         return self.directory / f"sessions-{self.bot}.lock"
 
@@ -280,10 +287,60 @@ class FileSessionStore:
         }
         await asyncio.to_thread(self._write, orjson.dumps(doc))
 
-    def _write(self, data: bytes) -> None:
+    # The guild cache file: b"SGGF" | u32 version | u32 shard count | u32 entries, then
+    # per entry u32 shard id | u32 length | a cache_store record (with its own CRC).
+
+    async def load_guild_caches(self) -> dict[tuple[int, int], bytes]:
+        return await asyncio.to_thread(self._load_guild_caches)
+
+    def _load_guild_caches(self) -> dict[tuple[int, int], bytes]:
+        where = self.guild_cache_path
+        try:
+            data = where.read_bytes()
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            raise SessionStoreError(f"cannot read {where}: {exc.strerror or exc}") from None
+        found: dict[tuple[int, int], bytes] = {}
+        try:
+            magic, version, count, entries = _GUILD_FILE_HEAD.unpack_from(data)
+            if magic != _GUILD_FILE_MAGIC or version != 1 or count < 1:
+                raise ValueError("not a shardgate guild cache file of version 1")
+            at = _GUILD_FILE_HEAD.size
+            for _ in range(entries):
+                shard_id, length = _GUILD_FILE_ENTRY.unpack_from(data, at)
+                at += _GUILD_FILE_ENTRY.size
+                if at + length > len(data):
+                    raise ValueError("truncated")
+                found[count, shard_id] = data[at : at + length]
+                at += length
+        except (ValueError, struct.error) as exc:
+            # Records read before the damage carry their own CRC; the rest is lost.
+            log.warning(
+                "guild cache %s is unreadable after %d entries (%s); those shards start "
+                "with an empty guild cache", where, len(found), exc,
+            )  # fmt: skip
+        return found
+
+    async def save_guild_caches(
+        self,
+        shard_count: int,
+        shard_ids: Set[int],
+        records: Mapping[int, bytes],
+        changed: Set[int],
+    ) -> None:
+        kept = sorted((sid, r) for sid, r in records.items() if sid in shard_ids)
+        parts = [_GUILD_FILE_HEAD.pack(_GUILD_FILE_MAGIC, 1, shard_count, len(kept))]
+        for shard_id, record in kept:
+            parts.append(_GUILD_FILE_ENTRY.pack(shard_id, len(record)))
+            parts.append(record)
+        await asyncio.to_thread(self._write, b"".join(parts), self.guild_cache_path)
+
+    def _write(self, data: bytes, path: Path | None = None) -> None:
         """temp file + fsync + rename + fsync of the directory: the file is the old
         version or the new one, also across a power cut."""
-        tmp = self.directory / f".{self.path.name}.{os.getpid()}.tmp"
+        path = self.path if path is None else path
+        tmp = self.directory / f".{path.name}.{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             view = memoryview(data)
@@ -292,7 +349,7 @@ class FileSessionStore:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, self.path)
+        os.replace(tmp, path)
         dir_fd = os.open(self.directory, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
@@ -303,6 +360,11 @@ class FileSessionStore:
         fd, self._lock_fd = self._lock_fd, None
         if fd is not None:
             os.close(fd)  # releases the flock
+
+
+_GUILD_FILE_MAGIC: Final = b"SGGF"
+_GUILD_FILE_HEAD: Final = struct.Struct("<4sIII")
+_GUILD_FILE_ENTRY: Final = struct.Struct("<II")
 
 
 def _document_problem(doc: object, bot: str) -> str | None:

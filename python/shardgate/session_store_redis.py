@@ -15,7 +15,7 @@ store is created, never by the base install.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Set
 from typing import TYPE_CHECKING, Any, Final
 
 import orjson
@@ -33,7 +33,7 @@ from shardgate.session_store import (
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-__all__ = ["KEY_TTL_S", "RedisSessionStore", "sessions_key"]
+__all__ = ["KEY_TTL_S", "RedisSessionStore", "guilds_key", "sessions_key"]
 
 KEY_TTL_S: Final = 7 * 86_400
 """The hash expires this long after the last save: Discord keeps a dropped session minutes,
@@ -46,10 +46,16 @@ def sessions_key(bot: str) -> str:
     return f"shardgate:{bot}:sessions"
 
 
+def guilds_key(bot: str) -> str:
+    """The guild caches (shardgate.cache_store): a hash beside the sessions', same fields."""
+    return f"shardgate:{bot}:guilds"
+
+
 class RedisSessionStore:
     """:class:`~shardgate.session_store.SessionStore` on Redis (see the module docstring)."""
 
-    __slots__ = ("_client", "_fields", "bot", "key", "location", "url")
+    __slots__ = ("_client", "_fields", "_guild_fields", "bot", "guilds_key", "key", "location",
+                 "url")
 
     def __init__(self, url: str, bot: str) -> None:
         self.url = url
@@ -59,6 +65,8 @@ class RedisSessionStore:
         self._client: Redis | None = None
         #: Fields this process has seen (load) or written: what a save may need to delete.
         self._fields: set[str] = set()
+        self.guilds_key = guilds_key(bot)
+        self._guild_fields: set[str] = set()
 
     def __repr__(self) -> str:
         return f"RedisSessionStore({self.location!r})"
@@ -123,6 +131,51 @@ class RedisSessionStore:
             await pipe.execute()
         self._fields.difference_update(stale)
         self._fields.update(live)
+
+    async def load_guild_caches(self) -> dict[tuple[int, int], bytes]:
+        from redis.exceptions import RedisError  # noqa: PLC0415
+
+        try:
+            raw = await self._redis().hgetall(self.guilds_key)
+        except (RedisError, OSError) as exc:
+            raise SessionStoreError(f"session store {self.location}: {exc}") from None
+        found: dict[tuple[int, int], bytes] = {}
+        for field_raw, value in raw.items():
+            field = (
+                field_raw.decode("utf-8", "replace")
+                if isinstance(field_raw, bytes)
+                else field_raw
+            )
+            self._guild_fields.add(field)
+            count, sep, shard = field.partition(":")
+            if sep and count.isdigit() and shard.isdigit() and isinstance(value, bytes):
+                found[int(count), int(shard)] = value
+        return found
+
+    async def save_guild_caches(
+        self,
+        shard_count: int,
+        shard_ids: Set[int],
+        records: Mapping[int, bytes],
+        changed: Set[int],
+    ) -> None:
+        # Only the changed shards travel: an idle 2,500-guild shard costs nothing.
+        live = {f"{shard_count}:{sid}": r for sid, r in records.items() if sid in shard_ids}
+        writes = {f"{shard_count}:{sid}": live[f"{shard_count}:{sid}"] for sid in changed
+                  if f"{shard_count}:{sid}" in live}
+        stale = [
+            f for f in self._guild_fields if f not in live and _shard_of_field(f) in shard_ids
+        ]
+        client = self._redis()
+        async with client.pipeline(transaction=True) as pipe:
+            if writes:
+                pipe.hset(self.guilds_key, mapping=writes)  # type: ignore[arg-type]
+            if stale:
+                pipe.hdel(self.guilds_key, *stale)
+            pipe.expire(self.guilds_key, KEY_TTL_S)
+            await pipe.execute()
+        self._guild_fields.difference_update(stale)
+        self._guild_fields.update(writes)
 
     async def close(self) -> None:
         client, self._client = self._client, None

@@ -51,6 +51,7 @@ __all__ = [
     "ShardCodec",
     "StreamCompressor",
     "__version__",
+    "trim_heap",
 ]
 
 _Buffer = bytes | bytearray | memoryview

@@ -321,7 +321,7 @@ def test_identify_url_is_checked_and_its_password_never_shown():
     assert "pw-0123456789abcdef" in config.secrets  # the log filter scrubs it
     assert "pw-0123456789abcdef" not in repr(config)
     shown = dict((row[0], row[1]) for row in describe(config))
-    assert shown["identify_url"] == "redis://***@10.0.0.5:6379/0"
+    assert shown["identify_url"] == "redis://:***@10.0.0.5:6379/0"
     assert load_config(
         env={}, overrides={**base, "identify_url": "unix:///run/redis.sock"}
     ).identify_url == "unix:///run/redis.sock"

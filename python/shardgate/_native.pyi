@@ -51,6 +51,7 @@ __all__ = [
     "ShardCodec",
     "StreamCompressor",
     "__version__",
+    "trim_heap",
     "ws_batch_frame",
 ]
 
@@ -71,6 +72,10 @@ KIND_GUILD_DELETE: Final[int]
 KIND_MESSAGE_CREATE: Final[int]
 KIND_MESSAGE_UPDATE: Final[int]
 KIND_MESSAGE_DELETE: Final[int]
+
+def trim_heap() -> bool:
+    """Give the heap's free pages back to the OS now (glibc ``malloc_trim(0)``), e.g.
+    after a whole shard group was freed; False where there is no such call."""
 
 class DecodeError(ValueError):
     """A frame or message could not be decoded.

@@ -358,6 +358,16 @@ class ShardGroup:
                 await self._spawner
         await asyncio.gather(*(shard.stop(code) for shard in self.shards.values()))
 
+    def retire(self) -> None:
+        """A stopped group that will never run again (the old group of a finished reshard):
+        let go of its shards (codec, inflate state, buffers, links) and its guild cache.
+
+        The resharder keeps the group itself for its status until the next reshard; the
+        shards would otherwise stay with it, a whole shard set's memory per reshard."""
+        self.shards.clear()
+        self.cache = GuildCache()
+        self.resume_sessions.clear()
+
     # ------------------------------------------------------------------ per event
 
     def _dispatch(self, shard: Shard, message: Message) -> None:

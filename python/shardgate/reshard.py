@@ -61,7 +61,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
-from shardgate._native import KIND_GUILD_CREATE, KIND_READY, KIND_RESUMED, Message
+from shardgate._native import KIND_GUILD_CREATE, KIND_READY, KIND_RESUMED, Message, trim_heap
 from shardgate.envelope import notice_body, notice_id
 from shardgate.errors import ConfigError, ReshardError
 from shardgate.group import ShardGroup, outbox_sink
@@ -474,6 +474,10 @@ class Reshard:
         while not handover.old_streams_drained():  # noqa: ASYNC110 - outbox depth, polled
             await asyncio.sleep(0.01)
         handover.release()
+        self.old.retire()
+        # A whole shard set was just freed, scattered through the heap: glibc keeps such
+        # blocks resident until reused (benches/README.md, "Chaos soak").
+        trim_heap()
 
     async def _sleep_expiring(self, handover: Handover, seconds: float) -> None:
         end = time.monotonic() + seconds

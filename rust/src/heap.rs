@@ -33,15 +33,21 @@ pub fn trim_soon() -> bool {
     due
 }
 
+/// Trims the heap now, whatever the last trim; returns whether there is a trim to call
+/// (glibc).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
-fn trim() {
+pub fn trim() -> bool {
     // SAFETY: malloc_trim only inspects and releases free memory of glibc's own arenas;
     // it takes the arena locks itself and has no preconditions on the caller.
     unsafe {
         libc::malloc_trim(0);
     }
+    true
 }
 
+/// Nothing to trim elsewhere than glibc.
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn trim() {}
+pub fn trim() -> bool {
+    false
+}

@@ -18,6 +18,14 @@ pub mod scan;
 
 use scan::Kind;
 
+/// Give the free pages of the heap back to the OS now (glibc `malloc_trim(0)`); for a
+/// moment after much was freed at once, such as a whole shard group after a reshard.
+/// Returns False where there is nothing to call (not glibc).
+#[pyfunction]
+fn trim_heap() -> bool {
+    heap::trim()
+}
+
 /// The Python module.
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -29,6 +37,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<codec::Inflater>()?;
     m.add_class::<codec::StreamCompressor>()?;
     m.add_function(wrap_pyfunction!(pybatch::ws_batch_frame, m)?)?;
+    m.add_function(wrap_pyfunction!(trim_heap, m)?)?;
     m.add("DecodeError", py.get_type::<errors::DecodeError>())?;
     m.add(
         "CompressionError",

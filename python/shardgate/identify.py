@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
-__all__ = ["IdentifyGate", "LocalIdentifyGate", "default_margin_s"]
+__all__ = ["IdentifyGate", "LocalIdentifyGate", "PermitLedger", "default_margin_s"]
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,36 @@ class _Bucket:
         self.next_at = 0.0
 
 
-class LocalIdentifyGate:
+class PermitLedger:
+    """The bookkeeping half every gate shares: permits held per shard id (two groups of a
+    reshard may hold permits for the same id) and the outcomes of those released."""
+
+    __slots__ = ("_held", "failed", "identified")
+
+    def __init__(self) -> None:
+        self._held: dict[int, int] = {}
+        self.identified = 0
+        self.failed = 0
+
+    def _hold(self, shard_id: int) -> None:
+        self._held[shard_id] = self._held.get(shard_id, 0) + 1
+
+    def release(self, shard_id: int, *, identified: bool) -> None:
+        held = self._held.get(shard_id, 0)
+        if not held:
+            log.warning("shard %d released an identify permit it did not hold", shard_id)
+            return
+        if held == 1:
+            del self._held[shard_id]
+        else:
+            self._held[shard_id] = held - 1
+        if identified:
+            self.identified += 1
+        else:
+            self.failed += 1
+
+
+class LocalIdentifyGate(PermitLedger):
     """In-process :class:`IdentifyGate`.
 
     - One IDENTIFY per bucket ``shard_id % max_concurrency`` per ``window_s``; buckets run
@@ -78,7 +107,6 @@ class LocalIdentifyGate:
     __slots__ = (
         "_buckets",
         "_clock",
-        "_held",
         "_margin",
         "_max_concurrency",
         "_remaining",
@@ -86,9 +114,7 @@ class LocalIdentifyGate:
         "_reset_at",
         "_total",
         "_window",
-        "failed",
         "granted",
-        "identified",
     )
 
     def __init__(
@@ -116,10 +142,8 @@ class LocalIdentifyGate:
         # discord.js treats reset_after 0 (single-shard bots) as 5 s; do the same.
         self._reset_after_s = reset_after_s if reset_after_s > 0 else 5.0
         self._reset_at = clock() + self._reset_after_s
-        self._held: dict[int, int] = {}  # shard id -> permits held (two groups may share ids)
+        super().__init__()
         self.granted = 0
-        self.identified = 0
-        self.failed = 0
 
     @property
     def max_concurrency(self) -> int:
@@ -168,19 +192,6 @@ class LocalIdentifyGate:
                 await asyncio.sleep(wait)
             await self._take_budget(shard_id)
             bucket.next_at = self._clock() + self._window + self._margin
-            self._held[shard_id] = self._held.get(shard_id, 0) + 1
+            self._hold(shard_id)
             self.granted += 1
 
-    def release(self, shard_id: int, *, identified: bool) -> None:
-        held = self._held.get(shard_id, 0)
-        if not held:
-            log.warning("shard %d released an identify permit it did not hold", shard_id)
-            return
-        if held == 1:
-            del self._held[shard_id]
-        else:
-            self._held[shard_id] = held - 1
-        if identified:
-            self.identified += 1
-        else:
-            self.failed += 1

@@ -72,7 +72,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any, Final
 
-from shardgate.identify import default_margin_s
+from shardgate.identify import PermitLedger, default_margin_s
 from shardgate.log import redact_url
 
 if TYPE_CHECKING:
@@ -277,7 +277,7 @@ def _redis_errors() -> tuple[type[BaseException], ...]:
     return (RedisError, OSError, TimeoutError)
 
 
-class RedisIdentifyGate:
+class RedisIdentifyGate(PermitLedger):
     """:class:`~shardgate.identify.IdentifyGate` shared through Redis (see the module
     docstring for the rules and keys).
 
@@ -302,7 +302,6 @@ class RedisIdentifyGate:
         "_fence_logged",
         "_forgets",
         "_gate_id",
-        "_held",
         "_lease_ms",
         "_max_concurrency",
         "_poll_script",
@@ -312,10 +311,8 @@ class RedisIdentifyGate:
         "_total",
         "_url",
         "_window_ms",
-        "failed",
         "granted",
         "granted_at_ms",
-        "identified",
         "keys",
         "url_for_logs",
     )
@@ -359,7 +356,7 @@ class RedisIdentifyGate:
         self._budget_pending: tuple[int, float, int] | None = None
         if remaining is not None:
             self._budget_pending = (remaining, reset_after_s, self._total)
-        self._held: dict[int, int] = {}
+        super().__init__()
         self._forgets: set[asyncio.Task[None]] = set()
         self._down_since: float | None = None
         self._down_logged_at = 0.0
@@ -367,8 +364,6 @@ class RedisIdentifyGate:
         self._fence_logged = False
         self._budget_logged_at = -math.inf
         self.granted = 0
-        self.identified = 0
-        self.failed = 0
         self.granted_at_ms: dict[int, int] = {}
 
     @property
@@ -483,7 +478,7 @@ class RedisIdentifyGate:
         if remaining >= 0:
             self._remaining = remaining
             self._reset_at = time.monotonic() + reset_in / 1000
-        self._held[shard_id] = self._held.get(shard_id, 0) + 1
+        self._hold(shard_id)
         self._fence_logged = False
         self.granted += 1
 
@@ -556,20 +551,6 @@ class RedisIdentifyGate:
         task = asyncio.get_running_loop().create_task(forget())
         self._forgets.add(task)
         task.add_done_callback(self._forgets.discard)
-
-    def release(self, shard_id: int, *, identified: bool) -> None:
-        held = self._held.get(shard_id, 0)
-        if not held:
-            log.warning("shard %d released an identify permit it did not hold", shard_id)
-            return
-        if held == 1:
-            del self._held[shard_id]
-        else:
-            self._held[shard_id] = held - 1
-        if identified:
-            self.identified += 1
-        else:
-            self.failed += 1
 
     async def aclose(self) -> None:
         """Give up queued places and close the connections (the manager's stop calls it)."""

@@ -648,7 +648,7 @@ async def _serve(config: Config, *, hold_signals_at_exit: bool = False) -> int:
 
     installed: list[signal.Signals] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
+        with contextlib.suppress(NotImplementedError):  # loops without signal support
             loop.add_signal_handler(sig, on_signal, sig)
             installed.append(sig)
     try:

@@ -49,7 +49,7 @@ async def _serve(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
+        with contextlib.suppress(NotImplementedError):  # loops without signal support
             loop.add_signal_handler(sig, stop.set)
     async with FakeDiscord(config) as fake:
         delay_ms = round(args.identify_window * 1000)

@@ -350,7 +350,9 @@ async def test_a_worker_killed_right_after_a_ready_loses_nothing(
         )
         await asyncio.sleep(0.5)
 
-        assert [r.shard_id for r in fake.identifies] == list(range(SHARDS))  # no second one
+        # one IDENTIFY per shard, no second one for shard 5 (shards 6 and 7 may swap: the
+        # kill hands shard 6 to the replacement worker while the spawner goes on)
+        assert sorted(r.shard_id for r in fake.identifies) == list(range(SHARDS))
         resumed = [c for c in fake.connections if c.shard == (5, SHARDS) and c.resumed]
         assert resumed, "shard 5 resumed its first session"
         assert_every_dispatch_once_in_order(fake, manager, received, unfurls=stream.unfurl_ids)

@@ -38,7 +38,8 @@ of run per mode:
   barely depends on the level).
 
 Worker processes (``--workers 1,2``): every run is repeated for each worker count, in
-turn (run 1 with 1 then 2 workers, run 2 ...), so both see the same machine load. With
+turn (run 1 with 1 then 2 workers, run 2 ...), so both see the same machine load;
+``--worker-delivery direct`` has the workers deliver themselves (``worker_delivery``). With
 N > 1 the gateway is started with ``shards_per_cluster = ceil(shards / N)`` and
 ``max_clusters = N``; CPU is counted per process (the main process and each worker, from
 ``/proc``), so the table shows CPU seconds per 100k events in the main process and in the
@@ -606,6 +607,7 @@ def gateway_env(
         SHARDGATE_LOG_LEVEL="WARNING",
         SHARDGATE_SHARDS_PER_CLUSTER=str(max(1, -(-args.shards // workers))),
         SHARDGATE_MAX_CLUSTERS=str(workers),
+        SHARDGATE_WORKER_DELIVERY=args.worker_delivery,
     )
     return env
 
@@ -1183,6 +1185,7 @@ def orchestrate(args: argparse.Namespace) -> None:
         "level": args.level,
         "paced_level": args.paced_level,
         "workers": args.workers,
+        "worker_delivery": args.worker_delivery,
         "scrape": args.scrape,
         "load_start": _procs.loadavg(),
     }
@@ -1192,6 +1195,7 @@ def orchestrate(args: argparse.Namespace) -> None:
     ratios: dict[str, Any] = {}
     print(
         f"e2e bench: modes {modes}, {args.shards} shards, {args.runs} runs per kind; "
+        f"workers {args.workers} (worker_delivery {args.worker_delivery}); "
         f"load {meta['load_start'][0]:.2f}",
         flush=True,
     )
@@ -1305,6 +1309,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--workers",
         default="1",
         help="comma-separated worker process counts to compare, e.g. 1,2 (1: in-process)",
+    )
+    p.add_argument(
+        "--worker-delivery",
+        choices=["main", "direct"],
+        default="main",
+        help="worker_delivery of the runs with workers (default main)",
     )
     p.add_argument(
         "--idle-shards",

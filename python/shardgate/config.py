@@ -34,6 +34,7 @@ DISCORD_IDENTIFY_WINDOW_MS: Final = 5000
 
 Compression = Literal["zlib-stream", "zstd-stream", "none"]
 ForwardMode = Literal["http", "websocket", "redis-streams"]
+WorkerDelivery = Literal["main", "direct"]
 SECRET_KEYS: Final = frozenset(
     {"token", "rest_authorization", "event_handler_secret", "control_secret"}
 )
@@ -84,6 +85,7 @@ class Config:
     use_optimal_large_bot_sharding: bool = True
     shards_per_cluster: int = 25
     max_clusters: int = 4
+    worker_delivery: WorkerDelivery = "main"
     #: Workers hook: ``pkg.mod:Class``, a GatewayManager subclass for this process and
     #: every worker process (they import it; see shardgate.workers).
     manager: str | None = None
@@ -193,6 +195,11 @@ class Config:
         )
         _require(self.shards_per_cluster >= 1, "shards_per_cluster", "must be >= 1")
         _require(self.max_clusters >= 1, "max_clusters", "must be >= 1")
+        _require(
+            self.worker_delivery in get_args(WorkerDelivery),
+            "worker_delivery",
+            f"must be one of {', '.join(get_args(WorkerDelivery))}",
+        )
         if self.manager is not None:
             _require(
                 _is_import_path(self.manager),
@@ -327,6 +334,9 @@ HELP: Final[Mapping[str, str]] = {
     "max_concurrency",
     "shards_per_cluster": "shards per worker process (one worker: all shards in this process)",
     "max_clusters": "the most worker processes; beyond it shards are spread evenly",
+    "worker_delivery": "with workers: main (the main process holds the queue and delivers; a "
+    "worker crash never loses events) or direct (each worker delivers its own shards: "
+    "scales with cores, a crash resumes from the acknowledged seq, no reshard)",
     "manager": "your GatewayManager subclass as pkg.module:Class, used in every worker too",
     "identify_url": "redis:// URL of the identify gate shared by every gateway process of "
     "the bot (unset: this process's own)",

@@ -482,11 +482,12 @@ class GatewayManager:
         close_gate = getattr(self.identify_gate, "aclose", None)
         if close_gate is not None:  # a Redis gate's connections
             await close_gate()
+        delivery, queue = self.delivery_stats(), self.queue_stats()
         report = StopReport(
-            delivered=0 if self.delivery is None else self.delivery.delivered,
-            rejected=0 if self.delivery is None else self.delivery.rejected,
-            dropped=self.outbox.dropped,
-            undelivered=self.outbox.depth,
+            delivered=delivery.get("delivered", 0),
+            rejected=delivery.get("rejected", 0),
+            dropped=queue.get("dropped", 0),
+            undelivered=queue.get("depth", 0),
             replayable=saved,
         )
         if not drained and report.undelivered:
@@ -595,10 +596,24 @@ class GatewayManager:
         self.resharder.start(shards)
         return {"from": group.shard_count, "to": shards}
 
+    def queue_stats(self) -> dict[str, int]:
+        """The outbox's counters; with workers that deliver directly, theirs added."""
+        return _summed(self.outbox.stats(), self._direct_totals().get("queue"))
+
+    def delivery_stats(self) -> dict[str, int]:
+        """Delivery's counters; with workers that deliver directly, theirs added."""
+        own = self.delivery.stats() if self.delivery is not None else {}
+        return _summed(own, self._direct_totals().get("delivery"))
+
+    def _direct_totals(self) -> dict[str, dict[str, int]]:
+        pool = self.workers
+        return {} if pool is None else pool.direct_totals()
+
     def status(self) -> dict[str, Any]:
         """Everything the status endpoint shows (allocates; call it rarely)."""
         group = self.active
-        delivery = self.delivery.stats() if self.delivery is not None else {}
+        delivery = self.delivery_stats()
+        queue = self.queue_stats()
         return {
             "shard_count": self.shard_count,
             "ready": 0 if group is None else group.ready_count(),
@@ -606,7 +621,7 @@ class GatewayManager:
             "guilds": 0 if group is None else group.cache.guild_count(),
             "unavailable": 0 if group is None else group.cache.unavailable_count(),
             "all_loaded": group is not None and group.all_loaded.is_set(),
-            "queue": {**self.outbox.stats(), "max_size": self.outbox.max_size},
+            "queue": queue,
             "forwarded": delivery.get("delivered", 0),
             "delivery": delivery,
             "shards": [] if group is None else group.shard_status(),
@@ -615,6 +630,18 @@ class GatewayManager:
             "monitor": self.monitor.snapshot(),
             "session_store": None if self.session_keeper is None else self.session_keeper.stats(),
         }
+
+
+def _summed(own: dict[str, int], other: dict[str, int] | None) -> dict[str, int]:
+    """``own`` with ``other``'s counters added key by key; the bounds stay ``own``'s (the
+    configured ones, which the workers' shares add up to)."""
+    if not other:
+        return own
+    total = dict(own)
+    for key, value in other.items():
+        if key not in ("max_size", "max_bytes"):
+            total[key] = total.get(key, 0) + value
+    return total
 
 
 async def _serve(config: Config, *, hold_signals_at_exit: bool = False) -> int:

@@ -118,11 +118,10 @@ class GatewayCollector(Collector):
     def __init__(self, manager: GatewayManager) -> None:
         self._manager = manager
         self._sources: list[StatsSource] = []
-        outbox = manager.outbox
         self.add_source(
             StatsSource(
                 "outbox",
-                outbox.stats,
+                manager.queue_stats,
                 (
                     Stat("depth", "gauge", "events waiting for the bot or in flight", "events"),
                     Stat("bytes", "gauge", "body bytes of those events", "bytes"),
@@ -140,7 +139,7 @@ class GatewayCollector(Collector):
         self.add_source(
             StatsSource(
                 "delivery",
-                lambda: None if manager.delivery is None else manager.delivery.stats(),
+                lambda: None if manager.delivery is None else manager.delivery_stats(),
                 (
                     Stat(
                         "delivered", "counter",
@@ -338,6 +337,12 @@ class GatewayCollector(Collector):
             "shardgate_worker_resent_events",
             "events a replaced worker's shards sent again (dropped before the outbox)",
             value=float(snap["resent"]),
+        )
+        yield CounterMetricFamily(
+            "shardgate_worker_replayed_events",
+            "direct delivery: events dead workers had read past the acknowledged seq, which "
+            "Discord replays to their replacements (some may reach the bot twice)",
+            value=float(snap["replayed"]),
         )
 
     def _collect_edit_filter(self) -> Iterator[Metric]:

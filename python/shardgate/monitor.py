@@ -100,14 +100,14 @@ class RateHistory:
                 received = sum(s.dispatches for s in group.shards.values())
             else:  # worker processes: their last reports
                 received = sum(int(r.get("dispatches") or 0) for r in group.shard_status())
-        delivered = 0 if manager.delivery is None else manager.delivery.delivered
+        delivered = manager.delivery_stats().get("delivered", 0)
         return received, delivered
 
     def sample(self) -> None:
         now = time.monotonic()
         received, delivered = self._counters()
         last, self._last = self._last, (now, received, delivered)
-        self.queue.append(self._manager.outbox.depth)
+        self.queue.append(self._manager.queue_stats().get("depth", 0))
         if last is None:
             return
         elapsed = max(now - last[0], 1e-6)

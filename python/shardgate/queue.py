@@ -610,6 +610,11 @@ class Outbox:
         """Nothing waiting (gap records included) and nothing in flight."""
         return not any(q.waiting or q.flight for q in self._queues.values())
 
+    def holds(self, stream: int) -> bool:
+        """Anything of ``stream`` waiting or in flight, gap records included."""
+        q = self._queues.get(stream)
+        return q is not None and bool(q.waiting or q.flight)
+
     def shard_depth(self, stream: int) -> int:
         """Events held for one shard (waiting + in flight)."""
         q = self._queues.get(stream)

@@ -569,9 +569,18 @@ class Resharder:
         if to < 1:
             raise ReshardError("the new shard count must be >= 1")
         try:  # workers hook: the new group's workers must be able to import the manager
-            WorkerPool.plan(self.manager, self.manager.shard_range(to))
+            pool = WorkerPool.plan(self.manager, self.manager.shard_range(to))
         except ConfigError as exc:
             raise ReshardError(f"the new group needs worker processes, but {exc}") from None
+        if self.manager.config.worker_delivery == "direct" and (
+            pool is not None or self.manager.workers is not None
+        ):
+            # The handover decides on every event of both shard sets in one place; with
+            # direct delivery the events never reach this process (worker_delivery.py).
+            raise ReshardError(
+                "worker processes deliver directly (worker_delivery = direct): a reshard "
+                "needs worker_delivery = main; restart with the new shard count instead"
+            )
         old = self.manager.active
         assert old is not None
         reshard = self.current = Reshard(self.manager, old, to, reason)
@@ -683,7 +692,12 @@ class Resharder:
             return None
         percent = manager.config.reshard_percentage
         reason = f"automatic: {guilds} guilds >= {threshold} ({percent:g}%)"
-        return self.start(to, reason)
+        try:
+            return self.start(to, reason)
+        except ReshardError as exc:
+            log.warning("%d guilds reach the reshard threshold (%d): %s", guilds, threshold, exc)
+            self._retry_at = time.monotonic() + manager.config.reshard_check_interval
+            return None
 
     def snapshot(self) -> dict[str, Any] | None:
         return None if self.current is None else self.current.snapshot()

@@ -210,9 +210,14 @@ class SessionKeeper:
             live: dict[int, Session | None] = dict(manager.workers.sessions)
         else:
             live = {sid: shard.session for sid, shard in group.shards.items()}
+        # Workers delivering directly report acknowledged seqs already (worker_delivery.py).
+        acked = manager.workers is not None and manager.workers.direct
         sessions: dict[int, Session] = {}
         for shard_id, current in live.items():
             if current is None:
+                continue
+            if acked:
+                sessions[shard_id] = current
                 continue
             seq = self.tracker.seq_of(stream_id(group.generation, shard_id), current.session_id)
             sessions[shard_id] = Session(current.session_id, seq, current.resume_url)

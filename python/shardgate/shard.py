@@ -184,6 +184,7 @@ class _Connection(WSListener):
         "dead",
         "direct",
         "feed",
+        "held",
         "hello",
         "pending_close",
         "permit",
@@ -213,9 +214,26 @@ class _Connection(WSListener):
         self.acked = True
         self.beat_sent_at = 0.0
         self.trace = shard._log.isEnabledFor(TRACE)
+        #: Reading was held back since the last heartbeat (:meth:`Shard.hold_reading`):
+        #: the ACK may be waiting unread, so a missing one proves nothing.
+        self.held = False
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
+        if self.shard._held:
+            self.hold(True)
+
+    def hold(self, hold: bool) -> None:
+        """Stop or restart reading the socket (uvloop ignores a repeated call)."""
+        transport = self.transport
+        if transport is None or transport.is_disconnected:
+            return
+        underlying = transport.underlying_transport
+        if hold:
+            self.held = True
+            underlying.pause_reading()
+        else:
+            underlying.resume_reading()
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         # The hot path. ``frame.msg_type`` costs ~150 ns (a C enum turned into a Python
@@ -351,6 +369,7 @@ class Shard:
         "_gate",
         "_gateway_url",
         "_heartbeat_task",
+        "_held",
         "_intents",
         "_jitter",
         "_limiter",
@@ -447,6 +466,7 @@ class Shard:
         self._done: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._held = False
         self._attempt = 0
         self.fatal_error: FatalClose | None = None
         self.latency: float | None = None
@@ -502,6 +522,17 @@ class Shard:
     @property
     def limiter(self) -> SendLimiter:
         return self._limiter
+
+    def hold_reading(self, hold: bool) -> None:
+        """Stop reading this shard's socket, or start again: backpressure from a consumer
+        that cannot keep up (a worker's pipe to the main process). What is not read waits
+        in the kernel and in Discord's send buffer instead of in this process's memory;
+        heartbeats keep going out, and a heartbeat ACK held back with the rest does not
+        make the link a zombie. Applies to later connections too, until released."""
+        self._held = hold
+        conn = self._conn
+        if conn is not None:
+            conn.hold(hold)
 
     def stats(self) -> dict[str, int]:
         """Counters for health reports and metrics, the codec's bytes and messages
@@ -835,11 +866,12 @@ class Shard:
     async def _heartbeat_loop(self, conn: _Connection, interval_s: float) -> None:
         await asyncio.sleep(interval_s * self._jitter())
         while not conn.closed.done() and self._conn is conn:
-            if not conn.acked:
+            if not conn.acked and not conn.held:
                 self.zombies += 1
                 self._log.warning("no heartbeat ACK since the last beat: zombie link, resuming")
                 self._close(conn, RESUME_CLOSE_CODE, _RESUME)
                 return
+            conn.held = self._held
             await self.heartbeat()
             await asyncio.sleep(interval_s)
 

@@ -41,7 +41,7 @@ from typing import Any, Final
 from shardgate._native import EditFilter
 from shardgate.cache import GuildCache, GuildCreateResult
 from shardgate.errors import CommandError, ShardClosed
-from shardgate.group import IdentifyProgress, ShardGroup, ShardSpec
+from shardgate.group import IdentifyProgress, ShardGroup, ShardSpec, outbox_sink
 from shardgate.ipc import (
     CACHE_CREATE,
     CACHE_FORGET,
@@ -56,6 +56,7 @@ from shardgate.ipc import (
 from shardgate.log import setup_logging
 from shardgate.session import Session
 from shardgate.shard import Shard, ShardOptions, ShardState
+from shardgate.worker_delivery import DirectDelivery
 
 __all__ = ["RemoteGate", "ReportingCache", "Worker", "main", "options_from_dict"]
 
@@ -66,6 +67,12 @@ TICK_S: Final = 0.05
 REPORT_EVERY: Final = 10
 """A full status report every this many ticks (0.5 s): also the main process's liveness."""
 BACKLOG_WARN_BYTES: Final = 64 << 20
+PIPE_HIGH_BYTES: Final = 2 << 20
+"""Events not yet taken by the main process above which the shards stop reading their
+sockets (:meth:`Shard.hold_reading`) until the backlog is under :data:`PIPE_LOW_BYTES`.
+Without it a worker faster than the main process buffers without bound, and filling fresh
+pages for that buffer cost a third of a worker's CPU at saturation (perf: clear_page)."""
+PIPE_LOW_BYTES: Final = 512 << 10
 
 
 def options_from_dict(data: Mapping[str, Any]) -> ShardOptions:
@@ -208,6 +215,17 @@ class Worker:
         )
         ids: list[int] = init["shard_ids"]
         window_s = float(init["window_s"])
+        settings = init.get("delivery")
+        #: ``worker_delivery = "direct"``: this worker's own outbox and delivery
+        #: (worker_delivery.py); None: events go to the main process.
+        self.direct = (
+            None if settings is None else DirectDelivery(settings, int(init["generation"]))
+        )
+        sink = (
+            self.writer.sink
+            if self.direct is None
+            else outbox_sink(self.direct.outbox, int(init["generation"]))
+        )
         group = group_class(
             spec,
             shard_count=init["shard_count"],
@@ -215,7 +233,7 @@ class Worker:
             gate=self.gate,
             max_concurrency=init["max_concurrency"],
             window_s=window_s,
-            sink=self.writer.sink,
+            sink=sink,
             generation=init["generation"],
             announce=init["announce"],
         )
@@ -231,6 +249,8 @@ class Worker:
         self.stopped = asyncio.Event()
         self._stopping = False
         self._backlog_warned = 0.0
+        self.held = False
+        self.holds = 0
         self.filtered = False
         self.set_filtered(bool(init.get("filtered")))
 
@@ -251,18 +271,27 @@ class Worker:
     def set_filtered(self, on: bool) -> None:
         """A reshard's handover wants the MESSAGE_UPDATEs the edit filter marked as well
         (as FILTERED records: the main process decides on them), or no longer."""
+        if self.direct is not None:
+            if on:  # the main process refuses a reshard in this mode (worker_delivery.py)
+                log.error("a reshard's handover is not possible with direct delivery")
+            return
         self.filtered = on
         group = self.group
         group.set_dispatch_filtered(on)
         group.sink = self.writer.sink_filtered if on else self.writer.sink
 
     def _marks(self) -> None:
-        """Append the resume point of every shard whose session or seq moved."""
+        """Append the resume point of every shard whose session or seq moved: the last seq
+        read (the main process has every event up to it), or with direct delivery the
+        last seq the bot acknowledged."""
         writer = self.writer
         sessions, seqs = self._sessions, self._seqs
+        direct = self.direct
         for shard_id, shard in self.group.shards.items():
             session_id = shard.session_id
             seq = shard.seq
+            if direct is not None and session_id is not None:
+                seq = direct.resume_point(shard_id, session_id, seq)
             if session_id != sessions.get(shard_id):
                 sessions[shard_id] = session_id
                 seqs[shard_id] = seq
@@ -292,6 +321,7 @@ class Worker:
         for shard_id, shard in self.group.shards.items():
             shards[str(shard_id)] = {
                 "status": shard.status.value,
+                "seq": shard.seq,
                 "latency_ms": None if shard.latency is None else round(shard.latency * 1000, 1),
                 **shard.stats(),
             }
@@ -299,6 +329,7 @@ class Worker:
         table = self.group.spec.options.edit_filter
         return {
             "op": "report",
+            "direct": None if self.direct is None else self.direct.stats(),
             "edit_filter": table.stats() if isinstance(table, EditFilter) else {},
             "shards": shards,
             "cpu_s": usage.ru_utime + usage.ru_stime,
@@ -306,6 +337,7 @@ class Worker:
                 "events": self.writer.events_out,
                 "frames": self.writer.frames_out,
                 "bytes": self.writer.bytes_out,
+                "holds": self.holds,
             },
         }
 
@@ -323,6 +355,14 @@ class Worker:
             if n % REPORT_EVERY == 0:
                 self.send(self.report())
                 self._check_backlog()
+
+    def hold_reading(self, hold: bool) -> None:
+        """The pipe is full (or has room again): every shard stops (starts) reading."""
+        self.held = hold
+        if hold:
+            self.holds += 1
+        for shard in self.group.shards.values():
+            shard.hold_reading(hold)
 
     def _check_backlog(self) -> None:
         size = self._write.backlog()
@@ -342,7 +382,8 @@ class Worker:
         elif op == "send":
             self._spawn(self._send_command(message))
         elif op == "stop":
-            self._spawn(self.stop(int(message.get("code", 1000))))
+            code = int(message.get("code", 1000))
+            self._spawn(self.stop(code, float(message.get("drain_s", 0.0))))
         elif op == "report":
             self.send(self.report())
         elif op == "filtered":
@@ -364,6 +405,8 @@ class Worker:
         if session is not None:
             resumed = Session.from_dict(session)
             group.resume_sessions[shard_id] = resumed
+            if self.direct is not None:
+                self.direct.seed(shard_id, resumed.session_id, resumed.seq)
             # Known already: the main process has the events up to this point.
             self._sessions[shard_id] = resumed.session_id
             self._seqs[shard_id] = resumed.seq
@@ -376,6 +419,8 @@ class Worker:
         shard = group.create_shard(shard_id)
         if self.filtered:  # a reshard's handover runs (see set_filtered)
             shard.dispatch_filtered = True
+        if self.held:
+            shard.hold_reading(True)
         group.shards[shard_id] = shard
         shard.start()
 
@@ -395,13 +440,16 @@ class Worker:
             error = ["error", f"{type(exc).__name__}: {exc}"]
         self.send({"op": "reply", "req": req, "error": error})
 
-    async def stop(self, code: int = 1000) -> None:
-        """Close every shard with ``code``, write the last events, say so, end."""
+    async def stop(self, code: int = 1000, drain_s: float = 0.0) -> None:
+        """Close every shard with ``code``, write the last events (with direct delivery:
+        give the handler ``drain_s`` to take them), say so, end."""
         if self._stopping:
             return
         self._stopping = True
         try:
             await self.group.stop(code)
+            if self.direct is not None:
+                await self.direct.stop(drain_s)
         finally:
             changes = self._state_changes()
             if changes:
@@ -462,8 +510,19 @@ class _Inbox(asyncio.Protocol):
 
 
 class _Out(asyncio.Protocol):
+    """The pipe to the main process: its flow control holds the shards' reading back."""
+
     def __init__(self) -> None:
         self.lost = asyncio.get_running_loop().create_future()
+        self.worker: Worker | None = None
+
+    def pause_writing(self) -> None:
+        if self.worker is not None:
+            self.worker.hold_reading(True)
+
+    def resume_writing(self) -> None:
+        if self.worker is not None:
+            self.worker.hold_reading(False)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.lost.done():
@@ -493,6 +552,7 @@ async def _serve(ipc_fd: int) -> int:
     await loop.connect_read_pipe(lambda: inbox, stdin)
     out_file = os.fdopen(ipc_fd, "wb", buffering=0)
     transport, out = await loop.connect_write_pipe(_Out, out_file)
+    transport.set_write_buffer_limits(high=PIPE_HIGH_BYTES, low=PIPE_LOW_BYTES)
     write = _Pipe(transport)
     try:
         init = await inbox.first
@@ -515,6 +575,9 @@ async def _serve(ipc_fd: int) -> int:
 
     workers._current_worker = int(init["worker_id"])
     worker = Worker(init, write, loop)
+    out.worker = worker
+    if worker.direct is not None:
+        worker.direct.start()
     worker.send({"op": "hello", "pid": os.getpid(), "rss_kib": _rss_kib()})
     inbox.attach(worker)
     ticker = loop.create_task(worker.tick())

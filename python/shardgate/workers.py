@@ -122,6 +122,12 @@ def current_worker_id() -> int | None:
     """The id of the worker process this code runs in; None in the main process (or
     without workers). Lets a user's hook tell where it runs."""
     return _current_worker
+
+
+_SUMMED: Final = frozenset(
+    ("delivered", "rejected", "retries", "dropped", "gap_records", "redis_dropped")
+)
+"""Counters of an ended worker's direct delivery that stay in the totals."""
 _STAT_KEYS: Final = (
     "messages",
     "bytes_in",
@@ -367,6 +373,10 @@ class WorkerHandle:
         self.baseline_rss_kib = 0
         self.ipc: dict[str, int] = {}
         self.edit_filter: dict[str, int] = {}
+        #: Direct delivery: the worker's own queue and delivery counters (last report),
+        #: and each shard's last seq read (what a crash makes Discord replay).
+        self.direct: dict[str, dict[str, int]] | None = None
+        self.read_seqs: dict[int, int] = {}
 
     def send(self, message: dict[str, Any]) -> None:
         stdin = self.stdin
@@ -401,6 +411,7 @@ class WorkerHandle:
             "rss_kib": self.rss_kib,
             "baseline_rss_kib": self.baseline_rss_kib,
             "ipc": self.ipc,
+            "direct": self.direct,
         }
 
 
@@ -474,7 +485,14 @@ class WorkerPool:
         self.default_worker = {sid: i for i, block in enumerate(blocks) for sid in block}
         self.records = {sid: _ShardRecord(sid) for block in blocks for sid in block}
         self.sessions: dict[int, Session] = {}
+        #: ``worker_delivery = "direct"`` (worker_delivery.py): each worker delivers its
+        #: own shards' events, and ``sessions`` hold the seqs the bot acknowledged.
+        self.direct = manager.config.worker_delivery == "direct"
         self.resent = 0
+        self.replayed = 0
+        #: Direct delivery: the final counters of worker processes that ended, so the
+        #: totals (status, the stop's summary) do not lose them with the process.
+        self._ended_direct: dict[str, dict[str, int]] = {}
         self.lost_sessions = 0
         # Shards whose IDENTIFY succeeded (permit released) whose session has not reached
         # this process yet: if their worker dies now, that session cannot be resumed.
@@ -571,9 +589,26 @@ class WorkerPool:
             "generation": group.generation,
             "announce": group.announce,
             "filtered": self.filtered,
+            "delivery": self.delivery_settings() if self.direct else None,
             "log_level": config.log_level,
             "secrets": list(config.secrets),
             "sys_path": list(sys.path),
+        }
+
+    def delivery_settings(self) -> dict[str, Any]:
+        """Direct delivery: what a worker needs to deliver on its own, with its even
+        share of the queue bounds (all workers together stay within them)."""
+        manager = self.manager
+        config = manager.config
+        workers = len(self.handles)
+        return {
+            "mode": config.forward_mode,
+            "url": config.event_handler_url,
+            "secret": config.event_handler_secret,
+            "stream_prefix": config.redis_stream_prefix,
+            "stream_max_len": manager.stream_max_len(),
+            "max_size": max(1, config.queue_max_size // workers),
+            "max_bytes": max(1, config.queue_max_bytes // workers),
         }
 
     def _start_message(self, shard_id: int) -> dict[str, Any]:
@@ -582,7 +617,9 @@ class WorkerPool:
         if session is not None:
             message["session"] = session.to_dict()
             message["cache"] = self.group.cache.snapshot(shard_id)
-            self._floors[shard_id] = (event_id_prefix(shard_id, session.session_id), session.seq)
+            if not self.direct:  # direct: the events replayed go to the bot, not through here
+                prefix = event_id_prefix(shard_id, session.session_id)
+                self._floors[shard_id] = (prefix, session.seq)
         return message
 
     async def _launch(self, handle: WorkerHandle) -> None:
@@ -653,6 +690,8 @@ class WorkerPool:
                 )
         handle.requests.clear()
         handle.running.clear()
+        if handle.direct is not None:
+            self._ended(handle)
         for shard_id in handle.shards:
             record = self.records[shard_id]
             if record.status not in ("fatal", "stopped"):
@@ -664,6 +703,44 @@ class WorkerPool:
         handle.transport = handle.stdin = None
         self._notify()
         return how
+
+    def _ended(self, handle: WorkerHandle) -> None:
+        """Direct delivery: a worker process ended. Keep its counters for the totals; a
+        crash makes Discord replay, per shard, what it read past the acknowledged seq
+        (counted as ``replayed``: some of it may have reached the bot, same event ids)."""
+        direct, handle.direct = handle.direct, None
+        assert direct is not None
+        for section, counters in direct.items():
+            totals = self._ended_direct.setdefault(section, {})
+            for key, value in counters.items():
+                if key in _SUMMED:
+                    totals[key] = totals.get(key, 0) + value
+        if not self._stopping:
+            for shard_id in handle.shards:
+                session = self.sessions.get(shard_id)
+                read = handle.read_seqs.get(shard_id, 0)
+                if session is not None and read > session.seq:
+                    self.replayed += read - session.seq
+        handle.read_seqs = {}
+
+    def direct_totals(self) -> dict[str, dict[str, int]]:
+        """Direct delivery: queue and delivery counters of every worker, summed (those of
+        ended processes included); empty otherwise."""
+        if not self.direct:
+            return {}
+        totals = {section: dict(values) for section, values in self._ended_direct.items()}
+        for handle in self.handles:
+            for section, counters in (handle.direct or {}).items():
+                total = totals.setdefault(section, {})
+                for key, value in counters.items():
+                    total[key] = total.get(key, 0) + value
+        queue = totals.get("queue")
+        if queue is not None:  # an ended worker's queue is gone: only live ones hold any
+            for key in ("depth", "bytes", "shards"):
+                queue[key] = sum(
+                    (h.direct or {}).get("queue", {}).get(key, 0) for h in self.handles
+                )
+        return totals
 
     def _session_lost(self, shard_id: int, handle: WorkerHandle, how: str) -> None:
         """The worker died after ``shard_id``'s IDENTIFY succeeded but before its READY
@@ -735,9 +812,12 @@ class WorkerPool:
                 await asyncio.sleep(delay)
 
     async def stop(self, code: int = 1000) -> None:
-        """Every worker closes its shards with ``code``, sends what it still holds and
-        ends; one that does not within ``stop_timeout_s`` is killed. Idempotent."""
+        """Every worker closes its shards with ``code``, sends what it still holds (with
+        direct delivery: gives the handler ``shutdown_drain`` seconds to take its queue)
+        and ends; one that does not within ``stop_timeout_s`` (plus that drain) is killed.
+        Idempotent."""
         self._stopping = True
+        drain_s = self.manager.config.shutdown_drain if self.direct else 0.0
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -749,12 +829,12 @@ class WorkerPool:
                 continue
             if handle.alive() and handle.stdin is not None:
                 handle.state = "stopping"
-                handle.send({"op": "stop", "code": code})
+                handle.send({"op": "stop", "code": code, "drain_s": drain_s})
             elif handle.transport is None and handle.state in ("backoff", "restarting"):
                 task.cancel()
             tasks.append(task)
         if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=self.stop_timeout_s)
+            _, pending = await asyncio.wait(tasks, timeout=self.stop_timeout_s + drain_s)
             for handle in self.handles:
                 if handle.task in pending and handle.pid is not None and handle.alive():
                     log.warning("worker %d did not stop in time; killing it", handle.worker_id)
@@ -905,6 +985,14 @@ class WorkerPool:
                 record.row = row
         handle.cpu_s = float(message.get("cpu_s") or 0.0)
         handle.ipc = message.get("ipc") or {}
+        direct = message.get("direct")
+        if direct is not None:
+            handle.direct = direct
+            # Events/s of a worker that delivers itself: what its shards handed on.
+            handle.events = int(direct.get("delivery", {}).get("delivered", 0))
+            handle.read_seqs = {
+                int(key): int(row.get("seq", 0)) for key, row in message.get("shards", {}).items()
+            }
         handle.edit_filter = message.get("edit_filter") or {}
 
     # BatchHandler: the records of an EVENTS frame, in order.
@@ -1071,7 +1159,9 @@ class WorkerPool:
         now = time.monotonic()
         return {
             "count": len(self.handles),
+            "delivery": "direct" if self.direct else "main",
             "resent": self.resent,
+            "replayed": self.replayed,
             "lost_sessions": self.lost_sessions,
             "restarts": sum(h.restarts for h in self.handles),
             "processes": [h.snapshot(now) for h in self.handles],

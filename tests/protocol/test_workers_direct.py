@@ -1,0 +1,177 @@
+"""Direct delivery from worker processes (``worker_delivery = "direct"``), end to end.
+
+fake Discord -> worker processes -> the bot's handler, with the main process out of the
+event path. Accounting as in test_workers.py (the fake's own record of what it sent per
+session); across a SIGKILLed worker an event may come twice, but only with the same
+event id, and none may be missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+import test_workers as tw
+from harness import wait_until
+
+from shardgate.handler import EventHandlerServer
+from shardgate.manager import GatewayManager
+
+DIRECT = {"worker_delivery": "direct"}
+
+
+def dispatch_ids_once(received: tw.Received, shard_id: int) -> list[int]:
+    """The shard's dispatch seqs in arrival order, a repeat of an earlier event id left out."""
+    seen: set[str] = set()
+    seqs = []
+    events = received.by_shard[shard_id]
+    for data in events:
+        if data.get("s") is None:
+            continue
+        key = f"{data['t']}:{data['s']}"
+        if key not in seen:
+            seen.add(key)
+            seqs.append(data["s"])
+    return seqs
+
+
+def main_process_dispatches(manager: GatewayManager) -> int:
+    """Events the main process's own delivery forwarded (notices only, with direct delivery)."""
+    assert manager.delivery is not None
+    return manager.delivery.delivered
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+async def test_every_dispatch_arrives_once_in_order_delivered_by_the_workers(
+    workers: int,
+) -> None:
+    async with tw.gateway(workers, **DIRECT) as (fake, manager, _handler, received):
+        await manager.wait_loaded(timeout=30)
+        stream = fake.start_stream(rate=1500, count=3000, seed=7)
+        await stream.wait()
+        await tw.settle(fake, manager, received)
+        tw.assert_every_dispatch_once_in_order(fake, manager, received)
+
+        # the main process forwarded nothing but its own notice (ALL_LOADED)
+        assert main_process_dispatches(manager) == 1
+        status = manager.status()
+        assert status["workers"]["delivery"] == "direct"
+        total = sum(len(events) for events in received.by_shard.values())
+        await wait_until(lambda: manager.status()["forwarded"] == total, timeout=10)
+        status = manager.status()
+        assert status["queue"]["depth"] == 0
+        assert status["queue"]["max_size"] == manager.config.queue_max_size
+        for process in status["workers"]["processes"]:
+            assert process["direct"]["delivery"]["delivered"] > 0
+            share = manager.config.queue_max_size // workers
+            assert process["direct"]["queue"]["max_size"] == share
+            assert process["events"] > 0
+        assert status["workers"]["replayed"] == 0
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+async def test_a_worker_killed_under_load_resumes_from_the_acknowledged_seq(workers: int) -> None:
+    async with tw.gateway(workers, {"stamp_event_ids": True}, **DIRECT) as (
+        fake,
+        manager,
+        _handler,
+        received,
+    ):
+        await manager.wait_loaded(timeout=30)
+        pool = tw.pool_of(manager)
+        victim = pool.handles[1]
+        old_pid = victim.pid
+        assert old_pid is not None
+        shards = sorted(victim.shards)
+        sessions = {sid: pool.sessions[sid].session_id for sid in shards}
+        identifies = len(fake.identifies)
+        connections = len(fake.connections)
+
+        stream = fake.start_stream(rate=1500, duration_s=4.0, seed=11)
+        await asyncio.sleep(1.0)
+        await wait_until(lambda: victim.events > 0, 10)  # it was delivering when killed
+        os.kill(old_pid, signal.SIGKILL)
+        await wait_until(lambda: victim.pid != old_pid, 10)
+        await wait_until(lambda: victim.state == "running", 30)
+        await wait_until(lambda: all(r["status"] == "ready" for r in tw.rows(manager).values()), 30)
+        await stream.wait()
+        await wait_until(lambda: tw.all_written(fake))
+
+        def all_arrived() -> bool:
+            sent = tw.sent_total(fake, manager) - len(stream.unfurl_ids)
+            got = sum(len(dispatch_ids_once(received, s)) for s in range(tw.SHARDS))
+            return got >= sent
+
+        await wait_until(all_arrived, timeout=30)
+        await asyncio.sleep(0.5)  # anything more (an unfurl replayed past a fresh filter)
+
+        # its shards RESUMEd their sessions: no IDENTIFY
+        assert len(fake.identifies) == identifies
+        new = [c for c in fake.connections[connections:] if c.shard is not None]
+        assert {c.shard[0] for c in new} == set(shards)
+        assert all(c.resumed for c in new)
+        assert {sid: pool.sessions[sid].session_id for sid in shards} == sessions
+
+        # nothing missing, in order once repeats are left out; a repeat has the same id
+        for shard_id, row in tw.rows(manager).items():
+            session = fake.sessions[row["session_id"]]
+            sent = {r.seq: r for r in session.dispatches}
+            got = dispatch_ids_once(received, shard_id)
+            assert got == sorted(got), f"shard {shard_id} out of order"
+            missing = set(sent) - set(got)
+            assert all(sent[s].event_id in stream.unfurl_ids for s in missing), (shard_id, missing)
+        repeats = len(received.ids) - len(set(received.ids))
+        payload_repeats = sum(
+            len([d for d in received.by_shard[s] if d.get("s") is not None])
+            - len(dispatch_ids_once(received, s))
+            for s in range(tw.SHARDS)
+        )
+        assert repeats == payload_repeats, "an event came twice under two different ids"
+        status = manager.status()["workers"]
+        (process,) = [p for p in status["processes"] if p["id"] == 1]
+        assert process["restarts"] == 1 and process["last_exit"] == "SIGKILL"
+        assert status["lost_sessions"] == 0
+        print(f"repeats across the crash: {repeats}, counted as replayed: {status['replayed']}")
+
+
+async def test_stop_drains_every_workers_queue() -> None:
+    """The bot is down while events queue in the workers; a stop gives it shutdown_drain
+    to come back, and the workers deliver what they hold before they end."""
+    async with tw.gateway(2, shutdown_drain=20.0, **DIRECT) as (fake, manager, handler, received):
+        await manager.wait_loaded(timeout=30)
+        await wait_until(lambda: manager.status()["queue"]["depth"] == 0)
+        port = handler.port
+        await handler.stop()  # the bot is down: events wait in the workers' queues
+        stream = fake.start_stream(rate=2000, count=800, seed=9)
+        await stream.wait()
+        await wait_until(lambda: tw.all_written(fake))
+        await wait_until(lambda: manager.status()["queue"]["depth"] > 0, timeout=10)
+        pids = tw.worker_pids(manager)
+        sessions = {row["id"]: row["session_id"] for row in tw.rows(manager).values()}
+        back = EventHandlerServer(received.on_event, tw.SECRET, port=port)
+        stopping = asyncio.ensure_future(manager.stop())
+        await asyncio.sleep(0.5)
+        await back.start()
+        try:
+            report = await stopping
+        finally:
+            await back.stop()
+        assert report.undelivered == 0, report
+        tw.assert_gone(pids)
+        for shard_id, session_id in sessions.items():
+            session = fake.sessions[session_id]
+            got = received.dispatch_seqs(shard_id)
+            sent = {r.seq: r.t for r in session.dispatches}
+            assert got == sorted(got)
+            assert all(sent[s] == "MESSAGE_UPDATE" for s in set(sent) - set(got)), shard_id
+        assert report.delivered >= sum(len(e) for e in received.by_shard.values()) - 1
+
+
+async def test_a_reshard_is_refused_with_direct_delivery() -> None:
+    async with tw.gateway(2, **DIRECT) as (_fake, manager, _handler, _received):
+        await manager.wait_all_ready(timeout=30)
+        status, body = await tw.control(manager, "/reshard", {"shards": 16})
+        assert status == 409, body
+        assert "worker_delivery" in str(body)

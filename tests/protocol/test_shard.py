@@ -1086,3 +1086,31 @@ async def test_an_overridden_handle_payload_that_raises_does_not_kill_the_shard(
     await until(lambda: shard.seq == session.seq)
     assert shard.status is ShardState.READY and shard.reconnects == 0
     await stopped(shard)
+
+
+# --------------------------------------------------------------------------- backpressure
+
+
+async def test_held_reading_delivers_nothing_until_released_and_is_not_a_zombie(fake):
+    """A worker whose pipe is full holds its shards' reading (worker.py): what Discord
+    sends meanwhile waits unread, heartbeats go on, and the ACKs held back with the rest
+    do not make the link a zombie; released, everything arrives once, in order."""
+    recorder = Recorder()
+    shard = await running(make_shard(fake, recorder, jitter=lambda: 0.0))
+    guild = guild_of_shard(fake)
+    before = len(recorder.events)
+    beats = shard.heartbeats_sent
+    shard.hold_reading(True)
+    for n in range(50):
+        await message_create(fake, guild, n)
+    await asyncio.sleep(2.5)  # two and a half heartbeat intervals held
+    assert len(recorder.events) == before, "nothing is read while held"
+    assert shard.heartbeats_sent >= beats + 2, "heartbeats go on"
+    assert shard.zombies == 0 and shard.reconnects == 0
+    shard.hold_reading(False)
+    await until(lambda: len(recorder.events) == before + 50)
+    await asyncio.sleep(1.2)  # the held ACKs were read: the next beat finds it acked
+    assert shard.zombies == 0 and shard.reconnects == 0 and len(fake.connections) == 1
+    (session,) = fake.live_sessions()
+    assert_exactly_once(recorder, session)
+    await stopped(shard)

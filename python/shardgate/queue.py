@@ -346,6 +346,37 @@ class Outbox:
         if not q.busy:
             self._finish(q)
 
+    def busy(self, stream: int) -> bool:
+        """A batch of ``stream`` is in flight (taken, not fully acknowledged)."""
+        q = self._queues.get(stream)
+        return q is not None and q.busy
+
+    def evict(self, stream: int) -> list[OutEvent]:
+        """Take everything waiting in ``stream`` out of the outbox, in order (gap records
+        sealed), to hand it to another one: a worker's queue moving to the main process.
+
+        Raises:
+            RuntimeError: a batch of the stream is in flight (hold it and wait first).
+        """
+        q = self._queues.get(stream)
+        if q is None or not q.waiting:
+            return []
+        if q.busy:
+            raise RuntimeError(f"stream {stream} has a batch in flight")
+        entries = list(q.waiting)
+        q.waiting.clear()
+        for entry in entries:
+            if type(entry) is GapRecord:
+                entry.seal()
+        old = q.nwait
+        self._size -= old
+        self._bytes -= _bytes_of(entries)
+        q.nwait = q.gaps = 0
+        if self._levels is not None:
+            self._move(stream, old, 0)
+        self.probes.pop(stream, None)
+        return list(Batch(entries))
+
     def discard_stream(self, stream: int) -> None:
         """Forget an empty stream (a closed group's); a stream holding events is kept."""
         q = self._queues.get(stream)

@@ -396,7 +396,13 @@ class Reshard:
         manager, old = self.manager, self.old
         log.info("resharding %d -> %d shards (%s)", old.shard_count, self.to, self.reason)
         try:
+            old_pool = _pool_of(old)
+            if old_pool is not None:  # the handover needs every event here (workers hook)
+                await old_pool.deliver_via_main()
             new = self.new = manager.create_group(self.to, announce=False)
+            new_pool = _pool_of(new)
+            if new_pool is not None:  # through here until the reshard is done
+                new_pool.direct = False
             handover = self.handover = Handover(manager.outbox, old, new)
             old.sink, new.sink = handover.old_sink, handover.new_sink
             new.start()
@@ -464,6 +470,9 @@ class Reshard:
         new.set_dispatch_filtered(False)
         new.sink = outbox_sink(manager.outbox, new.generation)
         handover.close()
+        new_pool = _pool_of(new)
+        if new_pool is not None:  # workers hook: back to worker_delivery = direct, now
+            new_pool.deliver_direct()  # that no copy is matched any more (and in order)
         self.phase = ReshardPhase.DONE
         self.finished_at = time.monotonic()
         log.info("reshard to %d shards done in %.1f s", new.shard_count, self.elapsed_s())
@@ -495,6 +504,9 @@ class Reshard:
         self.old.sink = outbox_sink(self.manager.outbox, self.old.generation)
         if self.new is not None:
             await self.new.stop(1000)
+        old_pool = _pool_of(self.old)
+        if old_pool is not None:  # workers hook: back to worker_delivery = direct
+            old_pool.deliver_direct()
 
     def elapsed_s(self) -> float:
         end = self.finished_at if self.finished_at is not None else time.monotonic()
@@ -569,18 +581,9 @@ class Resharder:
         if to < 1:
             raise ReshardError("the new shard count must be >= 1")
         try:  # workers hook: the new group's workers must be able to import the manager
-            pool = WorkerPool.plan(self.manager, self.manager.shard_range(to))
+            WorkerPool.plan(self.manager, self.manager.shard_range(to))
         except ConfigError as exc:
             raise ReshardError(f"the new group needs worker processes, but {exc}") from None
-        if self.manager.config.worker_delivery == "direct" and (
-            pool is not None or self.manager.workers is not None
-        ):
-            # The handover decides on every event of both shard sets in one place; with
-            # direct delivery the events never reach this process (worker_delivery.py).
-            raise ReshardError(
-                "worker processes deliver directly (worker_delivery = direct): a reshard "
-                "needs worker_delivery = main; restart with the new shard count instead"
-            )
         old = self.manager.active
         assert old is not None
         reshard = self.current = Reshard(self.manager, old, to, reason)
@@ -692,12 +695,7 @@ class Resharder:
             return None
         percent = manager.config.reshard_percentage
         reason = f"automatic: {guilds} guilds >= {threshold} ({percent:g}%)"
-        try:
-            return self.start(to, reason)
-        except ReshardError as exc:
-            log.warning("%d guilds reach the reshard threshold (%d): %s", guilds, threshold, exc)
-            self._retry_at = time.monotonic() + manager.config.reshard_check_interval
-            return None
+        return self.start(to, reason)
 
     def snapshot(self) -> dict[str, Any] | None:
         return None if self.current is None else self.current.snapshot()

@@ -215,17 +215,11 @@ class Worker:
         )
         ids: list[int] = init["shard_ids"]
         window_s = float(init["window_s"])
-        settings = init.get("delivery")
         #: ``worker_delivery = "direct"``: this worker's own outbox and delivery
         #: (worker_delivery.py); None: events go to the main process.
-        self.direct = (
-            None if settings is None else DirectDelivery(settings, int(init["generation"]))
-        )
-        sink = (
-            self.writer.sink
-            if self.direct is None
-            else outbox_sink(self.direct.outbox, int(init["generation"]))
-        )
+        self.direct: DirectDelivery | None = None
+        self._shard_ids: list[int] = ids
+        self._generation = int(init["generation"])
         group = group_class(
             spec,
             shard_count=init["shard_count"],
@@ -233,7 +227,7 @@ class Worker:
             gate=self.gate,
             max_concurrency=init["max_concurrency"],
             window_s=window_s,
-            sink=sink,
+            sink=self.writer.sink,
             generation=init["generation"],
             announce=init["announce"],
         )
@@ -253,6 +247,9 @@ class Worker:
         self.holds = 0
         self.filtered = False
         self.set_filtered(bool(init.get("filtered")))
+        settings = init.get("delivery")
+        if settings is not None:
+            self.deliver_direct(settings, announce=False)  # the main process knows
 
     # ------------------------------------------------------------------ to the main process
 
@@ -271,14 +268,46 @@ class Worker:
     def set_filtered(self, on: bool) -> None:
         """A reshard's handover wants the MESSAGE_UPDATEs the edit filter marked as well
         (as FILTERED records: the main process decides on them), or no longer."""
-        if self.direct is not None:
-            if on:  # the main process refuses a reshard in this mode (worker_delivery.py)
-                log.error("a reshard's handover is not possible with direct delivery")
-            return
         self.filtered = on
         group = self.group
         group.set_dispatch_filtered(on)
-        group.sink = self.writer.sink_filtered if on else self.writer.sink
+        if self.direct is None:  # the main process hands direct delivery back first
+            group.sink = self.writer.sink_filtered if on else self.writer.sink
+
+    def deliver_direct(self, settings: Mapping[str, Any], *, announce: bool = True) -> None:
+        """Deliver this worker's events from here on (worker_delivery.py). They wait in the
+        queue until the main process says it delivered what it had of these shards
+        (``release_direct``); the resume points stay what the main process received."""
+        if self.direct is not None:
+            return
+        direct = DirectDelivery(settings, self._generation)
+        direct.hold(self._shard_ids)
+        for shard_id, shard in self.group.shards.items():
+            if shard.session_id is not None:
+                direct.seed(shard_id, shard.session_id, shard.seq)
+        self.writer.flush()  # what went the old way goes before the news below
+        self.direct = direct
+        self.group.sink = outbox_sink(direct.outbox, self._generation)
+        direct.start()
+        if announce:
+            self.send({"op": "direct_pending"})
+
+    async def deliver_via_main(self) -> None:
+        """Hand this worker's queue to the main process and send it every event from now
+        on (before a reshard: its handover needs them all in one place)."""
+        direct = self.direct
+        if direct is None:
+            self.send({"op": "via_main"})
+            return
+        moved = await direct.hand_over(self._shard_ids)
+        # From the hand-over to here nothing awaits: no event can come in between.
+        sink = self.writer.sink
+        for shard_id, event in moved:
+            sink(shard_id, event.event_id, event.body, None)
+        self.direct = None
+        self.group.sink = self.writer.sink_filtered if self.filtered else sink
+        self.send({"op": "via_main"})
+        await direct.delivery.forwarder.close()
 
     def _marks(self) -> None:
         """Append the resume point of every shard whose session or seq moved: the last seq
@@ -388,6 +417,13 @@ class Worker:
             self.send(self.report())
         elif op == "filtered":
             self.set_filtered(bool(message["on"]))
+        elif op == "direct":
+            self.deliver_direct(message["delivery"])
+        elif op == "release_direct":
+            if self.direct is not None:
+                self.direct.release()
+        elif op == "via_main":
+            self._spawn(self.deliver_via_main())
         else:
             log.warning("unknown message from the main process: %r", op)
 
@@ -576,8 +612,6 @@ async def _serve(ipc_fd: int) -> int:
     workers._current_worker = int(init["worker_id"])
     worker = Worker(init, write, loop)
     out.worker = worker
-    if worker.direct is not None:
-        worker.direct.start()
     worker.send({"op": "hello", "pid": os.getpid(), "rss_kib": _rss_kib()})
     inbox.attach(worker)
     ticker = loop.create_task(worker.tick())

@@ -21,24 +21,36 @@ What changes, and what it costs:
   (``reason: "session_lost"``) where the resume is refused. With the default
   (``"main"``) a worker crash costs nothing however long the handler is down.
 - ``queue_max_size`` / ``queue_max_bytes`` are split evenly over the workers.
-- A reshard needs every event of both shard sets in one place (the handover, reshard.py),
-  so it is refused while workers deliver directly (answered 409): set ``worker_delivery =
-  "main"`` to reshard a bot that runs workers.
+
+Switching. A reshard needs every event of both shard sets in one place (the handover,
+reshard.py): before it starts, each worker hands its queue to the main process
+(:meth:`DirectDelivery.hand_over`: new batches held, the ones in flight answered, what
+waits moved in order) and sends its events there from then on; once the reshard is done
+the new set's workers take delivery back. A worker that starts delivering directly holds
+its queue (:meth:`DirectDelivery.hold`) until the main process has delivered everything it
+still had of the same shards, so a shard's events never overtake each other.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Final
 
 from shardgate.forward import Delivery, create_forwarder
-from shardgate.queue import Outbox, OutEvent, stream_id
+from shardgate.queue import Outbox, OutEvent, shard_of_stream, stream_id
 from shardgate.session_keeper import AckTracker
 
 __all__ = ["DirectDelivery"]
 
 log = logging.getLogger(__name__)
+
+HAND_OVER_POLL_S: Final = 0.005
+HAND_OVER_WAIT_S: Final = 15.0
+"""How long a hand-over waits for the batches in flight to be answered: a handler that is
+down keeps its batch retrying; after this it goes back into the queue and moves with it
+(sent again from the main process, with its event ids: at-least-once as any retry)."""
 
 
 class DirectDelivery:
@@ -61,6 +73,7 @@ class DirectDelivery:
         self.delivery = Delivery(self.outbox, forwarder)
         self.tracker = AckTracker()
         self.outbox.on_ack = self._on_ack
+        self._held: set[int] = set()
 
     def start(self) -> None:
         self.delivery.start()
@@ -72,6 +85,42 @@ class DirectDelivery:
         """A shard starts on a known session, acknowledged up to ``seq`` already (a
         resume after its worker died, or a READY: nothing of it acknowledged yet)."""
         self.tracker.acked[stream_id(self.generation, shard_id)] = (session_id, seq)
+
+    def hold(self, shard_ids: Iterable[int]) -> None:
+        """Keep these shards' events queued (not delivered) until :meth:`release`."""
+        for shard_id in shard_ids:
+            stream = stream_id(self.generation, shard_id)
+            self.outbox.hold(stream)
+            self._held.add(stream)
+
+    @property
+    def held(self) -> bool:
+        return bool(self._held)
+
+    def release(self) -> None:
+        held, self._held = self._held, set()
+        for stream in held:
+            self.outbox.unhold(stream)
+
+    async def hand_over(self, shard_ids: Iterable[int]) -> list[tuple[int, OutEvent]]:
+        """Stop delivering and give up the queue: ``(shard_id, event)`` pairs, each shard's
+        in order. Batches in flight are answered first (within :data:`HAND_OVER_WAIT_S`),
+        so what the handler has is not sent again from elsewhere."""
+        ids = list(shard_ids)
+        self.hold(ids)
+        outbox = self.outbox
+        streams = [stream_id(self.generation, shard_id) for shard_id in ids]
+        deadline = asyncio.get_running_loop().time() + HAND_OVER_WAIT_S
+        while any(outbox.busy(stream) for stream in streams):
+            if asyncio.get_running_loop().time() >= deadline:
+                break
+            await asyncio.sleep(HAND_OVER_POLL_S)
+        await self.delivery.stop()  # what is still in flight goes back, in order
+        moved = [
+            (shard_of_stream(stream), event) for stream in streams for event in outbox.evict(stream)
+        ]
+        self._held.clear()
+        return moved
 
     def resume_point(self, shard_id: int, session_id: str, seq: int) -> int:
         """The seq a replacement worker should resume ``session_id`` from: every event up

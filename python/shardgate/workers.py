@@ -92,7 +92,7 @@ from shardgate.ipc import (
     encode_message,
     read_batch,
 )
-from shardgate.queue import GAP_EVENT
+from shardgate.queue import GAP_EVENT, stream_id
 from shardgate.rescan import Rescanner
 from shardgate.session import Session
 from shardgate.shard import ShardOptions
@@ -124,6 +124,8 @@ def current_worker_id() -> int | None:
     return _current_worker
 
 
+RELEASE_POLL_S: Final = 0.01
+"""How often a worker waiting to deliver directly checks this process's queue."""
 _SUMMED: Final = frozenset(
     ("delivered", "rejected", "retries", "dropped", "gap_records", "redis_dropped")
 )
@@ -377,6 +379,10 @@ class WorkerHandle:
         #: and each shard's last seq read (what a crash makes Discord replay).
         self.direct: dict[str, dict[str, int]] | None = None
         self.read_seqs: dict[int, int] = {}
+        #: Switching delivery: the worker's queue waits for this process's to drain
+        #: (``release_direct``), or this process waits for its hand-over (``via_main``).
+        self.releasing: asyncio.Task[None] | None = None
+        self.handed_over: asyncio.Future[None] | None = None
 
     def send(self, message: dict[str, Any]) -> None:
         stdin = self.stdin
@@ -692,6 +698,12 @@ class WorkerPool:
         handle.running.clear()
         if handle.direct is not None:
             self._ended(handle)
+        if handle.releasing is not None:
+            handle.releasing.cancel()
+            handle.releasing = None
+        if handle.handed_over is not None and not handle.handed_over.done():
+            # Gone before its hand-over: its replacement starts the other way round.
+            handle.handed_over.set_result(None)
         for shard_id in handle.shards:
             record = self.records[shard_id]
             if record.status not in ("fatal", "stopped"):
@@ -704,17 +716,21 @@ class WorkerPool:
         self._notify()
         return how
 
-    def _ended(self, handle: WorkerHandle) -> None:
-        """Direct delivery: a worker process ended. Keep its counters for the totals; a
-        crash makes Discord replay, per shard, what it read past the acknowledged seq
-        (counted as ``replayed``: some of it may have reached the bot, same event ids)."""
+    def _fold(self, handle: WorkerHandle) -> None:
+        """A worker's direct delivery ended (its process, or a hand-over): keep its
+        counters in the totals."""
         direct, handle.direct = handle.direct, None
-        assert direct is not None
-        for section, counters in direct.items():
+        for section, counters in (direct or {}).items():
             totals = self._ended_direct.setdefault(section, {})
             for key, value in counters.items():
                 if key in _SUMMED:
                     totals[key] = totals.get(key, 0) + value
+
+    def _ended(self, handle: WorkerHandle) -> None:
+        """Direct delivery: a worker process ended. Keep its counters for the totals; a
+        crash makes Discord replay, per shard, what it read past the acknowledged seq
+        (counted as ``replayed``: some of it may have reached the bot, same event ids)."""
+        self._fold(handle)
         if not self._stopping:
             for shard_id in handle.shards:
                 session = self.sessions.get(shard_id)
@@ -726,8 +742,6 @@ class WorkerPool:
     def direct_totals(self) -> dict[str, dict[str, int]]:
         """Direct delivery: queue and delivery counters of every worker, summed (those of
         ended processes included); empty otherwise."""
-        if not self.direct:
-            return {}
         totals = {section: dict(values) for section, values in self._ended_direct.items()}
         for handle in self.handles:
             for section, counters in (handle.direct or {}).items():
@@ -767,6 +781,58 @@ class WorkerPool:
         }
         event_id = f"gap:{shard_id}:session-lost:{handle.pid}"
         self.group.sink(shard_id, event_id, notice_body(shard_id, GAP_EVENT, d), None)
+
+    # ------------------------------------------------------------------ switching delivery
+
+    async def deliver_via_main(self, timeout: float = 60.0) -> None:  # noqa: ASYNC109
+        """Every worker hands its queue over and sends its events here from now on (a
+        reshard's handover needs them: worker_delivery.py). Returns once each has (or has
+        died: its replacement starts this way), or after ``timeout``."""
+        if not self.direct:
+            return
+        self.direct = False  # replacements start this way from now on
+        loop = asyncio.get_running_loop()
+        waits = []
+        for handle in self.handles:
+            if handle.releasing is not None:
+                handle.releasing.cancel()
+                handle.releasing = None
+            if handle.alive():
+                handle.handed_over = loop.create_future()
+                waits.append(handle.handed_over)
+                handle.send({"op": "via_main"})
+        if waits:
+            _, pending = await asyncio.wait(waits, timeout=timeout)
+            if pending:
+                log.warning("%d workers did not hand their queues over in time", len(pending))
+        log.info("worker processes: events go through the main process (for the reshard)")
+
+    def deliver_direct(self) -> None:
+        """Every worker delivers its own events again, each once this process has
+        delivered what it had of its shards (``release_direct``)."""
+        if self.direct or self.manager.config.worker_delivery != "direct":
+            return
+        self.direct = True
+        settings = self.delivery_settings()
+        for handle in self.handles:
+            if handle.alive():
+                handle.send({"op": "direct", "delivery": settings})
+        log.info("worker processes deliver their own events again")
+
+    def _release_when_clear(self, handle: WorkerHandle) -> None:
+        if handle.releasing is None or handle.releasing.done():
+            handle.releasing = asyncio.get_running_loop().create_task(self._release(handle))
+
+    async def _release(self, handle: WorkerHandle) -> None:
+        """Tell the worker to deliver once nothing of its shards is left here (their
+        order: what this process holds of a shard goes first)."""
+        outbox = self.manager.outbox
+        generation = self.group.generation
+        streams = [stream_id(generation, sid) for sid in handle.shards or handle.default_shards]
+        while any(outbox.holds(stream) for stream in streams):  # noqa: ASYNC110 - polled
+            await asyncio.sleep(RELEASE_POLL_S)
+        if self.direct:
+            handle.send({"op": "release_direct"})
 
     def restart_delay(self, failures: int) -> float:
         """Seconds before restarting a worker that crashed ``failures`` times in a row."""
@@ -972,7 +1038,14 @@ class WorkerPool:
             handle.state = "running"
             handle.baseline_rss_kib = int(message.get("rss_kib") or 0)
             handle.running.set()
+            if self.direct:  # it started with its queue held
+                self._release_when_clear(handle)
             self._notify()
+        elif op == "direct_pending":
+            self._release_when_clear(handle)
+        elif op == "via_main":
+            if handle.handed_over is not None and not handle.handed_over.done():
+                handle.handed_over.set_result(None)
         elif op == "stopped":
             handle.state = "stopped"
         else:
@@ -986,6 +1059,8 @@ class WorkerPool:
         handle.cpu_s = float(message.get("cpu_s") or 0.0)
         handle.ipc = message.get("ipc") or {}
         direct = message.get("direct")
+        if direct is None and handle.direct is not None:
+            self._fold(handle)  # it handed its queue over: the counters stay
         if direct is not None:
             handle.direct = direct
             # Events/s of a worker that delivers itself: what its shards handed on.

@@ -106,6 +106,10 @@ async def settled(fake: FakeDiscord, manager: GatewayManager) -> None:
         await wait_until(idle, timeout=30)
         await asyncio.sleep(0.2)  # a last frame being decoded or posted
         await wait_until(manager.outbox.is_empty, timeout=30)
+        pool = manager.workers
+        if pool is not None and pool.direct:  # workers deliver: their queues too
+            await asyncio.sleep(1.0)  # two reports (one every 0.5 s)
+            await wait_until(lambda: manager.queue_stats()["depth"] == 0, timeout=30)
     except TimeoutError:
         unwritten = {
             s.session_id: sum(1 for r in s.dispatches if r.sent_on is None)

@@ -205,6 +205,44 @@ async def test_reshard_4_to_8_over_two_sets_of_two_workers(
         pids.collect(manager)
 
 
+async def test_reshard_with_direct_delivery_hands_the_queues_over_and_back() -> None:
+    """worker_delivery = direct: the old workers hand their queues to the main process
+    before the reshard (the handover needs every event), the new ones deliver through it
+    until the reshard is done and then take delivery back; every event once, in order."""
+    async with gateway(
+        4, shards_per_cluster=2, max_clusters=2, worker_delivery="direct"
+    ) as (fake, manager, got, _pids):
+        fake.delivery_delay = lambda s: 0.2 if s.num_shards == 8 else 0.0
+        old_pool = manager.workers
+        assert old_pool is not None and old_pool.direct
+        await manager.wait_loaded(timeout=30)
+        await wait_until(lambda: all(h.direct is not None for h in old_pool.handles), 10)
+        await run_reshard(fake, manager, got, 8)
+        check_switch(fake, manager, got, 4)
+        assert not old_pool.direct, "the old set handed its queues over"
+        new_pool = manager.workers
+        assert new_pool is not None and new_pool is not old_pool
+        await wait_until(lambda: new_pool.direct, 10)
+        # the new set delivers itself now: events after the reshard go straight out
+        before = main_delivered = manager.delivery.delivered if manager.delivery else 0
+        stream = fake.start_stream(500, count=400, seed=21)
+        await stream.wait()
+        await wait_until(
+            lambda: sum(
+                ((h.direct or {}).get("delivery") or {}).get("delivered", 0)
+                for h in new_pool.handles
+            )
+            >= 400 - len(stream.unfurl_ids),
+            timeout=30,
+        )
+        assert manager.delivery is not None
+        main_delivered = manager.delivery.delivered
+        assert main_delivered == before, "the main process forwarded none of them"
+        status = manager.status()
+        assert status["workers"]["delivery"] == "direct"
+        assert status["workers"]["lost_sessions"] == 0
+
+
 @pytest.mark.parametrize(
     ("before", "after", "per_cluster", "old_workers", "new_workers"),
     [(4, 8, 4, None, 2), (8, 4, 4, 2, None)],

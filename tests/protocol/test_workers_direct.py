@@ -167,11 +167,3 @@ async def test_stop_drains_every_workers_queue() -> None:
             assert got == sorted(got)
             assert all(sent[s] == "MESSAGE_UPDATE" for s in set(sent) - set(got)), shard_id
         assert report.delivered >= sum(len(e) for e in received.by_shard.values()) - 1
-
-
-async def test_a_reshard_is_refused_with_direct_delivery() -> None:
-    async with tw.gateway(2, **DIRECT) as (_fake, manager, _handler, _received):
-        await manager.wait_all_ready(timeout=30)
-        status, body = await tw.control(manager, "/reshard", {"shards": 16})
-        assert status == 409, body
-        assert "worker_delivery" in str(body)

@@ -416,3 +416,36 @@ def test_the_byte_bound_keeps_gap_records_in_place():
     assert [e.event_id for e in outbox.take(0, 10)] == ["0:s:4"]
     outbox.ack(0)
     assert outbox.depth == 0 and outbox.is_empty()
+
+
+def test_evict_hands_a_streams_waiting_events_over_in_order_with_its_gap_records():
+    """A worker's queue moving to the main process (worker_delivery.py): everything
+    waiting leaves in order, gap records sealed, and the bounds count it no more."""
+    outbox = Outbox(4)
+    for seq in range(1, 7):  # 6 into 4: seqs 1 and 2 dropped into one gap record
+        put(outbox, 1, seq)
+    put(outbox, 2, 1)  # the fullest shard pays again: seq 3 joins the gap
+    outbox.hold(1)
+    moved = outbox.evict(1)
+    assert [type(e) for e in moved] == [GapRecord, OutEvent, OutEvent, OutEvent]
+    assert gap_data(moved[0])["dropped"] == 3
+    assert [e.event_id for e in moved[1:]] == ["1:sess:4", "1:sess:5", "1:sess:6"]
+    assert outbox.depth == 1 and not outbox.holds(1) and outbox.holds(2)
+    assert outbox.bytes == len(body(2, 1))
+    assert outbox.evict(1) == []
+    put(outbox, 1, 7)  # the stream stays usable (still held until unheld)
+    assert outbox.shard_depth(1) == 1 and outbox.ready_nowait() is None
+    outbox.unhold(1)
+    assert [e.event_id for e in drain(outbox, 1)] == ["1:sess:7"]
+
+
+def test_evict_refuses_a_stream_with_a_batch_in_flight():
+    outbox = Outbox(10)
+    put(outbox, 1, 1)
+    put(outbox, 1, 2)
+    outbox.take(1, 1)
+    assert outbox.busy(1)
+    with pytest.raises(RuntimeError):
+        outbox.evict(1)
+    outbox.release(1)  # back in front, in order
+    assert [e.event_id for e in outbox.evict(1)] == ["1:sess:1", "1:sess:2"]

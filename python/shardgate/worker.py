@@ -67,6 +67,8 @@ TICK_S: Final = 0.05
 REPORT_EVERY: Final = 10
 """A full status report every this many ticks (0.5 s): also the main process's liveness."""
 BACKLOG_WARN_BYTES: Final = 64 << 20
+MAIN_GONE_DRAIN_S: Final = 5.0
+"""With direct delivery, how long a worker whose main process is gone still delivers."""
 PIPE_HIGH_BYTES: Final = 2 << 20
 """Events not yet taken by the main process above which the shards stop reading their
 sockets (:meth:`Shard.hold_reading`) until the backlog is under :data:`PIPE_LOW_BYTES`.
@@ -498,7 +500,8 @@ class Worker:
         """stdin closed: the main process is gone (or abandoned us); end quickly."""
         self.gate.fail_all()
         if not self._stopping:
-            self._spawn(self.stop(1000))
+            # Direct delivery: what this worker queued can still reach the bot.
+            self._spawn(self.stop(1000, MAIN_GONE_DRAIN_S))
 
 
 class _Inbox(asyncio.Protocol):

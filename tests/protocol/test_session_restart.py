@@ -89,7 +89,7 @@ async def run_until_queued(manager: GatewayManager, bot: SlowBot, fake: FakeDisc
     await wait_until(lambda: "SHARDGATE_ALL_LOADED" in bot.types.values(), TIMEOUT)
     bot.running.clear()
     fake.start_stream(400, count=300, seed=3)
-    await wait_until(lambda: manager.outbox.depth >= 40, TIMEOUT)
+    await wait_until(lambda: manager.queue_stats()["depth"] >= 40, TIMEOUT)
 
 
 async def test_stop_and_start_resumes_every_shard_and_loses_nothing(store: str):
@@ -170,21 +170,24 @@ async def _read_file_store(directory: Path) -> Any:
     return await asyncio.to_thread(store._load)
 
 
-async def test_with_worker_processes_every_shard_resumes(tmp_path: Path):
+@pytest.mark.parametrize("delivery", ["main", "direct"])
+async def test_with_worker_processes_every_shard_resumes(tmp_path: Path, delivery: str):
     """4 shards in 2 worker processes: the sessions live in the main process, which
-    stores them and hands them to the workers of the next gateway."""
+    stores them and hands them to the workers of the next gateway. With direct delivery
+    the workers' queues are theirs: the stored seqs are the ones they report acknowledged."""
     store = str(tmp_path / "state")
     bot = SlowBot()
+    per_cluster = {"shards_per_cluster": 2, "worker_delivery": delivery}
     async with FakeDiscord(fake_config()) as fake, EventHandlerServer(
         bot.on_event, SECRET, port=0
     ) as handler:
-        async with gateway(fake, handler.port, store, shards_per_cluster=2) as first:
+        async with gateway(fake, handler.port, store, **per_cluster) as first:
             await run_until_queued(first, bot, fake)
             assert first.workers is not None
             await first.stop(drain_s=0.2)
         bot.running.set()
         identifies = len(fake.identifies)
-        async with gateway(fake, handler.port, store, shards_per_cluster=2) as second:
+        async with gateway(fake, handler.port, store, **per_cluster) as second:
             await second.start()
             await second.wait_all_ready(timeout=TIMEOUT)
             assert second.workers is not None

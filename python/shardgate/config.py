@@ -336,7 +336,7 @@ HELP: Final[Mapping[str, str]] = {
     "max_clusters": "the most worker processes; beyond it shards are spread evenly",
     "worker_delivery": "with workers: main (the main process holds the queue and delivers; a "
     "worker crash never loses events) or direct (each worker delivers its own shards: "
-    "scales with cores, a crash resumes from the acknowledged seq, no reshard)",
+    "scales with cores; a crash resumes from the acknowledged seq)",
     "manager": "your GatewayManager subclass as pkg.module:Class, used in every worker too",
     "identify_url": "redis:// URL of the identify gate shared by every gateway process of "
     "the bot (unset: this process's own)",

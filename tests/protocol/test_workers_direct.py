@@ -167,3 +167,51 @@ async def test_stop_drains_every_workers_queue() -> None:
             assert got == sorted(got)
             assert all(sent[s] == "MESSAGE_UPDATE" for s in set(sent) - set(got)), shard_id
         assert report.delivered >= sum(len(e) for e in received.by_shard.values()) - 1
+
+
+async def test_a_worker_killed_while_the_bot_is_down_loses_nothing_replayed() -> None:
+    """The bot is down, events queue in the worker; the worker is SIGKILLed with its queue:
+    its replacement resumes from the seq the bot acknowledged, Discord replays the rest,
+    and once the bot is back every event arrives (within Discord's replay buffer)."""
+    async with tw.gateway(2, {"stamp_event_ids": True}, **DIRECT) as (
+        fake,
+        manager,
+        handler,
+        received,
+    ):
+        await manager.wait_loaded(timeout=30)
+        pool = tw.pool_of(manager)
+        await wait_until(lambda: manager.status()["queue"]["depth"] == 0)
+        port = handler.port
+        await handler.stop()
+        stream = fake.start_stream(rate=2000, count=800, seed=5)
+        await stream.wait()
+        await wait_until(lambda: tw.all_written(fake))
+        victim = pool.handles[1]
+        await wait_until(lambda: (victim.direct or {}).get("queue", {}).get("depth", 0) > 50)
+        old_pid = victim.pid
+        assert old_pid is not None
+        os.kill(old_pid, signal.SIGKILL)
+        await wait_until(lambda: victim.pid != old_pid and victim.state == "running", 30)
+        back = EventHandlerServer(received.on_event, tw.SECRET, port=port)
+        await back.start()
+        try:
+            await wait_until(lambda: all(r["status"] == "ready" for r in tw.rows(manager).values()))
+
+            def complete() -> bool:
+                for row in tw.rows(manager).values():
+                    session = fake.sessions[row["session_id"]]
+                    got = set(dispatch_ids_once(received, row["id"]))
+                    if any(r.seq not in got and r.event_id not in stream.unfurl_ids
+                           for r in session.dispatches):  # fmt: skip
+                        return False
+                return True
+
+            await wait_until(complete, timeout=30)
+        finally:
+            await back.stop()
+        assert len(fake.identifies) == tw.SHARDS, "the victim's shards resumed"
+        for shard_id in range(tw.SHARDS):
+            got = dispatch_ids_once(received, shard_id)
+            assert got == sorted(got), f"shard {shard_id} out of order"
+        assert manager.status()["workers"]["replayed"] > 0

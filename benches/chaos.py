@@ -16,6 +16,9 @@ into *legs*, one gateway process each, because two features cannot yet run toget
   2); adds the fault ``worker_kill`` (SIGKILL of one worker, by pid from ``/status``).
 - ``reshard``: the shards in the gateway process; adds ``reshard`` (``POST /reshard``,
   alternating between ``--shards`` and twice that).
+- ``direct`` (only with ``--legs``): as ``workers`` with ``worker_delivery = direct`` (a
+  killed worker's queue comes back through Discord's replay), plus ``reshard`` (the queues
+  handed to the main process and back).
 
 A paced stream of realistic events (``FakeDiscord.start_stream``) runs through each leg,
 and a fault is injected roughly every ``--fault-every`` events (uniform 0.5-1.5x), the
@@ -82,6 +85,7 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -161,6 +165,18 @@ def legs_for(shards: int) -> dict[str, Leg]:
             {
                 "SHARDGATE_SHARDS_PER_CLUSTER": str(max(1, shards // 2)),
                 "SHARDGATE_MAX_CLUSTERS": "2",
+            },
+        ),
+        # Opt-in (--legs direct): workers that deliver themselves, so a kill loses their
+        # queue to Discord's replay, and reshards that hand the queues over and back.
+        "direct": Leg(
+            "direct",
+            frozenset({"workers", "reshard"}),
+            {
+                "SHARDGATE_SHARDS_PER_CLUSTER": str(max(1, shards // 2)),
+                "SHARDGATE_MAX_CLUSTERS": "2",
+                "SHARDGATE_WORKER_DELIVERY": "direct",
+                "SHARDGATE_RESHARD_OVERLAP": "2",
             },
         ),
         "reshard": Leg(
@@ -910,8 +926,8 @@ async def run_leg(
                 await bot.stop()
     counts = accounting["counts"]
     text = gateway.log_text()
-    restarts = sum(p.get("restarts", 0) for p in
-                   ((status.get("workers") or {}).get("processes") or []))  # fmt: skip
+    # From the log, not /status: a reshard replaces the set of workers and its counters.
+    restarts = len(re.findall(r"worker \d+ \(pid \d+\) (?:died|keeps crashing)", text))
     rss_pairs = {pid: (warm_rss.get(pid, 0), end_rss.get(pid, 0)) for pid in end_rss
                  if warm_rss.get(pid)}  # fmt: skip
     report.update(

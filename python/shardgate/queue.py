@@ -243,6 +243,7 @@ class Outbox:
 
     __slots__ = (
         "_bytes",
+        "_hold_new",
         "_levels",
         "_max_level",
         "_queues",
@@ -282,6 +283,7 @@ class Outbox:
         #: and its acknowledgement is observed in ``latency``. One flag test per put.
         self.probe_armed = False
         self.probes: dict[int, tuple[str, float]] = {}
+        self._hold_new = False  # hold_all(): streams created from now on start held
         self.latency = LatencyHistogram()
         #: Called with ``(stream, events)`` for what each :meth:`ack` lets go, in order
         #: (the session store's acknowledged seqs, shardgate.session_keeper); None: off.
@@ -297,6 +299,7 @@ class Outbox:
         q = self._queues.get(stream)
         if q is None:
             q = self._queues[stream] = _StreamQueue(stream)
+            q.held = self._hold_new
         if self._size >= self.max_size:
             self._drop_one()
         size = len(body)
@@ -345,6 +348,21 @@ class Outbox:
         q.held = False
         if not q.busy:
             self._finish(q)
+
+    def hold_all(self) -> None:
+        """:meth:`hold` every stream, and the ones that appear until :meth:`unhold_all`."""
+        self._hold_new = True
+        for q in self._queues.values():
+            q.held = True
+
+    def unhold_all(self) -> None:
+        self._hold_new = False
+        for stream in list(self._queues):
+            self.unhold(stream)
+
+    def streams(self) -> list[int]:
+        """Every stream the outbox knows, in id order."""
+        return sorted(self._queues)
 
     def busy(self, stream: int) -> bool:
         """A batch of ``stream`` is in flight (taken, not fully acknowledged)."""

@@ -220,7 +220,6 @@ class Worker:
         #: ``worker_delivery = "direct"``: this worker's own outbox and delivery
         #: (worker_delivery.py); None: events go to the main process.
         self.direct: DirectDelivery | None = None
-        self._shard_ids: list[int] = ids
         self._generation = int(init["generation"])
         group = group_class(
             spec,
@@ -283,7 +282,7 @@ class Worker:
         if self.direct is not None:
             return
         direct = DirectDelivery(settings, self._generation)
-        direct.hold(self._shard_ids)
+        direct.hold()
         for shard_id, shard in self.group.shards.items():
             if shard.session_id is not None:
                 direct.seed(shard_id, shard.session_id, shard.seq)
@@ -301,7 +300,7 @@ class Worker:
         if direct is None:
             self.send({"op": "via_main"})
             return
-        moved = await direct.hand_over(self._shard_ids)
+        moved = await direct.hand_over()
         # From the hand-over to here nothing awaits: no event can come in between.
         sink = self.writer.sink
         for shard_id, event in moved:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from shardgate.forward import Delivery, create_forwarder
@@ -73,7 +73,7 @@ class DirectDelivery:
         self.delivery = Delivery(self.outbox, forwarder)
         self.tracker = AckTracker()
         self.outbox.on_ack = self._on_ack
-        self._held: set[int] = set()
+        self.held = False
 
     def start(self) -> None:
         self.delivery.start()
@@ -86,41 +86,34 @@ class DirectDelivery:
         resume after its worker died, or a READY: nothing of it acknowledged yet)."""
         self.tracker.acked[stream_id(self.generation, shard_id)] = (session_id, seq)
 
-    def hold(self, shard_ids: Iterable[int]) -> None:
-        """Keep these shards' events queued (not delivered) until :meth:`release`."""
-        for shard_id in shard_ids:
-            stream = stream_id(self.generation, shard_id)
-            self.outbox.hold(stream)
-            self._held.add(stream)
-
-    @property
-    def held(self) -> bool:
-        return bool(self._held)
+    def hold(self) -> None:
+        """Keep every shard's events queued (not delivered) until :meth:`release`, the
+        shards that start later included."""
+        self.held = True
+        self.outbox.hold_all()
 
     def release(self) -> None:
-        held, self._held = self._held, set()
-        for stream in held:
-            self.outbox.unhold(stream)
+        self.held = False
+        self.outbox.unhold_all()
 
-    async def hand_over(self, shard_ids: Iterable[int]) -> list[tuple[int, OutEvent]]:
+    async def hand_over(self) -> list[tuple[int, OutEvent]]:
         """Stop delivering and give up the queue: ``(shard_id, event)`` pairs, each shard's
         in order. Batches in flight are answered first (within :data:`HAND_OVER_WAIT_S`),
         so what the handler has is not sent again from elsewhere."""
-        ids = list(shard_ids)
-        self.hold(ids)
+        self.hold()
         outbox = self.outbox
-        streams = [stream_id(self.generation, shard_id) for shard_id in ids]
-        deadline = asyncio.get_running_loop().time() + HAND_OVER_WAIT_S
-        while any(outbox.busy(stream) for stream in streams):
-            if asyncio.get_running_loop().time() >= deadline:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + HAND_OVER_WAIT_S
+        while any(outbox.busy(stream) for stream in outbox.streams()):
+            if loop.time() >= deadline:
                 break
             await asyncio.sleep(HAND_OVER_POLL_S)
         await self.delivery.stop()  # what is still in flight goes back, in order
-        moved = [
-            (shard_of_stream(stream), event) for stream in streams for event in outbox.evict(stream)
+        return [
+            (shard_of_stream(stream), event)
+            for stream in outbox.streams()
+            for event in outbox.evict(stream)
         ]
-        self._held.clear()
-        return moved
 
     def resume_point(self, shard_id: int, session_id: str, seq: int) -> int:
         """The seq a replacement worker should resume ``session_id`` from: every event up

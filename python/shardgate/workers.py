@@ -828,7 +828,8 @@ class WorkerPool:
         order: what this process holds of a shard goes first)."""
         outbox = self.manager.outbox
         generation = self.group.generation
-        streams = [stream_id(generation, sid) for sid in handle.shards or handle.default_shards]
+        ids = handle.shards | set(handle.default_shards)  # and a shard placed there later:
+        streams = [stream_id(generation, sid) for sid in sorted(ids)]  # nothing of it here
         while any(outbox.holds(stream) for stream in streams):  # noqa: ASYNC110 - polled
             await asyncio.sleep(RELEASE_POLL_S)
         if self.direct:

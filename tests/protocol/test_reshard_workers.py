@@ -44,6 +44,7 @@ class Pids:
 
     def __init__(self) -> None:
         self.seen: set[int] = set()
+        self.handler: EventHandlerServer | None = None  # the bot's, for outages
 
     def collect(self, manager: GatewayManager) -> None:
         groups = [manager.active]
@@ -85,7 +86,7 @@ async def gateway(
     received = Received()
     pids = Pids()
     async with FakeDiscord(FakeDiscordConfig(**fake_values)) as fake:
-        handler = EventHandlerServer(received.on_event, SECRET, port=0)
+        handler = pids.handler = EventHandlerServer(received.on_event, SECRET, port=0)
         await handler.start()
         # IDENTIFY permits cross a pipe to the worker: on a busy machine that delay varies
         # by more than the gate's margin at a 0.2 s window, so the gate's window is wider
@@ -205,19 +206,23 @@ async def test_reshard_4_to_8_over_two_sets_of_two_workers(
         pids.collect(manager)
 
 
-async def test_reshard_with_direct_delivery_hands_the_queues_over_and_back() -> None:
+@pytest.mark.parametrize("bot_down", [False, True], ids=["bot-up", "bot-down"])
+async def test_reshard_with_direct_delivery_hands_the_queues_over_and_back(bot_down: bool) -> None:
     """worker_delivery = direct: the old workers hand their queues to the main process
     before the reshard (the handover needs every event), the new ones deliver through it
-    until the reshard is done and then take delivery back; every event once, in order."""
+    until the reshard is done and then take delivery back; every event once, in order.
+    With the bot down during the reshard, the queues hold events of every shard of every
+    worker when they are handed over (a worker first started with one of its shards
+    must hand over all of them)."""
     async with gateway(
         4, shards_per_cluster=2, max_clusters=2, worker_delivery="direct"
-    ) as (fake, manager, got, _pids):
+    ) as (fake, manager, got, pids):
         fake.delivery_delay = lambda s: 0.2 if s.num_shards == 8 else 0.0
         old_pool = manager.workers
         assert old_pool is not None and old_pool.direct
         await manager.wait_loaded(timeout=30)
         await wait_until(lambda: all(h.direct is not None for h in old_pool.handles), 10)
-        await run_reshard(fake, manager, got, 8)
+        await run_reshard(fake, manager, got, 8, handler=pids.handler if bot_down else None)
         check_switch(fake, manager, got, 4)
         assert not old_pool.direct, "the old set handed its queues over"
         new_pool = manager.workers

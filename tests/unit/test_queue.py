@@ -450,3 +450,16 @@ def test_evict_refuses_a_stream_with_a_batch_in_flight():
         outbox.evict(1)
     outbox.release(1)  # back in front, in order
     assert [e.event_id for e in outbox.evict(1)] == ["1:sess:1", "1:sess:2"]
+
+
+def test_hold_all_holds_the_streams_that_appear_later_too():
+    outbox = Outbox(10)
+    put(outbox, 1, 1)
+    outbox.hold_all()
+    put(outbox, 2, 1)  # a stream created while everything is held
+    assert outbox.ready_nowait() is None
+    assert outbox.streams() == [1, 2]
+    outbox.unhold_all()
+    put(outbox, 3, 1)
+    ready = {outbox.ready_nowait(), outbox.ready_nowait(), outbox.ready_nowait()}
+    assert ready == {1, 2, 3}

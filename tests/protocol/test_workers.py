@@ -694,3 +694,21 @@ def test_a_worker_ends_when_the_main_process_goes_and_prints_do_not_corrupt_fram
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_worker_does_not_import_what_only_the_main_process_serves() -> None:
+    """The control API, /metrics, REST and forwarding (aiohttp, prometheus_client) are half
+    of a worker's start-up imports and the worker uses none of them: loading the group
+    class through the manager module must not pull them in (a replacement worker's shards
+    wait for its start)."""
+    code = (
+        "import sys, shardgate.worker\n"
+        "from shardgate.workers import DEFAULT_MANAGER\n"
+        "shardgate.worker._load_group_class(DEFAULT_MANAGER)\n"
+        "print(sorted(m for m in ('aiohttp', 'prometheus_client', 'shardgate.control',\n"
+        "    'shardgate.monitor', 'shardgate.forward', 'shardgate.rest') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, check=True, timeout=60
+    ).stdout
+    assert out.strip() == b"[]", out

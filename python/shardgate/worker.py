@@ -118,6 +118,13 @@ class RemoteGate:
         if future is not None and not future.done():
             future.set_result(None)
 
+    def sent(self, shard_id: int, ago_s: float = 0.0) -> None:
+        """The IDENTIFY went out: the main process holds the bucket until it knows when
+        (time.monotonic is CLOCK_MONOTONIC, the same clock in every process)."""
+        req = self._held.get(shard_id)
+        if req is not None:
+            self._send({"op": "sent", "req": req, "at": time.monotonic() - max(0.0, ago_s)})
+
     def release(self, shard_id: int, *, identified: bool) -> None:
         req = self._held.pop(shard_id, None)
         if req is None:

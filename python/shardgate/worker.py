@@ -90,6 +90,9 @@ class RemoteGate:
     was already on its way, counts it as spent and failed. These messages are about
     permits only, so ``send`` writes them at once, not behind the events in the batch; a
     successful IDENTIFY also calls ``on_identified`` (the READY then goes out at once).
+    When the IDENTIFY has gone out, ``sent`` says when: the main process keeps the bucket
+    closed until then, and counts its window from that moment (a grant may reach this
+    process late, behind a busy loop).
     """
 
     def __init__(self, send: Any, on_identified: Any = None) -> None:

@@ -32,7 +32,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar, Final, cast
 
 from shardgate._native import (
     KIND_GUILD_CREATE,
@@ -167,6 +167,18 @@ class IdentifyProgress:
                 self.total,
                 self.eta_s(),
             )
+
+    def sent(self, shard_id: int, ago_s: float = 0.0) -> None:
+        """See :meth:`~shardgate.identify.LocalIdentifyGate.sent` (if the gate has it)."""
+        sent = getattr(self.inner, "sent", None)
+        if sent is not None:
+            sent(shard_id, ago_s)
+
+    def hold(self, shard_id: int) -> Callable[[float], None] | None:
+        """See :meth:`~shardgate.identify.LocalIdentifyGate.hold`; None if the gate has no
+        such thing (its window then runs from the grant)."""
+        hold = getattr(self.inner, "hold", None)
+        return None if hold is None else cast("Callable[[float], None]", hold(shard_id))
 
     async def wait_granted(self, shard_id: int) -> None:
         await self._event(shard_id).wait()

@@ -37,6 +37,11 @@ class IdentifyGate(Protocol):
     READY arrived, ``identified=False`` on any failure (the link dropped before or after
     IDENTIFY went out, INVALID_SESSION, READY timeout). ``acquire`` may be cancelled
     (the connection died while waiting); a cancelled acquire holds nothing.
+
+    Optional: a gate that has ``sent(shard_id, ago_s=0.0)`` is told when the IDENTIFY of
+    the permit actually went out (``ago_s`` seconds ago); Discord's window runs from then,
+    not from the grant (see :meth:`LocalIdentifyGate.sent`). A shard calls it right after
+    sending IDENTIFY when its gate has it.
     """
 
     async def acquire(self, shard_id: int) -> None:
@@ -49,13 +54,15 @@ class IdentifyGate(Protocol):
 
 
 class _Bucket:
-    """One concurrency bucket: FIFO lock plus the earliest time of its next IDENTIFY."""
+    """One concurrency bucket: FIFO lock, the earliest time of its next IDENTIFY, and the
+    permit whose IDENTIFY another process sends, while it has not said when (``held``)."""
 
-    __slots__ = ("lock", "next_at")
+    __slots__ = ("held", "lock", "next_at")
 
     def __init__(self) -> None:
         self.lock = asyncio.Lock()
         self.next_at = 0.0
+        self.held: asyncio.Event | None = None
 
 
 class PermitLedger:
@@ -102,6 +109,14 @@ class LocalIdentifyGate(PermitLedger):
     two IDENTIFYs sent exactly ``window_s`` apart can arrive closer (the first delayed more
     than the second), which costs an op 9 and a reconnect. The default margin is 2 % of
     the window, at least 50 ms (never more than the window itself).
+
+    The window runs from the moment the IDENTIFY went out when the gate learns it: a shard
+    of this process reports it with :meth:`sent` (an IDENTIFY sent later than granted,
+    behind a lagging loop, pushes the bucket's next grant back by as much). A permit whose
+    IDENTIFY another process sends (a worker: its grant crosses a pipe and that process's
+    loop) is :meth:`hold`-ed: its bucket grants nothing more until that process says when
+    the IDENTIFY went out, or the permit comes back unused; reported after the next grant,
+    a late send could fall inside the next one's window.
     """
 
     __slots__ = (
@@ -187,11 +202,46 @@ class LocalIdentifyGate(PermitLedger):
         if bucket is None:
             bucket = self._buckets[bucket_id] = _Bucket()
         async with bucket.lock:
-            # Re-check after waking: loop timers (uvloop: whole ms) may fire a hair early.
-            while (wait := bucket.next_at - self._clock()) > 0:  # noqa: ASYNC110
+            while True:
+                if bucket.held is not None:
+                    await bucket.held.wait()
+                    continue
+                # Re-check after waking: loop timers (uvloop: whole ms) may fire a hair early.
+                wait = bucket.next_at - self._clock()
+                if wait <= 0:
+                    break
                 await asyncio.sleep(wait)
             await self._take_budget(shard_id)
             bucket.next_at = self._clock() + self._window + self._margin
             self._hold(shard_id)
             self.granted += 1
+
+    def sent(self, shard_id: int, ago_s: float = 0.0) -> None:
+        """The IDENTIFY of ``shard_id``'s permit went out ``ago_s`` seconds ago: its bucket's
+        next grant is one window (plus margin) after that, if that is later than the grant's
+        own window."""
+        bucket = self._buckets.get(shard_id % self._max_concurrency)
+        if bucket is not None:
+            at = self._clock() - max(0.0, ago_s)
+            bucket.next_at = max(bucket.next_at, at + self._window + self._margin)
+
+    def hold(self, shard_id: int) -> Callable[[float], None]:
+        """The permit just granted to ``shard_id`` is sent by another process: its bucket
+        grants nothing more until the returned ``sent(ago_s)`` is called (once; later calls
+        do nothing), which starts the window then as :meth:`sent` does. Call it in the same
+        loop step as the grant, and call ``sent`` also when the permit comes back unused or
+        its process died (``ago_s`` 0: the window from then on, to be safe)."""
+        bucket = self._buckets[shard_id % self._max_concurrency]
+        event = asyncio.Event()
+        bucket.held = event
+
+        def sent(ago_s: float) -> None:
+            if event.is_set():
+                return
+            self.sent(shard_id, ago_s)
+            event.set()
+            if bucket.held is event:
+                bucket.held = None
+
+        return sent
 

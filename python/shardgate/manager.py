@@ -48,16 +48,14 @@ import math
 import signal
 import time
 from collections.abc import Awaitable, Mapping
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import orjson
 
 from shardgate._native import EditFilter
 from shardgate.cache import GuildCache
 from shardgate.config import Config
-from shardgate.control import ControlServer
 from shardgate.errors import GatewayError
-from shardgate.forward import Delivery, Forwarder, create_forwarder
 from shardgate.group import (
     ALL_LOADED_EVENT,
     SHARD_LOADED_EVENT,
@@ -67,10 +65,8 @@ from shardgate.group import (
     outbox_sink,
 )
 from shardgate.identify import IdentifyGate, LocalIdentifyGate
-from shardgate.monitor import Monitor
 from shardgate.queue import Outbox
 from shardgate.reshard import Resharder
-from shardgate.rest import GatewayBot, fetch_gateway_bot
 from shardgate.session_keeper import SessionKeeper
 from shardgate.session_store import SessionStore, create_session_store
 from shardgate.shard import RESUME_CLOSE_CODE, Shard, ShardOptions
@@ -80,6 +76,17 @@ from shardgate.workers import (
     load_manager_class,
     main_group_class,
 )
+
+# A worker process imports this module too (load_manager_class, for ``group_class``) but
+# serves neither the control API nor /metrics, asks no REST and forwards nothing: control,
+# monitor, forward and rest (aiohttp, prometheus_client) are imported where the main
+# process first uses them. They were half of a worker's start (~0.2 s of imports, see
+# benches/bench_worker_start.py), paid again by the replacement of a killed worker while
+# its shards wait to resume.
+if TYPE_CHECKING:
+    from shardgate.control import ControlServer
+    from shardgate.forward import Delivery, Forwarder
+    from shardgate.rest import GatewayBot
 
 __all__ = [
     "ALL_LOADED_EVENT",
@@ -171,6 +178,8 @@ class GatewayManager:
         self.delivery: Delivery | None = None
         self.control: ControlServer | None = None
         self.resharder = Resharder(self)
+        from shardgate.monitor import Monitor  # noqa: PLC0415 - see the TYPE_CHECKING block
+
         #: Metrics, rates history and the status page (shardgate.monitor); components
         #: add their stats with ``monitor.collector.add_source``.
         self.monitor = Monitor(self)
@@ -230,6 +239,8 @@ class GatewayManager:
     # ------------------------------------------------------------------ set-up steps
 
     async def fetch_gateway_bot(self) -> GatewayBot:
+        from shardgate.rest import fetch_gateway_bot  # noqa: PLC0415 - see TYPE_CHECKING
+
         return await fetch_gateway_bot(self.config)
 
     async def refresh_gateway_bot(self) -> GatewayBot:
@@ -287,6 +298,8 @@ class GatewayManager:
         return create_session_store(self.config.session_store, self.config.token)
 
     def create_forwarder(self) -> Forwarder:
+        from shardgate.forward import create_forwarder  # noqa: PLC0415 - see TYPE_CHECKING
+
         return create_forwarder(
             self.config.forward_mode,
             self.config.event_handler_url,
@@ -390,6 +403,9 @@ class GatewayManager:
             self.identify_window_s,
             group.progress.eta_s(),
         )
+        from shardgate.control import ControlServer  # noqa: PLC0415 - see TYPE_CHECKING
+        from shardgate.forward import Delivery  # noqa: PLC0415
+
         self.delivery = Delivery(self.outbox, self.create_forwarder())
         self.delivery.start()
         if self.config.control_secret is None:

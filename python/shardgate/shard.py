@@ -813,6 +813,11 @@ class Shard:
             if conn.closed.done():
                 return await self._finish(conn)
             await self.identify()
+            # Discord's window runs from now, which may be later than the grant (a loop
+            # that lagged, a grant that crossed a pipe): the gate spaces the next from here.
+            sent = getattr(self._gate, "sent", None)
+            if sent is not None:
+                sent(self.shard_id)
             if not await self._wait(conn, conn.up, opts.ready_timeout_s) and not conn.closed.done():
                 self._log.warning("no READY within %.1f s", opts.ready_timeout_s)
                 self._close(conn, RESUME_CLOSE_CODE, _IDENTIFY)

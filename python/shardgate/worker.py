@@ -99,6 +99,9 @@ class RemoteGate:
     was already on its way, counts it as spent and failed. These messages are about
     permits only, so ``send`` writes them at once, not behind the events in the batch; a
     successful IDENTIFY also calls ``on_identified`` (the READY then goes out at once).
+    When the IDENTIFY has gone out, ``sent`` says when: the main process keeps the bucket
+    closed until then, and counts its window from that moment (a grant may reach this
+    process late, behind a busy loop).
     """
 
     def __init__(self, send: Any, on_identified: Any = None) -> None:
@@ -126,6 +129,13 @@ class RemoteGate:
         future = self._waiting.pop(req, None)
         if future is not None and not future.done():
             future.set_result(None)
+
+    def sent(self, shard_id: int, ago_s: float = 0.0) -> None:
+        """The IDENTIFY went out: the main process holds the bucket until it knows when
+        (time.monotonic is CLOCK_MONOTONIC, the same clock in every process)."""
+        req = self._held.get(shard_id)
+        if req is not None:
+            self._send({"op": "sent", "req": req, "at": time.monotonic() - max(0.0, ago_s)})
 
     def release(self, shard_id: int, *, identified: bool) -> None:
         req = self._held.pop(shard_id, None)

@@ -61,7 +61,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Final, cast
 
 import orjson
@@ -364,6 +364,9 @@ class WorkerHandle:
         self.last_exit: str | None = None
         self.pending: dict[int, asyncio.Task[None]] = {}
         self.granted: dict[int, int] = {}
+        #: Permits granted whose IDENTIFY has not been reported sent: request id -> the
+        #: gate's ``hold`` callback (their bucket waits for it; see LocalIdentifyGate).
+        self.holds: dict[int, Callable[[float], None]] = {}
         self.requests: dict[int, asyncio.Future[list[str] | None]] = {}
         self.events = 0
         self.frames = 0
@@ -683,6 +686,7 @@ class WorkerPool:
         for shard_id in handle.granted.values():
             progress.release(shard_id, identified=False)
         handle.granted.clear()
+        self._unhold_all(handle)
         for task in handle.pending.values():
             task.cancel()
         handle.pending.clear()
@@ -994,7 +998,27 @@ class WorkerPool:
             progress.release(shard_id, identified=False)  # its worker died meanwhile
             return
         handle.granted[req] = shard_id
+        # The IDENTIFY goes out when this message has crossed the pipe and the worker's
+        # loop got to it: the bucket's window starts then, which the worker reports.
+        hold = progress.hold(shard_id)
+        if hold is not None:
+            handle.holds[req] = hold
         handle.send({"op": "granted", "req": req})
+
+    @staticmethod
+    def _unhold(handle: WorkerHandle, req: int, ago_s: float = 0.0) -> None:
+        """The IDENTIFY of permit ``req`` went out ``ago_s`` ago, or (0) it came back
+        without being reported sent: its bucket's window runs from now, to be safe."""
+        hold = handle.holds.pop(req, None)
+        if hold is not None:
+            hold(ago_s)
+
+    @staticmethod
+    def _unhold_all(handle: WorkerHandle) -> None:
+        holds = list(handle.holds.values())
+        handle.holds.clear()
+        for hold in holds:
+            hold(0.0)
 
     # ------------------------------------------------------------------ from the workers
 
@@ -1006,7 +1030,12 @@ class WorkerPool:
             handle.pending[req] = asyncio.get_running_loop().create_task(
                 self._acquire(handle, req, int(message["shard"]))
             )
+        elif op == "sent":
+            # Both processes read CLOCK_MONOTONIC (time.monotonic), one clock per machine.
+            ago_s = max(0.0, time.monotonic() - float(message["at"]))
+            self._unhold(handle, int(message["req"]), ago_s)
         elif op == "release":
+            self._unhold(handle, int(message["req"]))
             shard_id = handle.granted.pop(int(message["req"]), None)
             if shard_id is not None:
                 identified = bool(message["identified"])
@@ -1015,6 +1044,7 @@ class WorkerPool:
                 self.group.progress.release(shard_id, identified=identified)
         elif op == "cancel":
             req = int(message["req"])
+            self._unhold(handle, req)
             shard_id = handle.granted.pop(req, None)
             if shard_id is not None:
                 self.group.progress.release(shard_id, identified=False)

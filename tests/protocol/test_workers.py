@@ -27,7 +27,14 @@ import orjson
 import pytest
 import worker_overrides
 from harness import gateway_config, wait_until
-from worker_overrides import HOOK_EVENT, CrashingGateway, PlacingGateway, PlacingGroup
+from worker_overrides import (
+    HOOK_EVENT,
+    LATE_GRANT_S,
+    CrashingGateway,
+    LateGrantGateway,
+    PlacingGateway,
+    PlacingGroup,
+)
 
 from shardgate.config import Config
 from shardgate.errors import FatalClose
@@ -521,6 +528,29 @@ async def test_identify_spacing_and_the_budget_are_global() -> None:
         assert len(owners) >= 2
 
 
+async def test_identify_spacing_holds_when_grants_reach_a_worker_late() -> None:
+    """Every other grant reaches its worker 0.4 s late (LateGrantGroup), so that shard's
+    IDENTIFY goes out 0.4 s after the main process granted it, and the next one of the
+    bucket is granted on time. Spaced from the grants (0.55 s: 500 ms + margin), those two
+    IDENTIFYs would go out 0.15 s apart; the bucket's window must run from the send the
+    worker reports. The fake enforces 0.4 s (the gate's 0.55 s less room for the loops'
+    lag on this busy machine, as in the test above) and refuses any IDENTIFY inside it."""
+    async with gateway(
+        2,
+        {"identify_window_s": 0.4},
+        manager_class=LateGrantGateway,
+        spawn_shard_delay=500,
+    ) as (fake, manager, _h, _r):
+        await wait_until(lambda: len(fake.identifies) >= SHARDS, timeout=60)
+        await manager.wait_loaded(timeout=30)
+        assert [r.outcome for r in fake.identifies] == ["ready"] * SHARDS
+        times = fake.identify_times(0)
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        assert all(g >= 0.4 for g in gaps), gaps
+        # the late grants did happen: 8 IDENTIFYs, 4 of them 0.4 s late, 0.55 s apart
+        assert times[-1] - times[0] >= 7 * 0.55 + 3 * LATE_GRANT_S - 0.2, gaps
+
+
 async def test_a_worker_that_keeps_crashing_backs_off_and_the_others_go_on(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -694,3 +724,21 @@ def test_a_worker_ends_when_the_main_process_goes_and_prints_do_not_corrupt_fram
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_worker_does_not_import_what_only_the_main_process_serves() -> None:
+    """The control API, /metrics, REST and forwarding (aiohttp, prometheus_client) are half
+    of a worker's start-up imports and the worker uses none of them: loading the group
+    class through the manager module must not pull them in (a replacement worker's shards
+    wait for its start)."""
+    code = (
+        "import sys, shardgate.worker\n"
+        "from shardgate.workers import DEFAULT_MANAGER\n"
+        "shardgate.worker._load_group_class(DEFAULT_MANAGER)\n"
+        "print(sorted(m for m in ('aiohttp', 'prometheus_client', 'shardgate.control',\n"
+        "    'shardgate.monitor', 'shardgate.forward', 'shardgate.rest') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, check=True, timeout=60
+    ).stdout
+    assert out.strip() == b"[]", out

@@ -6,6 +6,8 @@ live in a module of their own rather than in a test function.
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import os
 import signal
 from typing import Any, ClassVar
@@ -122,3 +124,34 @@ class KilledAfterReadyGateway(GatewayManager):
 
 class KilledAtReadyGateway(GatewayManager):
     group_class = KilledAtReadyGroup
+
+
+LATE_GRANT_S = 0.4
+
+
+class LateGrantGroup(ShardGroup):
+    """In a worker, every other identify grant reaches the shard ``LATE_GRANT_S`` late (as
+    behind a lagging loop), the others at once: a late IDENTIFY followed by a punctual
+    one of the same bucket, whose grants the main process spaced by its window."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The worker's RemoteGate (of ``__main__``: the worker runs as ``python -m``, so
+        # not the class ``shardgate.worker`` would give here); the main process's gate
+        # has no ``granted``.
+        gate = kwargs["gate"]
+        on_time = getattr(gate, "granted", None)
+        if in_worker() and on_time is not None:
+            turns = itertools.count()
+
+            def granted(req: int) -> None:
+                if next(turns) % 2 == 0:
+                    asyncio.get_running_loop().call_later(LATE_GRANT_S, on_time, req)
+                else:
+                    on_time(req)
+
+            gate.granted = granted  # type: ignore[method-assign]
+
+
+class LateGrantGateway(GatewayManager):
+    group_class = LateGrantGroup

@@ -132,3 +132,46 @@ async def test_update_budget_adopts_a_fresh_session_start_limit():
     await gate.acquire(1)  # then it is spent: wait for the reset, refill to total
     assert time.monotonic() - started >= 0.19
     assert gate.remaining == 4
+
+
+async def test_a_held_permit_keeps_its_bucket_until_its_identify_is_reported_sent():
+    """A worker's permit: the grant crosses a pipe and that process's loop before the
+    IDENTIFY goes out, so the bucket's window runs from when the worker says it went out,
+    and nothing more of that bucket is granted before the worker has said so."""
+    now = [100.0]
+    gate = LocalIdentifyGate(max_concurrency=2, window_s=0.25, margin_s=0.0, clock=lambda: now[0])
+    await gate.acquire(0)
+    sent = gate.hold(0)
+    same_bucket = asyncio.create_task(gate.acquire(2))
+    now[0] = 101.0  # the window from the grant is long over
+    await asyncio.wait_for(gate.acquire(1), 1.0)  # another bucket is not held
+    await asyncio.sleep(0.05)
+    assert not same_bucket.done(), "granted before the held IDENTIFY was reported sent"
+    sent(0.125)  # it went out at 100.875 (late): the next one at 101.125, not at once
+    await asyncio.sleep(0.02)
+    assert not same_bucket.done()
+    now[0] = 101.125
+    await asyncio.wait_for(same_bucket, 2.0)
+    now[0] = 101.25
+    sent(0.0)  # a second report of the same permit changes nothing (it would say 101.5)
+    now[0] = 101.375
+    await asyncio.wait_for(gate.acquire(4), 2.0)
+    assert gate.granted == 4
+
+
+async def test_an_identify_sent_late_pushes_the_next_grant_of_its_bucket_back():
+    """A shard of this process whose IDENTIFY went out later than granted (a lagging loop)
+    reports it: Discord's window runs from the send, the next grant waits for it."""
+    now = [100.0]
+    gate = LocalIdentifyGate(max_concurrency=1, window_s=0.25, margin_s=0.0, clock=lambda: now[0])
+    await gate.acquire(0)
+    now[0] = 100.5
+    gate.sent(0)  # went out 0.5 s after the grant: the next one at 100.75, not 100.25
+    waiter = asyncio.create_task(gate.acquire(1))
+    now[0] = 100.625
+    await asyncio.sleep(0.05)
+    assert not waiter.done(), "granted inside the window of the IDENTIFY sent late"
+    now[0] = 100.75
+    await asyncio.wait_for(waiter, 2.0)
+    gate.sent(5, 10.0)  # an IDENTIFY reported long after its window: nothing to push back
+    assert gate.granted == 2

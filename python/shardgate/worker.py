@@ -36,7 +36,7 @@ import signal
 import sys
 import time
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from shardgate._native import EditFilter
 from shardgate.cache import GuildCache, GuildCreateResult
@@ -56,9 +56,11 @@ from shardgate.ipc import (
 from shardgate.log import setup_logging
 from shardgate.session import Session
 from shardgate.shard import Shard, ShardOptions, ShardState
-from shardgate.worker_delivery import DirectDelivery
 
 __all__ = ["RemoteGate", "ReportingCache", "Worker", "main", "options_from_dict"]
+
+if TYPE_CHECKING:
+    from shardgate.worker_delivery import DirectDelivery
 
 log = logging.getLogger(__name__)
 
@@ -291,6 +293,10 @@ class Worker:
         (``release_direct``); the resume points stay what the main process received."""
         if self.direct is not None:
             return
+        # Imported here: delivery brings the HTTP clients, which a worker that hands its
+        # events to the main process never needs (its start time, benches/README.md).
+        from shardgate.worker_delivery import DirectDelivery  # noqa: PLC0415
+
         direct = DirectDelivery(settings, self._generation)
         direct.hold()
         for shard_id, shard in self.group.shards.items():

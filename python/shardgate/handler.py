@@ -54,6 +54,22 @@ stands in their place (see :data:`shardgate.queue.GAP_EVENT`).
 
 from __future__ import annotations
 
+import signal
+
+# Run as ``python -m shardgate.handler``: SIGINT and SIGTERM are requests to stop, noted
+# from here on (before the imports below, which take a second or more on a busy machine)
+# and acted on once the loop runs (_serve_until_stopped). Python's default SIGINT
+# handler would raise KeyboardInterrupt wherever the import happens to be, and inside an
+# extension's initialisation that is not always an exception that ends the process:
+# orjson 3.13 crashes on it (SIGSEGV) or loses it, and the process then runs on. A signal
+# that was ignored when the process started (a shell's background job, ``nohup``) stays
+# ignored, as Python and asyncio leave it.
+_early_stop: list[int] = []
+if __name__ == "__main__":
+    for _sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(_sig) != signal.SIG_IGN:
+            signal.signal(_sig, lambda signum, _frame: _early_stop.append(signum))
+
 import argparse
 import asyncio
 import contextlib
@@ -64,7 +80,7 @@ import os
 import sys
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 import uvloop
@@ -419,16 +435,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         sys.exit(2)
 
-    async def run() -> None:
+    async def serve(stop: asyncio.Event) -> None:
         async with EventHandlerServer(
             callback, secret, host=args.host, port=args.port, retry_on_error=args.retry_on_error
         ) as server:
-            await server.serve_forever()
+            await _until(stop, server.serve_forever())
 
-    try:
-        uvloop.run(run())
-    except KeyboardInterrupt:
-        sys.exit(0)
+    _run_until_stopped(serve)
 
 
 def _consume(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -444,16 +457,81 @@ def _consume(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         sys.exit(2)
 
-    async def run() -> None:
+    async def serve(stop: asyncio.Event) -> None:
         async with RedisStreamConsumer(
             callback, args.redis, prefix=args.prefix, group=args.group
         ) as consumer:
-            await consumer.serve_forever()
+            await _until(stop, consumer.serve_forever())
+
+    _run_until_stopped(serve)
+
+
+FORCED_EXIT: Final = 130
+"""Exit status after a second SIGINT/SIGTERM cut the shutdown short (128 + SIGINT)."""
+
+
+def _run_until_stopped(serve: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run ``serve(stop)`` on uvloop; SIGINT or SIGTERM sets ``stop``, a second one cancels.
+
+    The signals are the loop's (``add_signal_handler``), not asyncio.Runner's SIGINT
+    handler, which cancels the main task: a cancellation reaches whatever the task awaits
+    (a callback, a Redis command) and every library on the way must pass it on. Here
+    ``serve`` leaves its ``async with`` normally, and the server or consumer stops as its
+    ``stop()`` says (a consumer finishes the batch in hand, acknowledges it and gives up
+    its leases). A signal that came during start-up (noted by the module's head) stops it
+    before anything connects. Exit status 0, or :data:`FORCED_EXIT` after a second signal.
+    """
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        main_task = asyncio.current_task()
+        assert main_task is not None
+
+        def on_signal(signum: int) -> None:
+            if stop.is_set():
+                log.warning("%s again: stopping without waiting", signal.Signals(signum).name)
+                main_task.cancel()
+            else:
+                log.info("%s: stopping", signal.Signals(signum).name)
+                stop.set()
+
+        # One ignored at start stays ignored (see the module's head).
+        watched = [
+            sig for sig in (signal.SIGINT, signal.SIGTERM)
+            if signal.getsignal(sig) != signal.SIG_IGN
+        ]  # fmt: skip
+        for sig in watched:
+            loop.add_signal_handler(sig, on_signal, sig)
+        try:
+            if _early_stop:
+                log.info("%s during start-up: stopping", signal.Signals(_early_stop[0]).name)
+                return
+            await serve(stop)
+        finally:
+            for sig in watched:
+                loop.remove_signal_handler(sig)
 
     try:
         uvloop.run(run())
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # main() called in-process: asyncio.Runner's SIGINT handler
         sys.exit(0)
+    except asyncio.CancelledError:  # the second signal
+        sys.exit(FORCED_EXIT)
+
+
+async def _until(stop: asyncio.Event, serving: Awaitable[None]) -> None:
+    """Await ``serving`` until ``stop`` is set (then cancel it); its error is raised."""
+    serve_task = asyncio.ensure_future(serving)
+    stop_task = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({serve_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (serve_task, stop_task):
+            task.cancel()
+        await asyncio.gather(serve_task, stop_task, return_exceptions=True)
+    if not serve_task.cancelled():
+        serve_task.result()  # its error, if it failed
 
 
 if __name__ == "__main__":

@@ -120,7 +120,50 @@ def _split_body(event: object) -> tuple[int, dict[str, Any]]:
     return shard_id, data
 
 
-class EventHandlerServer:
+class _EventSink:
+    """What both receiving sides share (this server and
+    :class:`~shardgate.handler_redis.RedisStreamConsumer`): the callback, its counters and
+    the bounded memory of handled event ids, so both count and de-duplicate alike."""
+
+    def __init__(self, on_event: EventCallback, *, retry_on_error: bool, dedupe_size: int) -> None:
+        self._on_event = on_event
+        self.retry_on_error = retry_on_error
+        self._dedupe_size = dedupe_size
+        self._done: OrderedDict[str, None] = OrderedDict()
+        self.received = 0
+        self.handled = 0
+        self.duplicates = 0
+        self.errors = 0
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "received": self.received,
+            "handled": self.handled,
+            "duplicates": self.duplicates,
+            "errors": self.errors,
+        }
+
+    def _remember(self, event_id: str) -> None:
+        """``event_id`` was handled: a redelivery of it is a duplicate (the oldest id is
+        forgotten past ``dedupe_size``)."""
+        done = self._done
+        done[event_id] = None
+        if len(done) > self._dedupe_size:
+            done.popitem(last=False)
+
+    async def _call(self, shard_id: int, data: dict[str, Any], event_id: str) -> bool:
+        """Run the callback; False when it raised and the event is to be delivered again."""
+        try:
+            await self._on_event(shard_id, data, event_id)
+        except Exception:
+            self.errors += 1
+            log.exception("on_event failed for event %s of shard %d", event_id or "?", shard_id)
+            return not self.retry_on_error
+        self.handled += 1
+        return True
+
+
+class EventHandlerServer(_EventSink):
     """An aiohttp server that feeds shardgate's events to ``on_event`` (see the module)."""
 
     def __init__(
@@ -139,22 +182,15 @@ class EventHandlerServer:
         problem = secret_problem(secret)
         if problem is not None:  # the gateway refuses such an event_handler_secret too
             raise ValueError(f"the secret {problem}")
-        self._on_event = on_event
+        super().__init__(on_event, retry_on_error=retry_on_error, dedupe_size=dedupe_size)
         self._secret = secret.encode()
         self.host = host
         self.port = port
-        self.retry_on_error = retry_on_error
         self.max_message_size = max_message_size
-        self._dedupe_size = dedupe_size
-        self._done: OrderedDict[str, None] = OrderedDict()
         self._running: dict[str, asyncio.Future[bool]] = {}
         self._runner: web.BaseRunner | None = None
         self._sockets: set[web.WebSocketResponse] = set()
         self._tasks: set[asyncio.Task[None]] = set()
-        self.received = 0
-        self.handled = 0
-        self.duplicates = 0
-        self.errors = 0
         self.unauthorized = 0
 
     def __repr__(self) -> str:
@@ -212,13 +248,7 @@ class EventHandlerServer:
         await asyncio.Event().wait()
 
     def stats(self) -> dict[str, int]:
-        return {
-            "received": self.received,
-            "handled": self.handled,
-            "duplicates": self.duplicates,
-            "errors": self.errors,
-            "unauthorized": self.unauthorized,
-        }
+        return {**super().stats(), "unauthorized": self.unauthorized}
 
     # -- requests ------------------------------------------------------------------------
 
@@ -333,22 +363,9 @@ class EventHandlerServer:
         finally:
             del self._running[event_id]
             if ok:
-                done = self._done
-                done[event_id] = None
-                if len(done) > self._dedupe_size:
-                    done.popitem(last=False)
+                self._remember(event_id)
             future.set_result(ok)
         return ok
-
-    async def _call(self, shard_id: int, data: dict[str, Any], event_id: str) -> bool:
-        try:
-            await self._on_event(shard_id, data, event_id)
-        except Exception:
-            self.errors += 1
-            log.exception("on_event failed for event %s of shard %d", event_id or "?", shard_id)
-            return not self.retry_on_error
-        self.handled += 1
-        return True
 
 
 def __getattr__(name: str) -> type[RedisStreamConsumer]:
@@ -395,6 +412,16 @@ def _load_callback(spec: str) -> EventCallback:
     return callback  # type: ignore[no-any-return]
 
 
+def _callback_or_exit(parser: argparse.ArgumentParser, spec: str | None) -> EventCallback:
+    """``--callback``'s function (or one that logs each event); exit 2 with one line if
+    it names nothing usable."""
+    try:
+        return _load_callback(spec) if spec else _log_event
+    except _CallbackError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m shardgate.handler``: run a handler until interrupted."""
     parser = argparse.ArgumentParser(
@@ -429,11 +456,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if problem is not None:
         raise SystemExit(f"{SECRET_ENV} {problem}")
     setup_logging(secrets=[secret])
-    try:
-        callback = _load_callback(args.callback) if args.callback else _log_event
-    except _CallbackError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    callback = _callback_or_exit(parser, args.callback)
 
     async def serve(stop: asyncio.Event) -> None:
         async with EventHandlerServer(
@@ -451,11 +474,7 @@ def _consume(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     from shardgate.log import url_password  # noqa: PLC0415
 
     setup_logging(secrets=[p for p in (url_password(args.redis),) if p])
-    try:
-        callback = _load_callback(args.callback) if args.callback else _log_event
-    except _CallbackError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    callback = _callback_or_exit(parser, args.callback)
 
     async def serve(stop: asyncio.Event) -> None:
         async with RedisStreamConsumer(

@@ -60,14 +60,13 @@ import os
 import socket
 import time
 import uuid
-from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
 from shardgate.envelope import parse_event_id
 from shardgate.forward_redis import connect
-from shardgate.handler import EventCallback, _BadEvent, _split_body
+from shardgate.handler import EventCallback, _BadEvent, _EventSink, _split_body
 from shardgate.queue import GapRecord
 from shardgate.redis_keys import (
     GAP_FIELD_PREFIX,
@@ -139,7 +138,7 @@ class _Held:
         self.shard_id = int(tail) if tail.isdigit() else -1
 
 
-class RedisStreamConsumer:
+class RedisStreamConsumer(_EventSink):
     """Reads the gateway's shard streams as one member of a consumer group (see module)."""
 
     def __init__(
@@ -162,7 +161,7 @@ class RedisStreamConsumer:
             raise ValueError("count, block_s and lease_s must be > 0, retry_delay_s >= 0")
         if block_s >= lease_s / 3:
             raise ValueError("block_s must be below lease_s / 3 (a read must not outlast it)")
-        self._on_event = on_event
+        super().__init__(on_event, retry_on_error=retry_on_error, dedupe_size=dedupe_size)
         self.url = url
         self.prefix = prefix
         self.group = group
@@ -171,10 +170,7 @@ class RedisStreamConsumer:
         self.block_s = block_s
         self.lease_s = lease_s
         self.claim_idle_s = lease_s if claim_idle_s is None else claim_idle_s
-        self.retry_on_error = retry_on_error
         self.retry_delay_s = retry_delay_s
-        self._dedupe_size = dedupe_size
-        self._done: OrderedDict[str, None] = OrderedDict()
         # Blocking reads hold a connection; socket timeouts sit well above block_s.
         self._redis: Redis = connect(url, timeout=max(10.0, 4 * block_s))
         self._heartbeat = self._redis.register_script(HEARTBEAT_SCRIPT)
@@ -188,10 +184,6 @@ class RedisStreamConsumer:
         self._waiting = False
         self._tasks: list[asyncio.Task[None]] = []
         self._failing_since: float | None = None
-        self.received = 0
-        self.handled = 0
-        self.duplicates = 0
-        self.errors = 0
         self.gaps = 0
         self.claimed = 0
         self.acquired = 0
@@ -274,10 +266,7 @@ class RedisStreamConsumer:
 
     def stats(self) -> dict[str, int]:
         return {
-            "received": self.received,
-            "handled": self.handled,
-            "duplicates": self.duplicates,
-            "errors": self.errors,
+            **super().stats(),
             "gaps": self.gaps,
             "claimed": self.claimed,
             "acquired": self.acquired,
@@ -567,18 +556,8 @@ class RedisStreamConsumer:
         if event_id and event_id in self._done:
             self.duplicates += 1
             return True
-        try:
-            await self._on_event(shard_id, data, event_id)
-        except Exception:
-            self.errors += 1
-            log.exception("on_event failed for event %s of shard %d", event_id or "?", shard_id)
-            if self.retry_on_error:
-                return False
-        else:
-            self.handled += 1
+        if not await self._call(shard_id, data, event_id):
+            return False
         if event_id:
-            done = self._done
-            done[event_id] = None
-            if len(done) > self._dedupe_size:
-                done.popitem(last=False)
+            self._remember(event_id)
         return True

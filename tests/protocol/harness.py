@@ -98,6 +98,9 @@ class ChildOutput:
             if marker not in self._data:
                 raise AssertionError(f"no {marker!r} from the child: {bytes(self._data)!r}")
 
+    def send(self, signum: int) -> None:
+        self._proc.send_signal(signum)
+
     def stop(self, signum: int, timeout: float) -> int:
         """Send ``signum`` and wait for the exit; a child still running after ``timeout``
         is killed (by its PID) and the test fails with its output. Returns the status."""

@@ -523,6 +523,56 @@ def test_standalone_consumer_stopped_during_start_up_exits_at_once(
     assert b" started (group " not in output.data
 
 
+@pytest.mark.parametrize("signals", [1, 2])
+def test_standalone_consumer_finishes_the_batch_unless_signalled_twice(
+    redis_server: RedisServer, tmp_path: Any, signals: int
+):
+    # One SIGINT: the callback in progress finishes and its event is acknowledged. A second
+    # one: stop without waiting for it (exit 130); the event stays pending for the next.
+    (tmp_path / "slow_cb.py").write_text(
+        "import asyncio\n"
+        "async def on_event(shard_id, data, event_id):\n"
+        "    print('callback begins', flush=True)\n"
+        "    await asyncio.sleep(4)\n"
+        "    print('callback done', flush=True)\n"
+    )
+
+    async def write() -> None:
+        forwarder = RedisStreamsForwarder(redis_server.url, prefix=PREFIX, max_len=100)
+        await forwarder.send(5, [OutEvent("5:s:42", body(5, 42))])
+        await forwarder.close()
+
+    async def pending() -> int:
+        client = connect(redis_server.url)
+        try:
+            groups = await client.xinfo_groups(f"{PREFIX}:5")
+            return int(groups[0]["pending"])
+        finally:
+            await client.aclose()
+
+    asyncio.run(write())
+    pythonpath = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    output = standalone_consumer(
+        redis_server.url, "--callback", "slow_cb:on_event", PYTHONPATH=pythonpath
+    )
+    try:
+        output.wait_for(b"callback begins", timeout=60)
+        if signals == 2:
+            output.send(signal.SIGINT)
+            output.wait_for(b"SIGINT: stopping", timeout=30)
+    finally:
+        status = output.stop(signal.SIGINT, timeout=45)
+    if signals == 1:
+        assert status == 0, output.data
+        assert b"callback done" in output.data
+        assert asyncio.run(pending()) == 0
+    else:
+        assert status == 130, output.data
+        assert b"callback done" not in output.data
+        assert asyncio.run(pending()) == 1
+    assert b"Traceback" not in output.data
+
+
 async def test_stop_does_not_sit_out_a_blocking_read(redis_server: RedisServer):
     # A consumer waiting on XREADGROUP BLOCK for new entries has nothing in hand: stop()
     # cancels that read instead of waiting up to block_s for it.

@@ -54,6 +54,22 @@ stands in their place (see :data:`shardgate.queue.GAP_EVENT`).
 
 from __future__ import annotations
 
+import signal
+
+# Run as ``python -m shardgate.handler``: SIGINT and SIGTERM are requests to stop, noted
+# from here on (before the imports below, which take a second or more on a busy machine)
+# and acted on once the loop runs (_serve_until_stopped). Python's default SIGINT
+# handler would raise KeyboardInterrupt wherever the import happens to be, and inside an
+# extension's initialisation that is not always an exception that ends the process:
+# orjson 3.13 crashes on it (SIGSEGV) or loses it, and the process then runs on. A signal
+# that was ignored when the process started (a shell's background job, ``nohup``) stays
+# ignored, as Python and asyncio leave it.
+_early_stop: list[int] = []
+if __name__ == "__main__":
+    for _sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(_sig) != signal.SIG_IGN:
+            signal.signal(_sig, lambda signum, _frame: _early_stop.append(signum))
+
 import argparse
 import asyncio
 import contextlib
@@ -64,7 +80,7 @@ import os
 import sys
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 import uvloop
@@ -104,7 +120,50 @@ def _split_body(event: object) -> tuple[int, dict[str, Any]]:
     return shard_id, data
 
 
-class EventHandlerServer:
+class _EventSink:
+    """What both receiving sides share (this server and
+    :class:`~shardgate.handler_redis.RedisStreamConsumer`): the callback, its counters and
+    the bounded memory of handled event ids, so both count and de-duplicate alike."""
+
+    def __init__(self, on_event: EventCallback, *, retry_on_error: bool, dedupe_size: int) -> None:
+        self._on_event = on_event
+        self.retry_on_error = retry_on_error
+        self._dedupe_size = dedupe_size
+        self._done: OrderedDict[str, None] = OrderedDict()
+        self.received = 0
+        self.handled = 0
+        self.duplicates = 0
+        self.errors = 0
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "received": self.received,
+            "handled": self.handled,
+            "duplicates": self.duplicates,
+            "errors": self.errors,
+        }
+
+    def _remember(self, event_id: str) -> None:
+        """``event_id`` was handled: a redelivery of it is a duplicate (the oldest id is
+        forgotten past ``dedupe_size``)."""
+        done = self._done
+        done[event_id] = None
+        if len(done) > self._dedupe_size:
+            done.popitem(last=False)
+
+    async def _call(self, shard_id: int, data: dict[str, Any], event_id: str) -> bool:
+        """Run the callback; False when it raised and the event is to be delivered again."""
+        try:
+            await self._on_event(shard_id, data, event_id)
+        except Exception:
+            self.errors += 1
+            log.exception("on_event failed for event %s of shard %d", event_id or "?", shard_id)
+            return not self.retry_on_error
+        self.handled += 1
+        return True
+
+
+class EventHandlerServer(_EventSink):
     """An aiohttp server that feeds shardgate's events to ``on_event`` (see the module)."""
 
     def __init__(
@@ -123,22 +182,15 @@ class EventHandlerServer:
         problem = secret_problem(secret)
         if problem is not None:  # the gateway refuses such an event_handler_secret too
             raise ValueError(f"the secret {problem}")
-        self._on_event = on_event
+        super().__init__(on_event, retry_on_error=retry_on_error, dedupe_size=dedupe_size)
         self._secret = secret.encode()
         self.host = host
         self.port = port
-        self.retry_on_error = retry_on_error
         self.max_message_size = max_message_size
-        self._dedupe_size = dedupe_size
-        self._done: OrderedDict[str, None] = OrderedDict()
         self._running: dict[str, asyncio.Future[bool]] = {}
         self._runner: web.BaseRunner | None = None
         self._sockets: set[web.WebSocketResponse] = set()
         self._tasks: set[asyncio.Task[None]] = set()
-        self.received = 0
-        self.handled = 0
-        self.duplicates = 0
-        self.errors = 0
         self.unauthorized = 0
 
     def __repr__(self) -> str:
@@ -196,13 +248,7 @@ class EventHandlerServer:
         await asyncio.Event().wait()
 
     def stats(self) -> dict[str, int]:
-        return {
-            "received": self.received,
-            "handled": self.handled,
-            "duplicates": self.duplicates,
-            "errors": self.errors,
-            "unauthorized": self.unauthorized,
-        }
+        return {**super().stats(), "unauthorized": self.unauthorized}
 
     # -- requests ------------------------------------------------------------------------
 
@@ -317,22 +363,9 @@ class EventHandlerServer:
         finally:
             del self._running[event_id]
             if ok:
-                done = self._done
-                done[event_id] = None
-                if len(done) > self._dedupe_size:
-                    done.popitem(last=False)
+                self._remember(event_id)
             future.set_result(ok)
         return ok
-
-    async def _call(self, shard_id: int, data: dict[str, Any], event_id: str) -> bool:
-        try:
-            await self._on_event(shard_id, data, event_id)
-        except Exception:
-            self.errors += 1
-            log.exception("on_event failed for event %s of shard %d", event_id or "?", shard_id)
-            return not self.retry_on_error
-        self.handled += 1
-        return True
 
 
 def __getattr__(name: str) -> type[RedisStreamConsumer]:
@@ -379,6 +412,16 @@ def _load_callback(spec: str) -> EventCallback:
     return callback  # type: ignore[no-any-return]
 
 
+def _callback_or_exit(parser: argparse.ArgumentParser, spec: str | None) -> EventCallback:
+    """``--callback``'s function (or one that logs each event); exit 2 with one line if
+    it names nothing usable."""
+    try:
+        return _load_callback(spec) if spec else _log_event
+    except _CallbackError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m shardgate.handler``: run a handler until interrupted."""
     parser = argparse.ArgumentParser(
@@ -413,22 +456,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     if problem is not None:
         raise SystemExit(f"{SECRET_ENV} {problem}")
     setup_logging(secrets=[secret])
-    try:
-        callback = _load_callback(args.callback) if args.callback else _log_event
-    except _CallbackError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    callback = _callback_or_exit(parser, args.callback)
 
-    async def run() -> None:
+    async def serve(stop: asyncio.Event) -> None:
         async with EventHandlerServer(
             callback, secret, host=args.host, port=args.port, retry_on_error=args.retry_on_error
         ) as server:
-            await server.serve_forever()
+            await _until(stop, server.serve_forever())
 
-    try:
-        uvloop.run(run())
-    except KeyboardInterrupt:
-        sys.exit(0)
+    _run_until_stopped(serve)
 
 
 def _consume(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -438,22 +474,83 @@ def _consume(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     from shardgate.log import url_password  # noqa: PLC0415
 
     setup_logging(secrets=[p for p in (url_password(args.redis),) if p])
-    try:
-        callback = _load_callback(args.callback) if args.callback else _log_event
-    except _CallbackError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    callback = _callback_or_exit(parser, args.callback)
 
-    async def run() -> None:
+    async def serve(stop: asyncio.Event) -> None:
         async with RedisStreamConsumer(
             callback, args.redis, prefix=args.prefix, group=args.group
         ) as consumer:
-            await consumer.serve_forever()
+            await _until(stop, consumer.serve_forever())
+
+    _run_until_stopped(serve)
+
+
+FORCED_EXIT: Final = 130
+"""Exit status after a second SIGINT/SIGTERM cut the shutdown short (128 + SIGINT)."""
+
+
+def _run_until_stopped(serve: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run ``serve(stop)`` on uvloop; SIGINT or SIGTERM sets ``stop``, a second one cancels.
+
+    The signals are the loop's (``add_signal_handler``), not asyncio.Runner's SIGINT
+    handler, which cancels the main task: a cancellation reaches whatever the task awaits
+    (a callback, a Redis command) and every library on the way must pass it on. Here
+    ``serve`` leaves its ``async with`` normally, and the server or consumer stops as its
+    ``stop()`` says (a consumer finishes the batch in hand, acknowledges it and gives up
+    its leases). A signal that came during start-up (noted by the module's head) stops it
+    before anything connects. Exit status 0, or :data:`FORCED_EXIT` after a second signal.
+    """
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        main_task = asyncio.current_task()
+        assert main_task is not None
+
+        def on_signal(signum: int) -> None:
+            if stop.is_set():
+                log.warning("%s again: stopping without waiting", signal.Signals(signum).name)
+                main_task.cancel()
+            else:
+                log.info("%s: stopping", signal.Signals(signum).name)
+                stop.set()
+
+        # One ignored at start stays ignored (see the module's head).
+        watched = [
+            sig for sig in (signal.SIGINT, signal.SIGTERM)
+            if signal.getsignal(sig) != signal.SIG_IGN
+        ]  # fmt: skip
+        for sig in watched:
+            loop.add_signal_handler(sig, on_signal, sig)
+        try:
+            if _early_stop:
+                log.info("%s during start-up: stopping", signal.Signals(_early_stop[0]).name)
+                return
+            await serve(stop)
+        finally:
+            for sig in watched:
+                loop.remove_signal_handler(sig)
 
     try:
         uvloop.run(run())
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # main() called in-process: asyncio.Runner's SIGINT handler
         sys.exit(0)
+    except asyncio.CancelledError:  # the second signal
+        sys.exit(FORCED_EXIT)
+
+
+async def _until(stop: asyncio.Event, serving: Awaitable[None]) -> None:
+    """Await ``serving`` until ``stop`` is set (then cancel it); its error is raised."""
+    serve_task = asyncio.ensure_future(serving)
+    stop_task = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({serve_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (serve_task, stop_task):
+            task.cancel()
+        await asyncio.gather(serve_task, stop_task, return_exceptions=True)
+    if not serve_task.cancelled():
+        serve_task.result()  # its error, if it failed
 
 
 if __name__ == "__main__":

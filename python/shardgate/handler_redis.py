@@ -60,14 +60,13 @@ import os
 import socket
 import time
 import uuid
-from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
 from shardgate.envelope import parse_event_id
 from shardgate.forward_redis import connect
-from shardgate.handler import EventCallback, _BadEvent, _split_body
+from shardgate.handler import EventCallback, _BadEvent, _EventSink, _split_body
 from shardgate.queue import GapRecord
 from shardgate.redis_keys import (
     GAP_FIELD_PREFIX,
@@ -116,6 +115,13 @@ return n
 """
 
 
+STOP_GRACE_S: Final = 30.0
+"""How long :meth:`RedisStreamConsumer.stop` lets a batch being handled finish (its
+callbacks run; the leases are renewed meanwhile) before it cancels it."""
+STOP_CANCEL_S: Final = 5.0
+"""How long stop() waits for a cancelled loop to end before it gives up on it."""
+
+
 class _Held:
     """A stream this consumer holds the lease of."""
 
@@ -132,7 +138,7 @@ class _Held:
         self.shard_id = int(tail) if tail.isdigit() else -1
 
 
-class RedisStreamConsumer:
+class RedisStreamConsumer(_EventSink):
     """Reads the gateway's shard streams as one member of a consumer group (see module)."""
 
     def __init__(
@@ -155,7 +161,7 @@ class RedisStreamConsumer:
             raise ValueError("count, block_s and lease_s must be > 0, retry_delay_s >= 0")
         if block_s >= lease_s / 3:
             raise ValueError("block_s must be below lease_s / 3 (a read must not outlast it)")
-        self._on_event = on_event
+        super().__init__(on_event, retry_on_error=retry_on_error, dedupe_size=dedupe_size)
         self.url = url
         self.prefix = prefix
         self.group = group
@@ -164,10 +170,7 @@ class RedisStreamConsumer:
         self.block_s = block_s
         self.lease_s = lease_s
         self.claim_idle_s = lease_s if claim_idle_s is None else claim_idle_s
-        self.retry_on_error = retry_on_error
         self.retry_delay_s = retry_delay_s
-        self._dedupe_size = dedupe_size
-        self._done: OrderedDict[str, None] = OrderedDict()
         # Blocking reads hold a connection; socket timeouts sit well above block_s.
         self._redis: Redis = connect(url, timeout=max(10.0, 4 * block_s))
         self._heartbeat = self._redis.register_script(HEARTBEAT_SCRIPT)
@@ -176,12 +179,11 @@ class RedisStreamConsumer:
         self._groups_made: set[bytes] = set()
         self._live = 1
         self._stopping = False
+        # True while the reader waits (a blocking XREADGROUP, a sleep) with nothing in hand:
+        # stop() cancels such a wait instead of sitting it out.
+        self._waiting = False
         self._tasks: list[asyncio.Task[None]] = []
         self._failing_since: float | None = None
-        self.received = 0
-        self.handled = 0
-        self.duplicates = 0
-        self.errors = 0
         self.gaps = 0
         self.claimed = 0
         self.acquired = 0
@@ -200,23 +202,38 @@ class RedisStreamConsumer:
             asyncio.create_task(self._keep_leases(), name=f"shardgate-leases-{self.name}"),
             asyncio.create_task(self._read_loop(), name=f"shardgate-consumer-{self.name}"),
         ]
+        log.info(
+            "consumer %s started (group %s, prefix %s)", self.name, self.group, self.prefix
+        )
 
     async def stop(self) -> None:
         """Finish the batch being handled (and acknowledge it), then give up every lease
-        so other consumers take the streams over at once."""
+        so other consumers take the streams over at once.
+
+        A reader waiting for new entries is cancelled at once (what the cancelled read was
+        about to deliver stays pending and is delivered again); one handling a batch gets
+        :data:`STOP_GRACE_S`. Every wait here is bounded: a loop that does not end when
+        cancelled is left behind with a warning, so stop() returns whatever the loops do.
+        """
         self._stopping = True
         tasks, self._tasks = self._tasks, []
         if tasks:
             reader = tasks[1]
-            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                # The reader checks _stopping between batches; a blocked read ends
-                # within block_s.
-                await asyncio.wait_for(asyncio.shield(reader), self.block_s + 30.0)
+            if self._waiting:
+                reader.cancel()
+            # The reader checks _stopping after each batch and does not block once set; the
+            # lease task keeps renewing meanwhile, so a slow callback keeps its streams.
+            await asyncio.wait([reader], timeout=STOP_GRACE_S)
             for task in tasks:
                 task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            done, stuck = await asyncio.wait(tasks, timeout=STOP_CANCEL_S)
+            for task in done:  # a loop's failure was serve_forever's to raise
+                if not task.cancelled() and task.exception() is not None:
+                    log.debug("consumer loop %s had failed: %r", task.get_name(),
+                              task.exception())  # fmt: skip
+            for task in stuck:
+                log.warning("consumer loop %s did not end when cancelled; leaving it",
+                            task.get_name())  # fmt: skip
         with contextlib.suppress(Exception):  # Redis may be down: the leases then expire
             await self._release_all()
             await self._redis.zrem(consumers_key(self.prefix, self.group), self.name)
@@ -230,10 +247,18 @@ class RedisStreamConsumer:
         await self.stop()
 
     async def serve_forever(self) -> None:
-        """Wait until cancelled or a loop fails (its error is raised)."""
+        """Wait until :meth:`stop` ends the loops or one fails (its error is raised).
+
+        Cancelling this wait does not stop the loops (leaving ``async with`` or stop()
+        does): a cancellation passed on to them would cut the batch in hand short, which
+        stop() lets finish and acknowledges.
+        """
         if not self._tasks:
             await self.start()
-        await asyncio.gather(*self._tasks)
+        done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                task.result()  # raises it
 
     def held(self) -> list[int]:
         """Shard ids of the streams this consumer holds now."""
@@ -241,10 +266,7 @@ class RedisStreamConsumer:
 
     def stats(self) -> dict[str, int]:
         return {
-            "received": self.received,
-            "handled": self.handled,
-            "duplicates": self.duplicates,
-            "errors": self.errors,
+            **super().stats(),
             "gaps": self.gaps,
             "claimed": self.claimed,
             "acquired": self.acquired,
@@ -372,14 +394,24 @@ class RedisStreamConsumer:
                     h.catching_up = True
                 self._groups_made.clear()
                 next_rebalance = 0.0
-                await asyncio.sleep(backoff)
+                await self._idle(backoff)
                 backoff = min(2.0, backoff * 2)
+
+    async def _idle(self, seconds: float) -> None:
+        """Sleep with nothing in hand (stop() may cancel it); not at all once stopping."""
+        if self._stopping:
+            return
+        self._waiting = True
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            self._waiting = False
 
     async def _step(self) -> None:
         """One round: catch up where needed, read new entries, handle them per stream."""
         held = [h for h in self._held.values() if not h.lost]
         if not held:
-            await asyncio.sleep(self.block_s)
+            await self._idle(self.block_s)
             return
         for h in held:
             await self._make_group(h.key)
@@ -392,11 +424,11 @@ class RedisStreamConsumer:
                     batches.append((h, *caught))
         fresh = [h for h in held if not h.catching_up]
         if fresh:
-            # Block only when nothing else is waiting to be handled.
-            batches += await self._read_new(fresh, block=not batches)
+            # Block only when nothing else is waiting to be handled, and not once stopping.
+            batches += await self._read_new(fresh, block=not batches and not self._stopping)
         elif not batches:
             waits = [h.retry_at - now for h in held if h.retry_at > now]
-            await asyncio.sleep(min([self.block_s, *waits]))
+            await self._idle(min([self.block_s, *waits]))
             return
         if not batches:
             return
@@ -453,7 +485,11 @@ class RedisStreamConsumer:
         # (the gateway only extends unread ones), so this is its final count.
         for h in fresh:
             pipe.hgetall(gaps_key(h.key.decode()))
-        reply, *gap_maps = await pipe.execute()
+        self._waiting = block
+        try:
+            reply, *gap_maps = await pipe.execute()
+        finally:
+            self._waiting = False
         by_key = {h.key: (h, gaps) for h, gaps in zip(fresh, gap_maps, strict=True)}
         batches = []
         for key, entries in reply or []:
@@ -520,18 +556,8 @@ class RedisStreamConsumer:
         if event_id and event_id in self._done:
             self.duplicates += 1
             return True
-        try:
-            await self._on_event(shard_id, data, event_id)
-        except Exception:
-            self.errors += 1
-            log.exception("on_event failed for event %s of shard %d", event_id or "?", shard_id)
-            if self.retry_on_error:
-                return False
-        else:
-            self.handled += 1
+        if not await self._call(shard_id, data, event_id):
+            return False
         if event_id:
-            done = self._done
-            done[event_id] = None
-            if len(done) > self._dedupe_size:
-                done.popitem(last=False)
+            self._remember(event_id)
         return True

@@ -167,6 +167,21 @@ def parse_record(
     return StoredSession(shard_id, shard_count, session, float(saved_at))
 
 
+def parse_records(records: Iterable[tuple[object, int, int, str]]) -> StoredSessions:
+    """Each ``(raw record, shard id, shard count, where)`` through :func:`parse_record`:
+    the usable ones, and how many were not. Both backends load through it, so what counts
+    as a usable entry and what is skipped (and logged) is decided once."""
+    entries: list[StoredSession] = []
+    skipped = 0
+    for raw, shard_id, shard_count, where in records:
+        entry = parse_record(raw, shard_id, shard_count, where)
+        if entry is None:
+            skipped += 1
+        else:
+            entries.append(entry)
+    return StoredSessions(tuple(entries), skipped)
+
+
 # ---------------------------------------------------------------------- file backend
 
 
@@ -258,16 +273,10 @@ class FileSessionStore:
             )  # fmt: skip
             return StoredSessions(skipped=1)
         shard_count: int = doc["shard_count"]
-        entries: list[StoredSession] = []
-        skipped = 0
-        for key, raw in doc["sessions"].items():
-            shard_id = int(key) if isinstance(key, str) and key.isdigit() else -1
-            entry = parse_record(raw, shard_id, shard_count, where)
-            if entry is None:
-                skipped += 1
-            else:
-                entries.append(entry)
-        return StoredSessions(tuple(entries), skipped)
+        return parse_records(
+            (raw, int(key) if isinstance(key, str) and key.isdigit() else -1, shard_count, where)
+            for key, raw in doc["sessions"].items()
+        )
 
     async def save(
         self, shard_count: int, shard_ids: Iterable[int], sessions: Mapping[int, Session]

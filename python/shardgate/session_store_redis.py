@@ -24,9 +24,8 @@ from shardgate.errors import SessionStoreError
 from shardgate.log import redact_url
 from shardgate.session import Session
 from shardgate.session_store import (
-    StoredSession,
     StoredSessions,
-    parse_record,
+    parse_records,
     session_record,
 )
 
@@ -94,21 +93,9 @@ class RedisSessionStore:
             raw = await self._redis().hgetall(self.key)
         except (RedisError, OSError) as exc:
             raise SessionStoreError(f"session store {self.location}: {exc}") from None
-        entries: list[StoredSession] = []
-        skipped = 0
-        for field_raw, value in raw.items():
-            field = (
-                field_raw.decode("utf-8", "replace")
-                if isinstance(field_raw, bytes)
-                else field_raw
-            )
-            self._fields.add(field)
-            entry = _parse_field(field, value, self.location)
-            if entry is None:
-                skipped += 1
-            else:
-                entries.append(entry)
-        return StoredSessions(tuple(entries), skipped)
+        fields = [(_field_name(field_raw), value) for field_raw, value in raw.items()]
+        self._fields.update(field for field, _ in fields)
+        return parse_records(_field_record(field, value, self.location) for field, value in fields)
 
     async def save(
         self, shard_count: int, shard_ids: Iterable[int], sessions: Mapping[int, Session]
@@ -141,11 +128,7 @@ class RedisSessionStore:
             raise SessionStoreError(f"session store {self.location}: {exc}") from None
         found: dict[tuple[int, int], bytes] = {}
         for field_raw, value in raw.items():
-            field = (
-                field_raw.decode("utf-8", "replace")
-                if isinstance(field_raw, bytes)
-                else field_raw
-            )
+            field = _field_name(field_raw)
             self._guild_fields.add(field)
             count, sep, shard = field.partition(":")
             if sep and count.isdigit() and shard.isdigit() and isinstance(value, bytes):
@@ -188,13 +171,20 @@ def _shard_of_field(field: str) -> int | None:
     return int(shard) if shard.isdigit() else None
 
 
-def _parse_field(field: str, value: bytes | str, where: str) -> StoredSession | None:
+def _field_name(field: bytes | str) -> str:
+    return field.decode("utf-8", "replace") if isinstance(field, bytes) else field
+
+
+def _field_record(field: str, value: bytes | str, where: str) -> tuple[object, int, int, str]:
+    """A hash field and its value as :func:`~shardgate.session_store.parse_records` takes
+    them: (the record, or None when it is not JSON; shard id; shard count; where). A field
+    that is not ``"<count>:<shard>"`` comes out as one parse_record skips, naming it."""
     count, sep, shard = field.partition(":")
-    record: Any = None
     if sep and count.isdigit() and shard.isdigit() and int(count) >= 1:
+        record: Any = None
         try:
             record = orjson.loads(value)
         except orjson.JSONDecodeError:
             record = None
-        return parse_record(record, int(shard), int(count), where)
-    return parse_record(None, -1, 1, f"{where} (field {field[:60]!r})")
+        return record, int(shard), int(count), where
+    return None, -1, 1, f"{where} (field {field[:60]!r})"

@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from harness import spawn_interruptible
 
 from shardgate.forward import Delivery, HttpForwarder
 from shardgate.forward_ws import WebsocketForwarder
@@ -207,24 +208,6 @@ async def test_websocket_duplicate_batch_is_acknowledged_not_rehandled():
         assert message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
         await ws.close()
     assert calls.ids() == ["0:s:1", "0:s:2"]
-
-
-def spawn_interruptible(args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-    """Popen whose child starts with SIGINT at its default, whatever this process inherited.
-
-    A shell runs a background job (``pytest &``, e.g. two suites side by side) with SIGINT
-    ignored, and an ignored signal stays ignored across exec: the child would never see
-    the SIGINT that is meant to stop it. A handled signal is reset to the default at exec,
-    so handle it here while the child is spawned.
-    """
-    inherited = signal.getsignal(signal.SIGINT)
-    if inherited == signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        return subprocess.Popen(args, **kwargs)
-    finally:
-        if inherited == signal.SIG_IGN:
-            signal.signal(signal.SIGINT, inherited)
 
 
 def test_standalone_module_runs_and_refuses_without_secret():

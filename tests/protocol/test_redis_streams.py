@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 import pytest
-from harness import gateway_config, wait_until
+from harness import ChildOutput, gateway_config, spawn_interruptible, wait_until
 
 from shardgate.errors import RetryableError
 from shardgate.forward import Delivery
@@ -459,22 +459,136 @@ async def acknowledged(url: str, stream: str) -> None:
         await client.aclose()
 
 
-def test_standalone_module_consumes_the_streams(redis_server: RedisServer):
+def standalone_consumer(url: str, *extra: str, **env_extra: str) -> ChildOutput:
+    """``python -m shardgate.handler --redis url``, its output read from the start."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDGATE_")}
+    env.update(env_extra)
+    proc = spawn_interruptible(
+        [sys.executable, "-m", "shardgate.handler", "--redis", url, "--prefix", PREFIX, *extra],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    return ChildOutput(proc)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_standalone_module_consumes_the_streams(redis_server: RedisServer, signum: int):
     async def write() -> None:
         forwarder = RedisStreamsForwarder(redis_server.url, prefix=PREFIX, max_len=100)
         await forwarder.send(5, [OutEvent("5:s:42", body(5, 42))])
         await forwarder.close()
 
+    async def leases_left() -> list[bytes]:
+        client = connect(redis_server.url)
+        try:
+            return [k async for k in client.scan_iter(f"{PREFIX}:*:owner:*")]
+        finally:
+            await client.aclose()
+
     asyncio.run(write())
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDGATE_")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "shardgate.handler", "--redis", redis_server.url,
-         "--prefix", PREFIX],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    output = standalone_consumer(redis_server.url)
     try:
+        # Generous: a busy 2-core machine takes seconds to import; the signal handlers are
+        # in place before this line.
+        output.wait_for(b" started (group ", timeout=60)
         asyncio.run(acknowledged(redis_server.url, f"{PREFIX}:5"))
     finally:
-        proc.send_signal(signal.SIGINT)
-        output, _ = proc.communicate(timeout=30)
-    assert b"shard 5: MESSAGE_CREATE (seq 42, id 5:s:42)" in output
+        status = output.stop(signum, timeout=45)
+    assert status == 0, output.data
+    assert b"shard 5: MESSAGE_CREATE (seq 42, id 5:s:42)" in output.data
+    assert b"Traceback" not in output.data
+    assert asyncio.run(leases_left()) == []  # given up at once, not left to expire
+
+
+def test_standalone_consumer_stopped_during_start_up_exits_at_once(
+    redis_server: RedisServer, tmp_path: Any
+):
+    # The bot's callback module is imported before the loop runs; a SIGINT meanwhile must
+    # neither raise inside that import nor be lost: the process stops before connecting.
+    (tmp_path / "slow_bot.py").write_text(
+        "import sys, time\n"
+        "print('slow_bot importing', flush=True)\n"
+        "time.sleep(3)\n"
+        "async def on_event(shard_id, data, event_id):\n"
+        "    pass\n"
+    )
+    pythonpath = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    output = standalone_consumer(
+        redis_server.url, "--callback", "slow_bot:on_event", PYTHONPATH=pythonpath
+    )
+    output.wait_for(b"slow_bot importing", timeout=60)
+    status = output.stop(signal.SIGINT, timeout=45)
+    assert status == 0, output.data
+    assert b"SIGINT during start-up: stopping" in output.data
+    assert b"Traceback" not in output.data
+    assert b" started (group " not in output.data
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_standalone_consumer_finishes_the_batch_unless_signalled_twice(
+    redis_server: RedisServer, tmp_path: Any, signals: int
+):
+    # One SIGINT: the callback in progress finishes and its event is acknowledged. A second
+    # one: stop without waiting for it (exit 130); the event stays pending for the next.
+    (tmp_path / "slow_cb.py").write_text(
+        "import asyncio\n"
+        "async def on_event(shard_id, data, event_id):\n"
+        "    print('callback begins', flush=True)\n"
+        "    await asyncio.sleep(4)\n"
+        "    print('callback done', flush=True)\n"
+    )
+
+    async def write() -> None:
+        forwarder = RedisStreamsForwarder(redis_server.url, prefix=PREFIX, max_len=100)
+        await forwarder.send(5, [OutEvent("5:s:42", body(5, 42))])
+        await forwarder.close()
+
+    async def pending() -> int:
+        client = connect(redis_server.url)
+        try:
+            groups = await client.xinfo_groups(f"{PREFIX}:5")
+            return int(groups[0]["pending"])
+        finally:
+            await client.aclose()
+
+    asyncio.run(write())
+    pythonpath = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    output = standalone_consumer(
+        redis_server.url, "--callback", "slow_cb:on_event", PYTHONPATH=pythonpath
+    )
+    try:
+        output.wait_for(b"callback begins", timeout=60)
+        if signals == 2:
+            output.send(signal.SIGINT)
+            output.wait_for(b"SIGINT: stopping", timeout=30)
+    finally:
+        status = output.stop(signal.SIGINT, timeout=45)
+    if signals == 1:
+        assert status == 0, output.data
+        assert b"callback done" in output.data
+        assert asyncio.run(pending()) == 0
+    else:
+        assert status == 130, output.data
+        assert b"callback done" not in output.data
+        assert asyncio.run(pending()) == 1
+    assert b"Traceback" not in output.data
+
+
+async def test_stop_does_not_sit_out_a_blocking_read(redis_server: RedisServer):
+    # A consumer waiting on XREADGROUP BLOCK for new entries has nothing in hand: stop()
+    # cancels that read instead of waiting up to block_s for it.
+    forwarder = RedisStreamsForwarder(redis_server.url, prefix=PREFIX, max_len=100)
+    await forwarder.send(0, [event(0, 1)])
+    await forwarder.close()
+    bot = Bot()
+    consumer = RedisStreamConsumer(
+        bot.callback("a"), redis_server.url, prefix=PREFIX, lease_s=60.0, block_s=15.0
+    )
+    await consumer.start()
+    try:
+        await wait_until(lambda: bot.total() == 1, timeout=60)
+        await asyncio.sleep(1.0)  # now in a read that blocks for 15 s
+    finally:
+        started = asyncio.get_running_loop().time()
+        await consumer.stop()
+    assert asyncio.get_running_loop().time() - started < 7.5
+    assert consumer.released == 1

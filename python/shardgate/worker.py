@@ -13,7 +13,10 @@ are. Its pieces are wired to the main process:
 - the identify gate is :class:`RemoteGate`: every permit is asked from the main process,
   which keeps the buckets and the daily budget for all workers;
 - the sink is a :class:`~shardgate.ipc.BatchWriter`: events leave as bytes in batches,
-  each batch ending with the resume point (session and seq) of the shards it covers;
+  each batch ending with the resume point (session and seq) of the shards it covers; with
+  ``worker_delivery = "direct"`` it is this worker's own outbox, delivered from here
+  (:mod:`shardgate.worker_delivery`), and the resume points are the acknowledged seqs;
+- the shards stop reading their sockets while the pipe to the main process is full;
 - the guild cache reports every change (:class:`ReportingCache`), so the main process
   keeps an exact mirror for status and for a replacement worker;
 - shards are started when the main process says so (its spawner decides the identify

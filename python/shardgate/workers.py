@@ -41,6 +41,12 @@ the main process knows a session started that it cannot resume: the shard identi
 again and the bot gets a ``SHARDGATE_GAP`` with ``reason: "session_lost"`` (what Discord
 sent that session is gone), counted as ``workers.lost_sessions``.
 
+Direct delivery (``worker_delivery = "direct"``, :mod:`shardgate.worker_delivery`): each
+worker keeps its own outbox and delivers its shards' events itself; the main process then
+does nothing per event, and the resume points it keeps are the seqs the bot acknowledged
+(a crash costs Discord's replay, not the queue). A reshard switches the workers to the
+path above for its handover and back after it.
+
 Resharding: every group has its own pool (``WorkerShardGroup.pool``), planned by the same
 keys for its shard count, so during a reshard both sets of workers run side by side and
 the old set stops with the old group. While the handover runs, the main process scans the

@@ -101,10 +101,12 @@ class ChildOutput:
     def send(self, signum: int) -> None:
         self._proc.send_signal(signum)
 
-    def stop(self, signum: int, timeout: float) -> int:
-        """Send ``signum`` and wait for the exit; a child still running after ``timeout``
-        is killed (by its PID) and the test fails with its output. Returns the status."""
-        self._proc.send_signal(signum)
+    def stop(self, signum: int | None, timeout: float) -> int:
+        """Send ``signum`` (None: nothing, it was sent) and wait for the exit; a child
+        still running after ``timeout`` is killed (by its PID) and the test fails with its
+        output. Returns the status."""
+        if signum is not None:
+            self._proc.send_signal(signum)
         try:
             status = self._proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -112,7 +114,9 @@ class ChildOutput:
             self._proc.wait()
             self._thread.join(10)
             raise AssertionError(
-                f"not ended {timeout} s after {signal.Signals(signum).name}: {self.data!r}"
+                f"not ended {timeout} s after "
+                f"{'the signal' if signum is None else signal.Signals(signum).name}: "
+                f"{self.data!r}"
             ) from None
         self._thread.join(10)
         return status

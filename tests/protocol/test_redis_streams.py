@@ -529,11 +529,17 @@ def test_standalone_consumer_finishes_the_batch_unless_signalled_twice(
 ):
     # One SIGINT: the callback in progress finishes and its event is acknowledged. A second
     # one: stop without waiting for it (exit 130); the event stays pending for the next.
+    # The callback runs until the test lets it end (a file), not for a fixed time: on a
+    # busy machine a few seconds can pass between its start and the signals.
+    release = tmp_path / "release"
     (tmp_path / "slow_cb.py").write_text(
-        "import asyncio\n"
+        "import asyncio, os\n"
         "async def on_event(shard_id, data, event_id):\n"
         "    print('callback begins', flush=True)\n"
-        "    await asyncio.sleep(4)\n"
+        "    for _ in range(1200):\n"
+        f"        if os.path.exists({str(release)!r}):\n"
+        "            break\n"
+        "        await asyncio.sleep(0.05)\n"
         "    print('callback done', flush=True)\n"
     )
 
@@ -557,11 +563,12 @@ def test_standalone_consumer_finishes_the_batch_unless_signalled_twice(
     )
     try:
         output.wait_for(b"callback begins", timeout=60)
-        if signals == 2:
-            output.send(signal.SIGINT)
-            output.wait_for(b"SIGINT: stopping", timeout=30)
+        output.send(signal.SIGINT)
+        output.wait_for(b"SIGINT: stopping", timeout=30)
+        if signals == 1:
+            release.touch()  # the callback in hand may end now
     finally:
-        status = output.stop(signal.SIGINT, timeout=45)
+        status = output.stop(signal.SIGINT if signals == 2 else None, timeout=45)
     if signals == 1:
         assert status == 0, output.data
         assert b"callback done" in output.data

@@ -751,7 +751,7 @@ class WorkerPool:
 
     def direct_totals(self) -> dict[str, dict[str, int]]:
         """Direct delivery: queue and delivery counters of every worker, summed (those of
-        ended processes included); empty otherwise."""
+        ended processes and handed-over queues included); empty if none ever delivered."""
         totals = {section: dict(values) for section, values in self._ended_direct.items()}
         for handle in self.handles:
             for section, counters in (handle.direct or {}).items():

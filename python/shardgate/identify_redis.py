@@ -8,7 +8,11 @@ because every decision is one Lua script run atomically by Redis, on Redis's clo
 - **Spacing.** A grant sets ``bucket:<n>:last`` with ``PX`` = window + margin; while it
   exists, nobody is granted that bucket. The permit is its own lease: a process that dies
   holding one costs the bucket nothing beyond that window, and there is nothing to renew
-  (Discord's rule is about when IDENTIFYs are sent, not about how long they take).
+  (Discord's rule is about when IDENTIFYs are sent, not about how long they take). The
+  shard says when its IDENTIFY went out (``sent``): the key then lasts one window from
+  that moment, never less than before, so a grant that reached its shard late does not
+  shorten the spacing. A permit whose IDENTIFY another process sends (a worker) keeps the
+  bucket closed until that process has said so (``hold``, at most :data:`HOLD_MS`).
 - **First come, first served.** A waiter takes a ticket: its place in ``bucket:<n>:queue``
   (a sorted set scored by a global counter), granted only at the head. Each ticket has a
   lease in ``bucket:<n>:leases`` (expiry time, ``lease_s``, 10 s by default) that the
@@ -70,6 +74,7 @@ import random
 import secrets
 import socket
 import time
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Final
 
 from shardgate.identify import PermitLedger, default_margin_s
@@ -90,6 +95,9 @@ BACKOFF_MIN_S: Final = 0.1
 BACKOFF_MAX_S: Final = 5.0
 MIN_POLL_S: Final = 0.005
 DAY_MS: Final = 86_400_000
+HOLD_MS: Final = 30_000
+"""How long :meth:`RedisIdentifyGate.hold` keeps a bucket closed at most when the process
+sending the IDENTIFY never says it went out (its supervisor kills a silent worker first)."""
 BUDGET_NEW_DAY_SLACK_MS: Final = 60_000
 """Discord's reset this much later than the stored one means a new budget window."""
 
@@ -191,6 +199,40 @@ end
 redis.call('ZREM', KEYS[6], ticket)
 redis.call('ZREM', KEYS[7], ticket)
 return {1, now, remaining, reset_in}
+"""
+
+_SENT_LUA: Final = """
+-- The IDENTIFY of a grant went out ARGV[2] ms ago: its bucket stays closed one window
+-- (ARGV[1] ms, margin included) from then. ARGV[3] is the grant's time: a key that still
+-- holds that grant is set to exactly that (hold() may have closed it longer); any other
+-- key is only ever lengthened, so this never shortens somebody else's window.
+pcall(redis.replicate_commands)
+local want = tonumber(ARGV[1]) - tonumber(ARGV[2])
+local ours = redis.call('GET', KEYS[1]) == ARGV[3]
+if ours then
+  if want > 0 then redis.call('PEXPIRE', KEYS[1], want) else redis.call('DEL', KEYS[1]) end
+  return 1
+end
+if want <= 0 then return 0 end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl == -2 then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('SET', KEYS[1], now, 'PX', want)
+elseif ttl >= 0 and ttl < want then
+  redis.call('PEXPIRE', KEYS[1], want)
+end
+return 1
+"""
+
+_HOLD_LUA: Final = """
+-- A grant whose IDENTIFY another process sends: its bucket stays closed (ARGV[2] ms) until
+-- that process says when it went out (_SENT_LUA), if the key still holds that grant.
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
 """
 
 _BUDGET_LUA: Final = """
@@ -303,6 +345,7 @@ class RedisIdentifyGate(PermitLedger):
         "_forgets",
         "_gate_id",
         "_lease_ms",
+        "_marks",
         "_max_concurrency",
         "_poll_script",
         "_remaining",
@@ -358,6 +401,7 @@ class RedisIdentifyGate(PermitLedger):
             self._budget_pending = (remaining, reset_after_s, self._total)
         super().__init__()
         self._forgets: set[asyncio.Task[None]] = set()
+        self._marks = asyncio.Lock()  # hold and sent reach Redis in the order they happen
         self._down_since: float | None = None
         self._down_logged_at = 0.0
         self._down_failures = 0
@@ -548,9 +592,51 @@ class RedisIdentifyGate(PermitLedger):
                     await client.zrem(self.keys.queue(bucket), ticket)
                     await client.zrem(self.keys.leases(bucket), ticket)
 
-        task = asyncio.get_running_loop().create_task(forget())
+        self._background(forget())
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._forgets.add(task)
         task.add_done_callback(self._forgets.discard)
+
+    def sent(self, shard_id: int, ago_s: float = 0.0) -> None:
+        """The IDENTIFY of ``shard_id``'s permit went out ``ago_s`` seconds ago: its bucket
+        stays closed one window from then, for every process (as the local gate's
+        ``sent``). Best effort: with Redis unreachable the window runs from the grant."""
+        ago_ms = math.ceil(max(0.0, ago_s) * 1000)
+        self._mark(shard_id, _SENT_LUA, lambda at_ms: [self._window_ms, ago_ms, at_ms])
+
+    def hold(self, shard_id: int) -> Callable[[float], None]:
+        """The permit just granted to ``shard_id`` is sent by another process (a worker):
+        its bucket stays closed (at most :data:`HOLD_MS`) until the returned ``sent(ago_s)``
+        is called, which starts the window then (as the local gate's ``hold``)."""
+        self._mark(shard_id, _HOLD_LUA, lambda at_ms: [at_ms, HOLD_MS])
+        done = False
+
+        def sent(ago_s: float) -> None:
+            nonlocal done
+            if not done:
+                done = True
+                self.sent(shard_id, ago_s)
+
+        return sent
+
+    def _mark(self, shard_id: int, script: str, args: Callable[[int], list[int]]) -> None:
+        """Run ``script`` on the bucket's grant key, with ``args(time of the grant)``."""
+        at_ms = self.granted_at_ms.get(shard_id)
+        client = self._client
+        if at_ms is None or client is None:
+            return
+        key = self.keys.last(shard_id % self._max_concurrency)
+        argv = args(at_ms)
+
+        async def mark() -> None:
+            async with self._marks:
+                with contextlib.suppress(*_redis_errors()):
+                    async with asyncio.timeout(5.0):
+                        await client.eval(script, 1, key, *argv)
+
+        self._background(mark())
 
     async def aclose(self) -> None:
         """Give up queued places and close the connections (the manager's stop calls it)."""

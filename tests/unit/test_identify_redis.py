@@ -325,3 +325,46 @@ def test_identify_url_is_checked_and_its_password_never_shown():
     assert load_config(
         env={}, overrides={**base, "identify_url": "unix:///run/redis.sock"}
     ).identify_url == "unix:///run/redis.sock"
+
+
+async def test_hold_and_sent_start_the_window_at_the_identify(
+    redis_server: RedisServer, client: aioredis.Redis
+):
+    """A worker's permit (hold) keeps its bucket closed until the worker says when the
+    IDENTIFY went out; then, and after a plain ``sent``, the window runs from that send,
+    for every process sharing the gate (the local gate's hold/sent, on Redis)."""
+    gate = make_gate(redis_server, window_s=0.3)
+    other = make_gate(redis_server, window_s=0.3)
+    window_ms = gate._window_ms
+    key = gate.keys.last(0)
+
+    async def ttl() -> int:
+        return int(await client.pttl(key))
+
+    try:
+        await gate.acquire(0)
+        sent = gate.hold(0)
+        await wait_for(lambda: _above(ttl, 10 * window_ms))  # held: far past one window
+        await asyncio.sleep(window_ms / 1000 + 0.1)
+        assert await ttl() > window_ms, "still held past its window"
+        sent(0.0)
+        await wait_for(lambda: _within(ttl, 1, window_ms))  # one window from the send
+        sent(0.0)  # a second call changes nothing
+        await asyncio.wait_for(other.acquire(0), 30)  # the bucket opens again after it
+
+        # a plain sent, later than the grant, lengthens the window to one from the send
+        await asyncio.sleep(window_ms / 1000 / 2)
+        before = await ttl()
+        other.sent(0, 0.0)
+        await wait_for(lambda: _above(ttl, before + 50))
+        assert await ttl() <= window_ms
+    finally:
+        await closing(gate, other)
+
+
+async def _above(read, value: int) -> bool:
+    return await read() > value
+
+
+async def _within(read, low: int, high: int) -> bool:
+    return low <= await read() <= high

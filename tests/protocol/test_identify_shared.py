@@ -142,3 +142,45 @@ async def test_a_reshard_identifies_through_the_shared_gate(redis_server: RedisS
             assert fake.identify_violations == 0
         finally:
             await manager.stop(drain_s=2.0)
+
+
+async def test_worker_processes_identify_through_the_shared_gate(redis_server: RedisServer) -> None:
+    """Shards in worker processes ask the main process for permits, which asks Redis; the
+    main process holds each bucket until the worker says its IDENTIFY went out (hold/sent
+    on Redis), so the fake refuses none and sees each bucket's window kept."""
+    import itertools  # noqa: PLC0415
+
+    from harness import gateway_config  # noqa: PLC0415
+
+    from shardgate.identify_redis import RedisIdentifyGate  # noqa: PLC0415
+
+    async def on_event(shard_id: int, data: dict[str, Any], _event_id: str) -> None:
+        pass
+
+    config = FakeDiscordConfig(
+        token=TOKEN, shards=4, guilds=8, max_concurrency=2, identify_window_s=0.3
+    )
+    async with FakeDiscord(config) as fake, EventHandlerServer(on_event, SECRET, port=0) as handler:
+        gateway = gateway_config(
+            fake,
+            handler.port,
+            secret=SECRET,
+            identify_url=redis_server.url,
+            spawn_shard_delay=500,
+            shards_per_cluster=2,
+            max_clusters=2,
+        )
+        manager = GatewayManager(gateway)
+        try:
+            await manager.start()
+            await manager.wait_all_ready(timeout=60)
+            assert manager.workers is not None
+            gate = manager.identify_gate
+            assert isinstance(gate, RedisIdentifyGate)
+            assert gate.granted == 4
+            assert [r.outcome for r in fake.identifies] == ["ready"] * 4
+            for bucket in (0, 1):
+                gaps = [b - a for a, b in itertools.pairwise(fake.identify_times(bucket))]
+                assert all(g >= 0.3 for g in gaps), (bucket, gaps)
+        finally:
+            await manager.stop(drain_s=1.0)

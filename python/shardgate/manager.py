@@ -48,7 +48,7 @@ import math
 import signal
 import time
 from collections.abc import Awaitable, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar
 
 import orjson
 
@@ -73,6 +73,7 @@ from shardgate.shard import RESUME_CLOSE_CODE, Shard, ShardOptions
 from shardgate.workers import (
     WorkerPool,
     WorkerShardGroup,
+    add_counters,
     load_manager_class,
     main_group_class,
 )
@@ -648,15 +649,16 @@ class GatewayManager:
         }
 
 
+_BOUNDS: Final = frozenset(("max_size", "max_bytes"))
+
+
 def _summed(own: dict[str, int], other: dict[str, int] | None) -> dict[str, int]:
-    """``own`` with ``other``'s counters added key by key; the bounds stay ``own``'s (the
-    configured ones, which the workers' shares add up to)."""
+    """``own`` with ``other``'s counters added; the bounds stay ``own``'s (the configured
+    ones, which the workers' shares add up to)."""
     if not other:
         return own
     total = dict(own)
-    for key, value in other.items():
-        if key not in ("max_size", "max_bytes"):
-            total[key] = total.get(key, 0) + value
+    add_counters(total, other, skip=_BOUNDS)
     return total
 
 

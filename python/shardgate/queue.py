@@ -356,6 +356,7 @@ class Outbox:
             q.held = True
 
     def unhold_all(self) -> None:
+        """Unhold every stream, whoever held it (a worker's own outbox: only it holds)."""
         self._hold_new = False
         for stream in list(self._queues):
             self.unhold(stream)

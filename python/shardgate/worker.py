@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Final
 from shardgate._native import EditFilter
 from shardgate.cache import GuildCache, GuildCreateResult
 from shardgate.errors import CommandError, ShardClosed
-from shardgate.group import IdentifyProgress, ShardGroup, ShardSpec, outbox_sink
+from shardgate.group import IdentifyProgress, ShardGroup, ShardSpec, Sink, outbox_sink
 from shardgate.ipc import (
     CACHE_CREATE,
     CACHE_FORGET,
@@ -288,7 +288,12 @@ class Worker:
         group = self.group
         group.set_dispatch_filtered(on)
         if self.direct is None:  # the main process hands direct delivery back first
-            group.sink = self.writer.sink_filtered if on else self.writer.sink
+            group.sink = self._pipe_sink()
+
+    def _pipe_sink(self) -> Sink:
+        """The sink to the main process: with the edit filter's decisions while a
+        reshard's handover wants them."""
+        return self.writer.sink_filtered if self.filtered else self.writer.sink
 
     def deliver_direct(self, settings: Mapping[str, Any], *, announce: bool = True) -> None:
         """Deliver this worker's events from here on (worker_delivery.py). They wait in the
@@ -325,7 +330,7 @@ class Worker:
         for shard_id, event in moved:
             sink(shard_id, event.event_id, event.body, None)
         self.direct = None
-        self.group.sink = self.writer.sink_filtered if self.filtered else sink
+        self.group.sink = self._pipe_sink()
         self.send({"op": "via_main"})
         await direct.delivery.forwarder.close()
 

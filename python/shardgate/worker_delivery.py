@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Final
 
 from shardgate.forward import Delivery, create_forwarder
@@ -72,14 +72,10 @@ class DirectDelivery:
         )
         self.delivery = Delivery(self.outbox, forwarder)
         self.tracker = AckTracker()
-        self.outbox.on_ack = self._on_ack
-        self.held = False
+        self.outbox.on_ack = self.tracker.on_ack
 
     def start(self) -> None:
         self.delivery.start()
-
-    def _on_ack(self, stream: int, done: Sequence[OutEvent]) -> None:
-        self.tracker.on_ack(stream, done)
 
     def seed(self, shard_id: int, session_id: str, seq: int) -> None:
         """A shard starts on a known session, acknowledged up to ``seq`` already (a
@@ -89,11 +85,9 @@ class DirectDelivery:
     def hold(self) -> None:
         """Keep every shard's events queued (not delivered) until :meth:`release`, the
         shards that start later included."""
-        self.held = True
         self.outbox.hold_all()
 
     def release(self) -> None:
-        self.held = False
         self.outbox.unhold_all()
 
     async def hand_over(self) -> list[tuple[int, OutEvent]]:

@@ -110,6 +110,7 @@ __all__ = [
     "DEFAULT_MANAGER",
     "WorkerPool",
     "WorkerShardGroup",
+    "add_counters",
     "class_path",
     "current_worker_id",
     "load_manager_class",
@@ -728,13 +729,10 @@ class WorkerPool:
 
     def _fold(self, handle: WorkerHandle) -> None:
         """A worker's direct delivery ended (its process, or a hand-over): keep its
-        counters in the totals."""
+        counters in the totals (not its gauges: its queue is gone)."""
         direct, handle.direct = handle.direct, None
         for section, counters in (direct or {}).items():
-            totals = self._ended_direct.setdefault(section, {})
-            for key, value in counters.items():
-                if key in _SUMMED:
-                    totals[key] = totals.get(key, 0) + value
+            add_counters(self._ended_direct.setdefault(section, {}), counters, only=_SUMMED)
 
     def _ended(self, handle: WorkerHandle) -> None:
         """Direct delivery: a worker process ended. Keep its counters for the totals; a
@@ -755,15 +753,7 @@ class WorkerPool:
         totals = {section: dict(values) for section, values in self._ended_direct.items()}
         for handle in self.handles:
             for section, counters in (handle.direct or {}).items():
-                total = totals.setdefault(section, {})
-                for key, value in counters.items():
-                    total[key] = total.get(key, 0) + value
-        queue = totals.get("queue")
-        if queue is not None:  # an ended worker's queue is gone: only live ones hold any
-            for key in ("depth", "bytes", "shards"):
-                queue[key] = sum(
-                    (h.direct or {}).get("queue", {}).get(key, 0) for h in self.handles
-                )
+                add_counters(totals.setdefault(section, {}), counters)
         return totals
 
     def _session_lost(self, shard_id: int, handle: WorkerHandle, how: str) -> None:
@@ -1278,6 +1268,20 @@ class WorkerPool:
             "restarts": sum(h.restarts for h in self.handles),
             "processes": [h.snapshot(now) for h in self.handles],
         }
+
+
+def add_counters(
+    total: dict[str, int],
+    counters: Mapping[str, int],
+    *,
+    only: frozenset[str] | None = None,
+    skip: frozenset[str] = frozenset(),
+) -> None:
+    """Add ``counters`` into ``total`` key by key (``only`` these keys, if given; never
+    ``skip``): the workers' queue and delivery counters into one figure."""
+    for key, value in counters.items():
+        if (only is None or key in only) and key not in skip:
+            total[key] = total.get(key, 0) + value
 
 
 def _rss_kib(pid: int) -> int:

@@ -12,12 +12,16 @@ floor is measured by ``benches/bench_identify_shared.py`` (timing is not asserte
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import signal
+from collections.abc import AsyncIterator
 from typing import Any
 
 from test_cli_process import SECRET, TOKEN, gateway_env, spawn
 
 from shardgate.handler import EventHandlerServer
+from shardgate.identify_redis import RedisIdentifyGate
 from shardgate.manager import GatewayManager
 from shardgate.testing.fake_discord import FakeDiscord, FakeDiscordConfig
 from shardgate.testing.redis_server import RedisServer
@@ -84,7 +88,6 @@ async def test_the_manager_picks_the_gate_by_identify_url(redis_server: RedisSer
     from harness import gateway_config  # noqa: PLC0415
 
     from shardgate.identify import LocalIdentifyGate  # noqa: PLC0415
-    from shardgate.identify_redis import RedisIdentifyGate  # noqa: PLC0415
 
     async with FakeDiscord(FakeDiscordConfig(token=TOKEN, shards=2)) as fake:
         bot = await GatewayManager(gateway_config(fake, 9, secret=SECRET)).fetch_gateway_bot()
@@ -100,87 +103,71 @@ async def test_the_manager_picks_the_gate_by_identify_url(redis_server: RedisSer
         await gate.aclose()
 
 
-async def test_a_reshard_identifies_through_the_shared_gate(redis_server: RedisServer) -> None:
-    from harness import gateway_config, wait_until  # noqa: PLC0415
-
-    from shardgate.identify_redis import RedisIdentifyGate  # noqa: PLC0415
+@contextlib.asynccontextmanager
+async def gateway_on_redis(
+    redis_server: RedisServer, shards: int, guilds: int, **config: Any
+) -> AsyncIterator[tuple[FakeDiscord, GatewayManager, RedisIdentifyGate]]:
+    """A started gateway whose identify gate is on ``redis_server``, against a fake with
+    two buckets and a 0.3 s window; its gate, stopped at the end."""
+    from harness import gateway_config  # noqa: PLC0415
 
     async def on_event(shard_id: int, data: dict[str, Any], _event_id: str) -> None:
         pass
 
-    config = FakeDiscordConfig(
-        token=TOKEN, shards=2, guilds=12, max_concurrency=2, identify_window_s=0.3
+    fake_config = FakeDiscordConfig(
+        token=TOKEN, shards=shards, guilds=guilds, max_concurrency=2, identify_window_s=0.3
     )
-    async with FakeDiscord(config) as fake, EventHandlerServer(on_event, SECRET, port=0) as handler:
-        gateway = gateway_config(
-            fake,
-            handler.port,
-            secret=SECRET,
-            identify_url=redis_server.url,
-            # The Redis gate starts a bucket's window at the grant, not at the IDENTIFY
-            # (no hold/sent yet, unlike the local gate): on a loaded machine two grants
-            # 0.5 s apart reached the fake 0.3 s apart once. 0.5 s of slack, not 0.2.
-            spawn_shard_delay=800,
-            reshard_overlap=0.5,
+    async with FakeDiscord(fake_config) as fake, EventHandlerServer(
+        on_event, SECRET, port=0
+    ) as handler:
+        manager = GatewayManager(
+            gateway_config(
+                fake, handler.port, secret=SECRET, identify_url=redis_server.url, **config
+            )
         )
-        manager = GatewayManager(gateway)
         try:
             await manager.start()
-            await manager.wait_loaded(timeout=60)
-            await manager.reshard(6)
-
-            def finished() -> bool:
-                snapshot = manager.resharder.snapshot()
-                return snapshot is not None and snapshot["phase"] in ("done", "failed")
-
-            await wait_until(finished, timeout=120)
-            assert manager.resharder.snapshot()["phase"] == "done"  # type: ignore[index]
-            assert manager.shard_count == 6
             gate = manager.identify_gate
             assert isinstance(gate, RedisIdentifyGate)
-            assert gate.granted == 2 + 6 and gate.identified == 8
-            assert fake.identify_violations == 0
+            yield fake, manager, gate
         finally:
             await manager.stop(drain_s=2.0)
+
+
+async def test_a_reshard_identifies_through_the_shared_gate(redis_server: RedisServer) -> None:
+    from harness import wait_until  # noqa: PLC0415
+
+    # The shard reports its IDENTIFY's send to Redis in the background (sent): until that
+    # lands the bucket's window runs from the grant. On a loaded machine two grants 0.5 s
+    # apart once reached the fake 0.3 s apart; 0.5 s of slack, not 0.2.
+    async with gateway_on_redis(
+        redis_server, 2, 12, spawn_shard_delay=800, reshard_overlap=0.5
+    ) as (fake, manager, gate):
+        await manager.wait_loaded(timeout=60)
+        await manager.reshard(6)
+
+        def finished() -> bool:
+            snapshot = manager.resharder.snapshot()
+            return snapshot is not None and snapshot["phase"] in ("done", "failed")
+
+        await wait_until(finished, timeout=120)
+        assert manager.resharder.snapshot()["phase"] == "done"  # type: ignore[index]
+        assert manager.shard_count == 6
+        assert gate.granted == 2 + 6 and gate.identified == 8
+        assert fake.identify_violations == 0
 
 
 async def test_worker_processes_identify_through_the_shared_gate(redis_server: RedisServer) -> None:
     """Shards in worker processes ask the main process for permits, which asks Redis; the
     main process holds each bucket until the worker says its IDENTIFY went out (hold/sent
     on Redis), so the fake refuses none and sees each bucket's window kept."""
-    import itertools  # noqa: PLC0415
-
-    from harness import gateway_config  # noqa: PLC0415
-
-    from shardgate.identify_redis import RedisIdentifyGate  # noqa: PLC0415
-
-    async def on_event(shard_id: int, data: dict[str, Any], _event_id: str) -> None:
-        pass
-
-    config = FakeDiscordConfig(
-        token=TOKEN, shards=4, guilds=8, max_concurrency=2, identify_window_s=0.3
-    )
-    async with FakeDiscord(config) as fake, EventHandlerServer(on_event, SECRET, port=0) as handler:
-        gateway = gateway_config(
-            fake,
-            handler.port,
-            secret=SECRET,
-            identify_url=redis_server.url,
-            spawn_shard_delay=500,
-            shards_per_cluster=2,
-            max_clusters=2,
-        )
-        manager = GatewayManager(gateway)
-        try:
-            await manager.start()
-            await manager.wait_all_ready(timeout=60)
-            assert manager.workers is not None
-            gate = manager.identify_gate
-            assert isinstance(gate, RedisIdentifyGate)
-            assert gate.granted == 4
-            assert [r.outcome for r in fake.identifies] == ["ready"] * 4
-            for bucket in (0, 1):
-                gaps = [b - a for a, b in itertools.pairwise(fake.identify_times(bucket))]
-                assert all(g >= 0.3 for g in gaps), (bucket, gaps)
-        finally:
-            await manager.stop(drain_s=1.0)
+    async with gateway_on_redis(
+        redis_server, 4, 8, spawn_shard_delay=500, shards_per_cluster=2, max_clusters=2
+    ) as (fake, manager, gate):
+        await manager.wait_all_ready(timeout=60)
+        assert manager.workers is not None
+        assert gate.granted == 4
+        assert [r.outcome for r in fake.identifies] == ["ready"] * 4
+        for bucket in (0, 1):
+            gaps = [b - a for a, b in itertools.pairwise(fake.identify_times(bucket))]
+            assert all(g >= 0.3 for g in gaps), (bucket, gaps)

@@ -44,7 +44,7 @@ from shardgate.manager import ALL_LOADED_EVENT, SHARD_LOADED_EVENT, GatewayManag
 from shardgate.queue import GAP_EVENT
 from shardgate.shard import ShardOptions
 from shardgate.testing.fake_discord import FakeDiscord, FakeDiscordConfig
-from shardgate.workers import WorkerPool, load_manager_class, options_to_dict
+from shardgate.workers import WorkerHandle, WorkerPool, load_manager_class, options_to_dict
 
 SECRET = "handler-secret-0123456789"
 REST_SECRET = "rest-secret-0123456789"
@@ -134,6 +134,40 @@ async def gateway(
             await handler.stop()
         assert_gone(sorted(pids))
 
+
+
+@dataclass
+class Victim:
+    """A worker about to be SIGKILLed, and what its shards had before."""
+
+    handle: WorkerHandle
+    pid: int
+    shards: list[int]
+    sessions: dict[int, str]
+    identifies: int
+    connections: int
+
+
+def victim_of(fake: FakeDiscord, manager: GatewayManager, worker_id: int = 1) -> Victim:
+    pool = pool_of(manager)
+    handle = pool.handles[worker_id]
+    assert handle.pid is not None
+    shards = sorted(handle.shards)
+    return Victim(
+        handle, handle.pid, shards, {sid: pool.sessions[sid].session_id for sid in shards},
+        len(fake.identifies), len(fake.connections),
+    )  # fmt: skip
+
+
+def assert_resumed(fake: FakeDiscord, manager: GatewayManager, victim: Victim) -> None:
+    """The victim's shards RESUMEd their sessions on the resume URL: no IDENTIFY at all."""
+    pool = pool_of(manager)
+    assert len(fake.identifies) == victim.identifies
+    new = [c for c in fake.connections[victim.connections:] if c.shard is not None]
+    assert {c.shard[0] for c in new} == set(victim.shards)
+    assert all(c.resumed for c in new)
+    assert all(c.url == fake.resume_gateway_url for c in new)
+    assert {sid: pool.sessions[sid].session_id for sid in victim.shards} == victim.sessions
 
 
 def all_written(fake: FakeDiscord) -> bool:
@@ -264,14 +298,8 @@ async def test_a_worker_killed_under_load_is_replaced_and_its_shards_resume(work
         received,
     ):
         await manager.wait_loaded(timeout=30)
-        pool = pool_of(manager)
-        victim = pool.handles[1]
-        old_pid = victim.pid
-        assert old_pid is not None
-        shards = sorted(victim.shards)
-        sessions = {sid: pool.sessions[sid].session_id for sid in shards}
-        identifies = len(fake.identifies)
-        connections = len(fake.connections)
+        killed = victim_of(fake, manager)
+        victim, old_pid, shards = killed.handle, killed.pid, killed.shards
 
         stream = fake.start_stream(rate=1500, duration_s=4.0, seed=11)
         await asyncio.sleep(1.0)
@@ -304,12 +332,7 @@ async def test_a_worker_killed_under_load_is_replaced_and_its_shards_resume(work
         # replaced at once; its shards RESUMEd their sessions: no IDENTIFY at all
         assert replaced_s < 2.0, f"replaced after {replaced_s:.2f} s"
         assert resumed_s < 30.0
-        assert len(fake.identifies) == identifies
-        new = [c for c in fake.connections[connections:] if c.shard is not None]
-        assert {c.shard[0] for c in new} == set(shards)
-        assert all(c.resumed for c in new)
-        assert all(c.url == fake.resume_gateway_url for c in new)
-        assert {sid: pool.sessions[sid].session_id for sid in shards} == sessions
+        assert_resumed(fake, manager, killed)
 
         # nothing lost, nothing doubled, order kept, on every shard
         assert_every_dispatch_once_in_order(fake, manager, received, unfurls=stream.unfurl_ids)
